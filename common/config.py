@@ -1,0 +1,142 @@
+"""Config files and command-line overrides, validated once at start-up.
+
+A config is a Python file with `get_config(arg=None) -> ml_collections.ConfigDict`. On the command line it is
+named as `path.py[:key=value,...]`, and single keys are overridden with `--config.a.b=value`. Unknown keys and
+values of the wrong type are errors that name the key (`ConfigError`); entry points turn them into one line on
+stderr and exit status 2 (`run_main`).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """Bad user input: a config key, a value, a path. Entry points exit with status 2."""
+
+
+def _load_module(path: str):
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: no such config file '{path}'")
+  name = "_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config: '{path}' defines no get_config()")
+  return module
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+  """Parses `text` into the type of the value it replaces."""
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ConfigError(f"config key '{key}': expected a bool, got '{text}'")
+  if isinstance(current, (int, float)) or current is None or isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      if current is None:
+        return text
+      raise ConfigError(f"config key '{key}': cannot parse '{text}' as {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(current, (tuple, list)) and isinstance(value, (int, str)):
+      value = (value,)
+    if isinstance(current, (tuple, list)):
+      value = tuple(value) if isinstance(current, tuple) else list(value)
+    if current is not None and not isinstance(value, type(current)):
+      raise ConfigError(f"config key '{key}': expected {type(current).__name__}, got '{text}'")
+    return value
+  if isinstance(current, str):
+    return text
+  raise ConfigError(f"config key '{key}' cannot be set from the command line")
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets `cfg.<key>` from a string; the key must already exist."""
+  parts = key.split(".")
+  node = cfg
+  for i, part in enumerate(parts[:-1]):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f"unknown config key '{key}' (no section '{'.'.join(parts[:i + 1])}')")
+    node = node[part]
+  leaf = parts[-1]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+    raise ConfigError(f"unknown config key '{key}'" + (f" (known here: {known})" if known else ""))
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(f"config key '{key}' is a section, not a value")
+  with node.ignore_type():
+    node[leaf] = _parse_value(key, text, node[leaf])
+
+
+def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """Loads `path.py[:k=v,...]`, then applies `overrides` [(key, value)] in order."""
+  path, _, arg = spec.partition(":")
+  module = _load_module(path)
+  takes_arg = bool(inspect.signature(module.get_config).parameters)
+  cfg = module.get_config(None) if takes_arg else module.get_config()
+  pairs = []
+  for item in filter(None, arg.split(",")):
+    if "=" not in item:
+      raise ConfigError(f"--config: expected key=value after ':', got '{item}'")
+    k, _, v = item.partition("=")
+    pairs.append((k.strip(), v.strip()))
+  for k, v in [*pairs, *overrides]:
+    override(cfg, k, v)
+  return cfg
+
+
+def parse_argv(argv: Sequence[str], extra_flags: Sequence[str] = ()) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
+  """Parses `--config=... --workdir=... --config.a.b=v ...`; returns the config and the other flags."""
+  spec = None
+  overrides, flags = [], {}
+  allowed = {"workdir", *extra_flags}
+  for token in argv:
+    if not token.startswith("--") or "=" not in token:
+      raise ConfigError(f"expected --flag=value, got '{token}'")
+    name, _, value = token[2:].partition("=")
+    if name == "config":
+      spec = value
+    elif name.startswith("config."):
+      overrides.append((name[len("config."):], value))
+    elif name in allowed:
+      flags[name] = value
+    else:
+      raise ConfigError(f"unknown flag '--{name}' (known: --config, --config.KEY, " +
+                        ", ".join(f"--{f}" for f in sorted(allowed)) + ")")
+  if spec is None:
+    raise ConfigError("missing --config=PATH.py")
+  return load(spec, overrides), flags
+
+
+def require(condition: bool, key: str, message: str) -> None:
+  """Raises ConfigError naming `key` unless `condition`."""
+  if not condition:
+    raise ConfigError(f"config key '{key}': {message}")
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+  """Runs an entry point; user errors become one line on stderr and exit status 2."""
+  from common.data import DataError  # local: keeps `import common.config` light
+  try:
+    code = main()
+  except (ConfigError, DataError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  sys.exit(code or 0)
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+  return cfg.to_dict()

@@ -1,0 +1,30 @@
+"""The sections every trainer shares: train, checkpoint, log, eval, mesh, data. Model configs add `model`."""
+import ml_collections
+
+from common.data import default_data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.train = dict(
+      steps=300, batch_size=16, seed=0, learning_rate=3e-3, min_learning_rate_ratio=0.1, warmup_steps=30,
+      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, grad_accum=1,
+      nan_policy="stop",  # 'stop': exit naming the step, keep the last good checkpoint; 'skip': drop the update
+  )
+  c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
+  c.log = dict(every_steps=10, progress="auto")  # progress: 'auto' (bar on a terminal), 'bar', 'lines'
+  c.eval = dict(every_steps=100, batches=8)
+  c.mesh = dict(shape=(-1,), axes=("data",))
+  c.data = default_data_config()
+  return c
+
+
+def dense_model(**overrides) -> ml_collections.ConfigDict:
+  """Model section of the dense LM; vocab_size 0 means the data vocabulary, padded to a multiple of 128."""
+  m = ml_collections.ConfigDict(dict(
+      name="dense_lm", vocab_size=0, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=0,
+      d_ff=768, rope_theta=10000.0, rope_scaling=ml_collections.ConfigDict(), norm_eps=1e-5,
+      tie_embeddings=True, window=0, qk_norm=False, dtype="float32", remat=False,
+  ))
+  m.update(overrides)
+  return m

@@ -1,0 +1,189 @@
+"""LMData: packed rows cached once as .npz, then batches as a pure function of (seed, position).
+
+The trainer checkpoints only the data position (rows consumed); because the batch at a position does
+not depend on history, a resumed or multi-process run sees exactly the same data as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+import numpy as np
+
+from common.data import DataError, corpus, packing, tasks, vocab as vocab_lib, with_defaults
+
+CACHE_VERSION = 1
+_ROW_KEYS = ("targets", "segment_ids", "positions")
+SPLITS = ("train", "validation")
+
+
+def _log(msg: str):
+  print(f"[common.data] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_key(data_cfg) -> str:
+  """Hash of everything the packed rows depend on: files (with sizes and mtimes) or the tfds name,
+  vocabulary content, seq_len and byte budgets. Validates the config (DataError) without TensorFlow."""
+  key = dict(version=CACHE_VERSION, source=tasks.source_keys(data_cfg),
+             vocab=vocab_lib.vocab_fingerprint(data_cfg), seq_len=int(data_cfg.seq_len),
+             max_train_bytes=int(data_cfg.max_train_bytes or 0),
+             max_eval_bytes=int(data_cfg.max_eval_bytes or 0))
+  if data_cfg.source != "tfds":
+    for split in SPLITS:
+      root, rels = corpus.list_documents(data_cfg, split)
+      key[split] = [root, corpus.fingerprint(root, rels)]
+  return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _build_split(data_cfg, name: str, split: str) -> dict[str, np.ndarray]:
+  """Tokenizes the split with the seqio task and packs it (tfds byte budgets apply here, on the text)."""
+  from common.data._tf import import_seqio  # pylint: disable=g-import-not-at-top
+  seqio = import_seqio()
+  ds = seqio.get_mixture_or_task(name).get_dataset(
+      sequence_length=None, split=split, shuffle=False, num_epochs=1, trim_output_features=False)
+  budget = int((data_cfg.max_train_bytes if split == "train" else data_cfg.max_eval_bytes) or 0)
+  if data_cfg.source != "tfds":
+    budget = 0  # file lists are already cut to the budget by corpus.limit_bytes
+  stats = {"docs": 0, "bytes": 0}
+
+  def docs():
+    for ex in ds.as_numpy_iterator():
+      if budget and stats["bytes"] >= budget:
+        return
+      stats["docs"] += 1
+      stats["bytes"] += len(ex["targets_pretokenized"])
+      yield ex["targets"]
+
+  start = time.time()
+  rows = packing.pack_documents(docs(), int(data_cfg.seq_len))
+  _log(f"packed {split}: {stats['docs']:,} documents, {stats['bytes']:,} bytes -> "
+       f"{len(rows['targets']):,} rows of {int(data_cfg.seq_len)} ({time.time() - start:.1f}s)")
+  rows["num_bytes"] = np.asarray(stats["bytes"], np.int64)
+  return rows
+
+
+def _save_atomic(path: str, arrays: dict[str, np.ndarray]):
+  """tmp + rename in the same directory: readers (other processes) never see a partial file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(buf.getvalue())
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by other users
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def load_rows(data_cfg) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+  """({split: packed arrays}, vocab_size), from the cache or built once and cached."""
+  data_cfg = with_defaults(data_cfg)
+  if int(data_cfg.seq_len) <= 0:
+    raise DataError(f"data.seq_len={data_cfg.seq_len} must be positive")
+  key = cache_key(data_cfg)
+  cache_dir = os.path.expanduser(data_cfg.cache_dir or "")
+  if not cache_dir:
+    raise DataError("data.cache_dir is empty")
+  paths = {s: os.path.join(cache_dir, f"lm-{data_cfg.source}-{key}-{s}.npz") for s in SPLITS}
+  missing = [s for s in SPLITS if not os.path.exists(paths[s])]
+  if missing:
+    name = tasks.register_lm_task(data_cfg)
+    _log(f"building the packed cache under {cache_dir} (once for this config)")
+    vocab_size = vocab_lib.get_vocabulary(data_cfg).vocab_size
+    for split in missing:
+      arrays = _build_split(data_cfg, name, split)
+      arrays["vocab_size"] = np.asarray(vocab_size, np.int64)
+      _save_atomic(paths[split], arrays)
+  out = {}
+  for split in SPLITS:
+    with np.load(paths[split]) as z:
+      out[split] = {k: z[k] for k in z.files}
+  return out, int(out["train"]["vocab_size"])
+
+
+class LMData:
+  """Deterministic batches: the batch at a data position is a pure function of (seed, position)."""
+
+  def __init__(self, data_cfg, *, batch_size: int, seed: int):
+    if batch_size <= 0:
+      raise DataError(f"batch size must be positive, got {batch_size}")
+    self.data_cfg = data_cfg = with_defaults(data_cfg)
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.seq_len = int(data_cfg.seq_len)
+    rows, self.vocab_size = load_rows(data_cfg)
+    self._train, self._eval = rows["train"], rows["validation"]
+    self.num_train_rows = int(self._train["targets"].shape[0])
+    self.num_eval_rows = int(self._eval["targets"].shape[0])
+    self.train_bytes = int(self._train["num_bytes"])   # text bytes behind the rows (for bits/byte)
+    self.eval_bytes = int(self._eval["num_bytes"])
+    if self.num_train_rows == 0:
+      raise DataError(f"data.source={data_cfg.source!r} produced no training text")
+    self._perms: dict[int, np.ndarray] = {}
+    self._vocab = None
+
+  @property
+  def vocab(self):
+    """The seqio vocabulary (imported lazily: a cached start does not need seqio/TensorFlow)."""
+    if self._vocab is None:
+      self._vocab = vocab_lib.get_vocabulary(self.data_cfg)
+    return self._vocab
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) >= 2:  # a batch touches at most a few epochs; keep memory O(rows)
+        self._perms.pop(min(self._perms))
+      rng = np.random.default_rng((self.seed % 2**63, epoch))
+      self._perms[epoch] = rng.permutation(self.num_train_rows)
+    return self._perms[epoch]
+
+  def train_rows_at(self, position: int, count: int) -> np.ndarray:
+    """Indices of packed train rows position .. position+count-1 of the infinite epoch stream."""
+    if position < 0:
+      raise ValueError(f"data position must be >= 0, got {position}")
+    idx = np.arange(position, position + count, dtype=np.int64)
+    epochs, offsets = np.divmod(idx, self.num_train_rows)
+    rows = np.empty(count, np.int64)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      rows[sel] = self._perm(int(epoch))[offsets[sel]]
+    return rows
+
+  @staticmethod
+  def _batch(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    targets = arrays["targets"][rows]
+    segment_ids = arrays["segment_ids"][rows]
+    positions = arrays["positions"][rows]
+    return {"inputs": packing.make_inputs(targets, positions), "targets": targets,
+            "segment_ids": segment_ids, "positions": positions,
+            "loss_mask": (segment_ids > 0).astype(np.float32)}
+
+  def train_batch(self, position: int) -> dict[str, np.ndarray]:
+    """Rows position .. position+batch_size-1; each epoch a permutation by rng((seed, epoch))."""
+    return self._batch(self._train, self.train_rows_at(position, self.batch_size))
+
+  def num_eval_batches(self) -> int:
+    return math.ceil(self.num_eval_rows / self.batch_size)
+
+  def eval_batches(self, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Validation rows in order; the last batch is padded with all-padding rows (loss_mask 0).
+    max_batches <= 0 means all of them."""
+    n = self.num_eval_batches()
+    if max_batches and max_batches > 0:
+      n = min(n, max_batches)
+    padded = {k: np.concatenate([self._eval[k], np.zeros(
+        (n * self.batch_size - self.num_eval_rows, self.seq_len), np.int32)])
+              if n * self.batch_size > self.num_eval_rows else self._eval[k] for k in _ROW_KEYS}
+    for b in range(n):
+      yield self._batch(padded, np.arange(b * self.batch_size, (b + 1) * self.batch_size))

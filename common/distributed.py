@@ -1,0 +1,40 @@
+"""Multi-host / multi-process start-up: `jax.distributed.initialize` from flags or the environment.
+
+On TPU pods and SLURM/Open MPI GPU clusters JAX finds the coordinator itself; elsewhere (several processes on
+one machine, a plain GPU node) pass `--coordinator_address=host:port --num_processes=N --process_id=i`, or set
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from common.config import ConfigError
+
+FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def initialize(flags: dict[str, str] | None = None) -> bool:
+  """Initialises jax.distributed when asked to; returns whether it did. Call before any other JAX use."""
+  flags = flags or {}
+  addr = flags.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  n = flags.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES")
+  pid = flags.get("process_id") or os.environ.get("JAX_PROCESS_ID")
+  auto = os.environ.get("JAX_DISTRIBUTED_AUTO") == "1"  # TPU pod / SLURM: let JAX discover everything
+  if auto:
+    jax.distributed.initialize()
+    return True
+  if not (addr or n or pid):
+    return False
+  if not (addr and n and pid is not None):
+    raise ConfigError("--coordinator_address, --num_processes and --process_id must be given together "
+                      f"(got address={addr!r}, num_processes={n!r}, process_id={pid!r})")
+  try:
+    n, pid = int(n), int(pid)
+  except ValueError:
+    raise ConfigError(f"--num_processes and --process_id must be integers, got {n!r}, {pid!r}") from None
+  if not 0 <= pid < n:
+    raise ConfigError(f"--process_id {pid} is outside 0..{n - 1}")
+  jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+  return True

@@ -1,0 +1,315 @@
+"""The one source of FLOP counts, parameter counts, peak FLOP/s and MFU for every architecture.
+
+Conventions (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1; Chowdhery et al. 2022,
+"PaLM", appendix B):
+  * a matmul [m, k] x [k, n] costs 2mkn FLOPs (one multiply and one add per MAC);
+  * the backward pass costs twice the forward (gradients w.r.t. activations and w.r.t. weights), so one
+    training step is 3 x forward;
+  * element-wise work (norms, RoPE, softmax, SiLU, residual adds, the loss) is not counted: at the sizes we
+    care about it is a few percent of the matmuls, and MFU is defined on the matmul "model FLOPs";
+  * the embedding lookup is a gather and costs 0.
+Model FLOPs count causal attention once (only the keys a query may see), which is what MFU is reported on;
+`causal=False` counts what a dense masked implementation (ours) executes, which is what XLA reports.
+
+Each model family registers a function `(model_cfg, seq_len, *, causal) -> FlopCount` in `FLOPS_BY_MODEL`;
+`training_flops_per_token` dispatches on `model.name`, so MoE or byte-level models add their own counts.
+
+Peak FLOP/s come from public datasheets (`ACCELERATORS`); on a CPU the peak is measured once with a jitted
+matmul and cached (see `machine_peak_flops`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Callable
+
+# ---------------------------------------------------------------------------------------------- counts
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+  """FLOPs per token, summed over layers. `forward` is their total; `training` = 3 x forward."""
+  q: float = 0.0
+  k: float = 0.0
+  v: float = 0.0
+  o: float = 0.0
+  attention: float = 0.0   # scores q.k and the weighted sum of values
+  mlp: float = 0.0         # SwiGLU gate, up and down projections
+  logits: float = 0.0      # unembedding
+  embedding: float = 0.0   # a gather: 0
+
+  @property
+  def forward(self) -> float:
+    return self.q + self.k + self.v + self.o + self.attention + self.mlp + self.logits + self.embedding
+
+  @property
+  def training(self) -> float:
+    return 3.0 * self.forward
+
+  def as_dict(self) -> dict[str, float]:
+    d = dataclasses.asdict(self)
+    d.update(forward=self.forward, training=self.training)
+    return d
+
+
+def attended_keys(seq_len: int, *, causal: bool = True, window: int = 0) -> float:
+  """Average number of keys a query attends to (L_ctx).
+
+  causal=False: every query is scored against all `seq_len` keys, as a dense masked implementation does
+  (a window is only a mask there, so it saves nothing). causal=True: query i (1-based) sees min(i, w) keys
+  (w = window, or seq_len if none), averaged over the sequence: (L + 1) / 2 without a window."""
+  if not causal:
+    return float(seq_len)
+  w = min(window, seq_len) if window else seq_len
+  # sum_{i=1}^{L} min(i, w) = w (w + 1) / 2 + (L - w) w
+  return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def _head_dim(m) -> int:
+  return int(m.head_dim) or int(m.d_model) // int(m.n_heads)
+
+
+def _require_vocab(m) -> int:
+  vocab = int(m.vocab_size)
+  if vocab <= 0:
+    from common.config import ConfigError  # local: keeps this module importable without ml_collections
+    raise ConfigError(f"config key 'model.vocab_size': FLOP and parameter counts need the resolved "
+                      f"vocabulary size, got {vocab}")
+  return vocab
+
+
+def dense_lm_flops(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
+  """Forward FLOPs per token of `common.models.dense_lm.DenseLM` (GQA attention, SwiGLU, untied or tied
+  output projection; the tied projection costs the same matmul)."""
+  m = model_cfg
+  d, n, hd = int(m.d_model), int(m.n_layers), _head_dim(m)
+  h, kv, ff = int(m.n_heads), int(m.n_kv_heads), int(m.d_ff)
+  vocab = _require_vocab(m)
+  ctx = attended_keys(seq_len, causal=causal, window=int(m.get("window", 0) or 0))
+  return FlopCount(
+      q=n * 2 * d * h * hd,
+      k=n * 2 * d * kv * hd,
+      v=n * 2 * d * kv * hd,
+      o=n * 2 * h * hd * d,
+      attention=n * 2 * 2 * h * hd * ctx,  # q.k^T and probs.v, each 2 * h * hd per key
+      mlp=n * 3 * 2 * d * ff,
+      logits=2 * d * vocab,
+  )
+
+
+FLOPS_BY_MODEL: dict[str, Callable[..., FlopCount]] = {"dense_lm": dense_lm_flops}
+
+
+def register_flops(name: str, fn: Callable[..., FlopCount]) -> None:
+  """Adds the FLOP count of a model family (`model.name`), e.g. from a paper package."""
+  FLOPS_BY_MODEL[name] = fn
+
+
+def flops_for(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
+  name = model_cfg.name
+  if name not in FLOPS_BY_MODEL:
+    from common.config import ConfigError
+    raise ConfigError(f"config key 'model.name': no FLOP count registered for '{name}' "
+                      f"(known: {', '.join(sorted(FLOPS_BY_MODEL))})")
+  return FLOPS_BY_MODEL[name](model_cfg, seq_len, causal=causal)
+
+
+def training_flops_per_token(model_cfg, seq_len: int, *, causal: bool = True) -> float:
+  """Model FLOPs of one training step per token (forward + backward), the numerator of MFU."""
+  return flops_for(model_cfg, seq_len, causal=causal).training
+
+
+def param_count(model_cfg) -> dict[str, int]:
+  """Parameters of a dense LM, analytically. `non_embedding` leaves out the embedding table and the output
+  projection (Kaplan et al. 2020 count N without them); a tied table is counted once in `total`."""
+  m = model_cfg
+  d, n, hd = int(m.d_model), int(m.n_layers), _head_dim(m)
+  h, kv, ff = int(m.n_heads), int(m.n_kv_heads), int(m.d_ff)
+  vocab = _require_vocab(m)
+  attn = d * h * hd + 2 * d * kv * hd + h * hd * d + (2 * hd if m.get("qk_norm", False) else 0)
+  layer = attn + 3 * d * ff + 2 * d  # + the two RMSNorm scales
+  non_embedding = n * layer + d      # + the final norm
+  embedding = vocab * d * (1 if m.tie_embeddings else 2)
+  return dict(total=non_embedding + embedding, non_embedding=non_embedding)
+
+
+# ---------------------------------------------------------------------------------------- peak FLOP/s
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """Dense (no structured sparsity) peak FLOP/s per chip and its HBM in GiB.
+
+  `float32` is the rate of a float32 matmul at JAX's default precision, which rounds inputs to TF32 on
+  Ampere/Hopper GPUs and to bfloat16 (one pass) on TPUs (JAX docs, "Matmul precision"); `float32_highest`
+  is true IEEE float32 (precision='highest': CUDA cores on GPU, six bf16 passes on TPU)."""
+  name: str
+  bfloat16: float
+  float32: float
+  float32_highest: float
+  hbm_gib: float
+
+
+T = 1e12
+# Sources (public datasheets, dense numbers):
+#  TPU v4: 275 TFLOP/s bf16, 32 GiB HBM (cloud.google.com/tpu/docs/v4; Jouppi et al. 2023).
+#  TPU v5e: 197 TFLOP/s bf16, 16 GiB (cloud.google.com/tpu/docs/v5e).
+#  TPU v5p: 459 TFLOP/s bf16, 95 GiB (cloud.google.com/tpu/docs/v5p).
+#  TPU v6e (Trillium): 918 TFLOP/s bf16, 32 GiB (cloud.google.com/tpu/docs/v6e).
+#  A100 SXM: 312 bf16, 156 TF32, 19.5 FP32 TFLOP/s, 40/80 GB (NVIDIA A100 datasheet); we take 80.
+#  H100 SXM: 989 bf16, 494.7 TF32, 67 FP32 TFLOP/s, 80 GB (NVIDIA H100 datasheet, the "with sparsity"
+#    figures halved). H100 PCIe: 756 / 378 / 51, 80 GB.
+#  H200 SXM: same compute as H100 SXM, 141 GB (NVIDIA H200 datasheet).
+ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in (
+    Accelerator("v4", 275 * T, 275 * T, 275 * T / 6, 32),
+    Accelerator("v5e", 197 * T, 197 * T, 197 * T / 6, 16),
+    Accelerator("v5p", 459 * T, 459 * T, 459 * T / 6, 95),
+    Accelerator("v6e", 918 * T, 918 * T, 918 * T / 6, 32),
+    Accelerator("a100", 312 * T, 156 * T, 19.5 * T, 80),
+    Accelerator("h100", 989 * T, 494.7 * T, 67 * T, 80),
+    Accelerator("h100_pcie", 756 * T, 378 * T, 51 * T, 80),
+    Accelerator("h200", 989 * T, 494.7 * T, 67 * T, 141),
+)}
+
+# (pattern on the lower-cased device_kind or user name with spaces/dashes/underscores removed, name).
+# Order matters: 'v5 lite' before 'v5', 'h100 pcie' before 'h100'. JAX reports e.g. 'TPU v4', 'TPU v5 lite'
+# (v5e), 'TPU v5' or 'TPU v5p', 'TPU v6 lite' (v6e), 'NVIDIA A100-SXM4-80GB', 'NVIDIA H100 80GB HBM3',
+# 'NVIDIA H100 PCIe', 'NVIDIA H200', 'NVIDIA GH200 480GB'.
+_KIND_PATTERNS = (
+    (r"v6(e|lite)", "v6e"), (r"trillium", "v6e"),
+    (r"v5(e|lite)", "v5e"), (r"v5p?($|[^0-9])", "v5p"), (r"v4", "v4"),
+    (r"h200", "h200"), (r"h100.*pcie", "h100_pcie"), (r"h100", "h100"), (r"a100", "a100"),
+)
+
+
+def accelerator_for(kind: str) -> Accelerator | None:
+  """The table entry for a device_kind string or a short name ('h100', 'TPU v5 lite', 'v5e'); None if
+  unknown."""
+  key = re.sub(r"[\s\-_]+", "", kind.lower())
+  if key in ACCELERATORS:
+    return ACCELERATORS[key]
+  for pattern, name in _KIND_PATTERNS:
+    if re.search(pattern, key):
+      return ACCELERATORS[name]
+  return None
+
+
+def _peak_of(acc: Accelerator, dtype: str) -> float:
+  dtype = {"bf16": "bfloat16", "f32": "float32", "tf32": "float32", "fp32": "float32_highest"}.get(dtype, dtype)
+  if dtype not in ("bfloat16", "float32", "float32_highest"):
+    raise ValueError(f"unknown dtype '{dtype}' (expected bfloat16, float32 or float32_highest)")
+  return getattr(acc, dtype)
+
+
+# ----------------------------------------------------------------------------------- CPU calibration
+
+CPU_PEAK_ENV = "META_PAPERS_CPU_PEAK"        # machine peak in FLOP/s (e.g. '2e11'); skips the calibration
+CACHE_DIR_ENV = "META_PAPERS_CACHE_DIR"      # overrides ~/.cache/meta_papers_jax
+
+
+def cache_dir() -> str:
+  return os.path.expanduser(os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "meta_papers_jax"))
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.lower().startswith(("model name", "hardware", "cpu model")):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or platform.machine() or "unknown"
+
+
+def _calibration_key() -> str:
+  import jax
+  return f"{_cpu_model()}|cpus={os.cpu_count()}|jax={jax.__version__}"
+
+
+def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """Best observed FLOP/s of a jitted f32 [n, n] x [n, n] matmul on the default CPU backend. Best, not
+  median: the peak is what the machine can do; slower repeats are noise from other processes."""
+  import jax
+  import jax.numpy as jnp
+  cpu = jax.devices("cpu")[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+  b = jax.device_put(jnp.full((n, n), 0.5, jnp.float32), cpu)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()  # compile and warm up
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+def machine_peak_flops(*, cache: bool = True, n: int = 2048, repeats: int = 5) -> float:
+  """Peak FLOP/s of this CPU machine (all cores together).
+
+  `META_PAPERS_CPU_PEAK` (FLOP/s) wins; otherwise the cached calibration of this CPU model, core count and
+  JAX version in `<cache_dir>/cpu_peak.json`; otherwise a measurement (a second or two), then cached."""
+  env = os.environ.get(CPU_PEAK_ENV)
+  if env:
+    try:
+      value = float(env)
+    except ValueError:
+      value = -1.0
+    if value <= 0:
+      raise ValueError(f"{CPU_PEAK_ENV}={env!r}: expected a positive number of FLOP/s")
+    return value
+  path = os.path.join(cache_dir(), "cpu_peak.json")
+  key = _calibration_key()
+  table = {}
+  if cache and os.path.isfile(path):
+    try:
+      with open(path) as f:
+        table = json.load(f)
+      if float(table.get(key, 0)) > 0:
+        return float(table[key])
+    except (OSError, ValueError, TypeError, AttributeError):
+      table = {}
+  value = measure_cpu_matmul_flops(n, repeats)
+  if cache:
+    table = table if isinstance(table, dict) else {}
+    table[key] = value
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+  return value
+
+
+def peak_flops_per_device(device=None, dtype: str = "float32") -> float:
+  """Peak FLOP/s of one device (default: jax.devices()[0]) for matmuls in `dtype`.
+
+  On CPU the machine peak is divided among the CPU devices (XLA's simulated devices share the cores).
+  Raises ValueError for an accelerator missing from `ACCELERATORS`."""
+  import jax
+  device = jax.devices()[0] if device is None else device
+  if device.platform == "cpu":
+    return machine_peak_flops() / len(jax.devices("cpu"))
+  acc = accelerator_for(device.device_kind)
+  if acc is None:
+    raise ValueError(f"no peak FLOP/s known for device kind '{device.device_kind}' "
+                     f"(known: {', '.join(ACCELERATORS)}); add it to common.flops.ACCELERATORS")
+  return _peak_of(acc, dtype)
+
+
+def accelerator_peak(name: str, dtype: str = "bfloat16") -> float:
+  """Peak FLOP/s of a named accelerator ('h100', 'v5e', ...), for planning runs on hardware we lack."""
+  acc = accelerator_for(name)
+  if acc is None:
+    raise ValueError(f"unknown accelerator '{name}' (known: {', '.join(ACCELERATORS)})")
+  return _peak_of(acc, dtype)
+
+
+def mfu(model_flops_per_sec: float, n_devices: int, peak_per_device: float) -> float:
+  """Model FLOPs utilisation (PaLM, appendix B): achieved model FLOP/s over the peak of all devices."""
+  return model_flops_per_sec / (n_devices * peak_per_device)

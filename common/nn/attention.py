@@ -1,0 +1,80 @@
+"""Multi-head attention with grouped-query heads (Ainslie et al. 2023), RoPE, and masks built from segment
+ids (packed documents never see each other), causality and an optional sliding window."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common.nn.linear import Linear
+from common.nn.norms import RMSNorm
+from common.nn.rope import apply_rope, rope_frequencies
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *, causal: bool = True,
+                   window: int = 0) -> jax.Array:
+  """Boolean mask [batch, 1, q_len, kv_len]: same segment, and (if causal) key index <= query index, and
+  (if window > 0) query index - key index < window. Queries are the last q_len positions of the keys."""
+  q_len, kv_len = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
+  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  q_idx = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+  k_idx = jnp.arange(kv_len)[None, :]
+  if causal:
+    mask &= k_idx <= q_idx
+  if window:
+    mask &= q_idx - k_idx < window
+  return mask[:, None]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v with query heads grouped onto shared key/value heads.
+
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+  mask: bool [batch, 1, q_len, kv_len]. Scores and softmax in f32. Returns [batch, q_len, heads, head_dim].
+  """
+  b, lq, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, lq, kv_heads, h // kv_heads, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(b, lq, h, d)
+
+
+class Attention(nnx.Module):
+  """Self-attention block body: projections, optional QK-norm, RoPE, masked GQA, output projection."""
+
+  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rngs: nnx.Rngs,
+               rope_theta: float = 10000.0, rope_scaling: dict | None = None, window: int = 0,
+               qk_norm: bool = False, norm_eps: float = 1e-5, dtype=jnp.float32, out_scale: float = 1.0):
+    if n_heads % n_kv_heads:
+      raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+    self.q = Linear(d_model, (n_heads, head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.k = Linear(d_model, (n_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"), rngs=rngs,
+                    dtype=dtype)
+    self.v = Linear(d_model, (n_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"), rngs=rngs,
+                    dtype=dtype)
+    self.o = Linear(n_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
+                    init_scale=out_scale)
+    self.q_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, axes=("head_dim",)) if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, axes=("head_dim",)) if qk_norm else None
+    # Static (hashable) so the frequencies are a compile-time constant, not model state.
+    self.rope = (head_dim, float(rope_theta), tuple(sorted((rope_scaling or {}).items())))
+    self.window = window
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    q, k, v = self.q(x), self.k(x), self.v(x)  # [batch, length, heads|kv_heads, head_dim]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_frequencies(self.rope[0], self.rope[1], dict(self.rope[2]))
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    mask = attention_mask(segment_ids, segment_ids, causal=True, window=self.window)
+    out = dot_product_attention(q, k, v, mask)
+    return self.o(out.reshape(*out.shape[:2], -1))

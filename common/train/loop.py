@@ -1,0 +1,217 @@
+"""The training loop every trainer shares: mesh, sharded state, resume, steps, eval, checkpoints, metrics.
+
+Contract (../ARCHITECTURE.md): rerunning the same command on the same workdir resumes from the newest
+readable checkpoint and ends where an uninterrupted run would (the data position is in the checkpoint);
+SIGTERM saves at the current step and exits 143; a non-finite loss stops the run naming the step (or the
+step is skipped, `train.nan_policy='skip'`); bad input raises ConfigError before the workdir is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common import sharding
+from common.config import ConfigError, require
+from common.flops import peak_flops_per_device
+from common.train.checkpoint import Checkpointer
+from common.train.metrics import MetricsWriter, Progress
+from common.train.optim import learning_rate_schedule, make_optimizer
+from common.train.step import LossFn, init_state, make_eval_step, make_train_step
+
+EXIT_PREEMPTED = 143
+
+
+@dataclasses.dataclass
+class Task:
+  """What a paper package hands the loop."""
+  build_model: Callable[[], nnx.Module]  # deterministic in cfg.train.seed
+  loss_fn: LossFn
+  data: Any  # .train_batch(position) -> dict of [batch, ...] arrays; .eval_batches(n) -> iterator
+  train_flops_per_example: float  # analytic training FLOPs of one batch row (common.flops)
+  units_per_example: int  # tokens (or bytes) in one batch row, for the throughput figure
+  throughput_key: str = "tokens_per_sec"
+  # Summed eval metrics {'loss': nats sum, 'weight': tokens, ...} -> reported values (without 'eval/').
+  eval_summary: Callable[[dict], dict] | None = None
+
+
+def validate_loop_config(cfg, mesh) -> None:
+  t = cfg.train
+  require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
+  require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+  dp = sharding.data_parallel_size(mesh)
+  require(t.batch_size % (dp * t.grad_accum) == 0, "train.batch_size",
+          f"{t.batch_size} is not divisible by data-parallel size {dp} x train.grad_accum {t.grad_accum}")
+  require(t.nan_policy in ("stop", "skip"), "train.nan_policy", f"must be 'stop' or 'skip', got '{t.nan_policy}'")
+  for key in ("checkpoint.every_steps", "checkpoint.keep", "log.every_steps", "eval.every_steps"):
+    section, name = key.split(".")
+    require(cfg[section][name] > 0, key, f"must be positive, got {cfg[section][name]}")
+  require(cfg.log.progress in ("auto", "bar", "lines"), "log.progress", "must be 'auto', 'bar' or 'lines'")
+
+
+def _check_workdir(workdir: str, cfg) -> None:
+  """A workdir holding a run of another model or data is refused, not overwritten."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(cfg.to_json())
+  for section in ("model", "data"):
+    if old.get(section) != new.get(section):
+      raise ConfigError(f"--workdir '{workdir}' holds a run with a different '{section}' config; "
+                        "use another workdir")
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def _to_global(batch: dict, shardings: dict) -> dict:
+  """Host numpy batch (the same global batch on every process) -> sharded global jax arrays."""
+  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+          for k, v in batch.items()}
+
+
+def evaluate(eval_fn, params, data, n_batches: int, batch_shardings: dict, summary) -> dict:
+  sums: dict[str, float] = {}
+  for batch in data.eval_batches(n_batches):
+    total, weight, extra = jax.device_get(eval_fn(params, _to_global(batch, batch_shardings)))
+    for k, v in {"loss": total, "weight": weight, **extra}.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  if not sums or sums["weight"] == 0:
+    return {}
+  out = {"loss": sums["loss"] / sums["weight"]}
+  out["perplexity"] = math.exp(min(out["loss"], 50.0))
+  if summary is not None:
+    out.update(summary(sums))
+  return {f"eval/{k}": v for k, v in out.items()}
+
+
+def train(cfg, workdir: str, task: Task) -> int:
+  """Runs (or resumes) training to cfg.train.steps; returns the process exit status."""
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+  validate_loop_config(cfg, mesh)
+  _check_workdir(workdir, cfg)
+  lead = jax.process_index() == 0
+  t = cfg.train
+
+  # The state: parameters initialised directly into their shardings, then the optimizer state.
+  optimizer, schedule = make_optimizer(t), learning_rate_schedule(t)
+  abstract_model = nnx.eval_shape(task.build_model)
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  param_shardings = sharding.state_shardings(abstract_params, mesh)
+  params = jax.jit(lambda: nnx.split(task.build_model(), nnx.Param)[1], out_shardings=param_shardings)()
+  state = jax.jit(lambda p: init_state(p, optimizer))(params)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                      async_save=cfg.checkpoint.async_save)
+  data_position = 0
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = ckpt.restore_latest(abstract_state)
+  if restored is not None:
+    step0, state, meta = restored
+    data_position = int(meta["data_position"])
+    print(f"resumed from {ckpt.directory}/{step0} (data position {data_position})", flush=True)
+  if lead:
+    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+  start = int(jax.device_get(state["step"]))
+
+  first = task.data.train_batch(data_position)
+  batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in first.items()}
+  step_fn = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule, t.grad_accum),
+                    in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+                    donate_argnums=0)
+  eval_fn = jax.jit(make_eval_step(graphdef, task.loss_fn), in_shardings=(param_shardings, batch_shardings))
+
+  n_dev = jax.device_count()
+  peak = peak_flops_per_device(dtype=cfg.model.get("dtype", "float32"))
+  flops_per_step = task.train_flops_per_example * t.batch_size
+  units_per_step = task.units_per_example * t.batch_size
+  writer = MetricsWriter(workdir, resume_step=start, enabled=lead)
+  progress = Progress(t.steps, start, cfg.log.progress, enabled=lead)
+  t_compile = time.time()
+  compiled = step_fn.lower(state, _to_global(first, batch_shardings)).compile()
+  progress.message(
+      f"{n_params / 1e6:.2f} M parameters | mesh {dict(mesh.shape)} on {n_dev} {jax.devices()[0].platform} "
+      f"device(s) | {flops_per_step / 1e9:.1f} GFLOP/step | compiled in {time.time() - t_compile:.1f}s | "
+      f"steps {start}..{t.steps}")
+
+  preemption = _Preemption()
+  exit_code = 0
+  step = start
+  tick, tick_step = time.time(), start
+
+  def save(step_now: int) -> None:
+    ckpt.save(step_now, state, {"step": step_now, "data_position": data_position})
+
+  try:
+    while step < t.steps:
+      batch = _to_global(task.data.train_batch(data_position), batch_shardings)
+      state, metrics = compiled(state, batch)
+      step += 1
+      data_position += t.batch_size
+      last = step == t.steps
+      if step % cfg.log.every_steps == 0 or last or step % cfg.checkpoint.every_steps == 0 \
+          or preemption.requested:
+        metrics, bad = jax.device_get((metrics, state["first_bad_step"]))
+        if bad >= 0 and t.nan_policy == "stop":
+          raise FloatingPointError(
+              f"non-finite loss or gradient at step {int(bad) + 1}; stopping. Parameters were not updated by "
+              f"it; the last good checkpoint is step {max(ckpt.steps(), default=0)} in {ckpt.directory}")
+        if step % cfg.log.every_steps == 0 or last:
+          now = time.time()
+          dt = (now - tick) / max(step - tick_step, 1)
+          tick, tick_step = now, step
+          row = {k: float(v) for k, v in metrics.items() if k not in ("finite", "weight")}
+          row[task.throughput_key] = units_per_step / dt
+          row["mfu"] = flops_per_step / dt / (peak * n_dev)
+          row["step_time"] = dt
+          writer.write(step, row)
+          progress.update(step, row, task.throughput_key)
+      if step % cfg.eval.every_steps == 0 or last:
+        ev = evaluate(eval_fn, state["params"], task.data, cfg.eval.batches, batch_shardings, task.eval_summary)
+        if ev:
+          writer.write(step, ev)
+          progress.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        tick = time.time()  # eval time is not training time
+      if step % cfg.checkpoint.every_steps == 0 or last:
+        save(step)
+      if preemption.requested and not last:
+        save(step)
+        progress.message(f"SIGTERM: saved a checkpoint at step {step}; exiting with status {EXIT_PREEMPTED}")
+        exit_code = EXIT_PREEMPTED
+        break
+  except FloatingPointError as e:
+    progress.message(f"error: {e}")
+    exit_code = 1
+  finally:
+    ckpt.close()
+    writer.close()
+    progress.close()
+    preemption.restore()
+  return exit_code

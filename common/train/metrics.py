@@ -1,0 +1,99 @@
+"""Where training metrics go: `metrics.jsonl` (one JSON object a line, always with `step`), TensorBoard
+event files, and a progress display (a bar on a terminal, plain lines otherwise)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+def _finite_or_str(v):
+  v = float(v)
+  return v if math.isfinite(v) else str(v)
+
+
+class MetricsWriter:
+  """Appends to metrics.jsonl and TensorBoard. On resume from step s, lines after s (written by a run that
+  was killed before its next checkpoint) are dropped so the file reads like one uninterrupted run."""
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if not enabled:
+      return
+    self._truncate_after(resume_step)
+    self.file = open(self.path, "a")
+    self.tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _finite_or_str(v) for k, v in metrics.items()}}
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
+    self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                      summary=summary_pb2.Summary(value=values)))
+
+  def close(self) -> None:
+    if self.enabled:
+      self.file.close()
+      self.tb.close()
+
+
+class Progress:
+  """tqdm bar when stderr is a terminal (mode 'auto' or 'bar'), else one plain line per log step."""
+
+  def __init__(self, total: int, start: int, mode: str = "auto", enabled: bool = True):
+    use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+    self.enabled = enabled
+    self.bar = None
+    if enabled and use_bar:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    self.total = total
+    self.t0, self.s0 = time.time(), start
+
+  def update(self, step: int, metrics: dict, throughput_key: str) -> None:
+    if not self.enabled:
+      return
+    done = step - self.s0
+    eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+    tput = metrics.get(throughput_key, 0.0)
+    if self.bar is not None:
+      self.bar.n = step
+      self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", **{throughput_key: f"{tput:,.0f}"},
+                           mfu=f"{metrics.get('mfu', 0):.1%}", refresh=False)
+      self.bar.refresh()
+    else:
+      print(f"step {step}/{self.total}  loss {metrics['loss']:.4f}  {throughput_key} {tput:,.0f}  "
+            f"mfu {metrics.get('mfu', 0):.1%}  eta {eta:,.0f}s", flush=True)
+
+  def message(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()

@@ -1,0 +1,32 @@
+"""AdamW with linear warmup then cosine decay, global-norm clipping, and weight decay on matrices only."""
+from __future__ import annotations
+
+import jax
+import optax
+
+from common.config import require
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup to `learning_rate` over `warmup_steps`, cosine decay to
+  `learning_rate * min_learning_rate_ratio` at `steps`."""
+  peak = train_cfg.learning_rate
+  warmup = min(train_cfg.warmup_steps, max(train_cfg.steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(train_cfg.steps, warmup + 1), end_value=peak * train_cfg.min_learning_rate_ratio)
+
+
+def decay_mask(params):
+  """Decay weight matrices; leave norms' scales and other vectors alone (as in Llama and GPT-3)."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  require(train_cfg.learning_rate > 0, "train.learning_rate", "must be positive")
+  require(train_cfg.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+  adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                      eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=decay_mask)
+  if train_cfg.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
+  return adamw

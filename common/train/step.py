@@ -1,0 +1,81 @@
+"""The jit-compiled training and evaluation steps, generic over models and losses.
+
+A task supplies `loss_fn(model, batch) -> (objective_sum, weight, metric_sums)`: the objective summed over
+its tokens (auxiliary losses folded in, scaled by `weight`), the number of tokens it covers, and other
+per-token sums to report. Dividing by the total weight only at the end makes gradient accumulation over
+micro-batches exactly equal to one big batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> dict[str, Any]:
+  """The whole training state: one pytree, saved and restored as is."""
+  return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+              first_bad_step=jnp.full((), -1, jnp.int32))
+
+
+def _split_micro(batch: dict, accum: int) -> dict:
+  """[batch, ...] -> [accum, batch/accum, ...], micro-batch j taking rows j, j+accum, ... so that every
+  device holds an equal share of each micro-batch."""
+  return jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum: int = 1) -> Callable:
+  """(state, batch) -> (state, metrics). A step whose loss or gradient is not finite leaves parameters and
+  optimizer state untouched and records its index in `first_bad_step` (the loop stops or skips on it)."""
+
+  def objective(params, batch):
+    total, weight, sums = loss_fn(nnx.merge(graphdef, params), batch)
+    return total, (weight, sums)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def train_step(state, batch):
+    params = state["params"]
+    if grad_accum == 1:
+      (total, (weight, sums)), grads = grad_fn(params, batch)
+    else:
+      micro = _split_micro(batch, grad_accum)
+
+      def body(carry, mb):
+        (t, (w, s)), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (t, w, s, g)), None
+
+      (t0, (w0, s0)), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (t0, w0, s0, g0))
+      (total, weight, sums, grads), _ = jax.lax.scan(body, zeros, micro)
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = total / denom
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad = jnp.where(finite | (state["first_bad_step"] >= 0), state["first_bad_step"], state["step"])
+    new_state = dict(step=state["step"] + 1, params=keep(new_params, params),
+                     opt_state=keep(opt_state, state["opt_state"]), first_bad_step=bad)
+    metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
+                   finite=finite, weight=weight, **{k: v / denom for k, v in sums.items()})
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, loss_fn: LossFn) -> Callable:
+  """(params, batch) -> (objective_sum, weight, metric_sums), to be summed over the eval set."""
+
+  def eval_step(params, batch):
+    return loss_fn(nnx.merge(graphdef, params), batch)
+
+  return eval_step
