@@ -15,6 +15,19 @@ from common.config import ConfigError
 FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 
+def _use_gloo_on_cpu() -> None:
+  """Cross-process collectives on the CPU backend need an implementation chosen before the backend starts
+  (`jax_cpu_collectives_implementation`: 'gloo' over TCP). Without it a multi-process CPU run has no
+  collectives. A choice made in the environment (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi) is kept; GPU/TPU
+  backends ignore the option."""
+  if os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    return
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except AttributeError:  # a JAX without the option (it has no CPU cross-process collectives either)
+    pass
+
+
 def initialize(flags: dict[str, str] | None = None) -> bool:
   """Initialises jax.distributed when asked to; returns whether it did. Call before any other JAX use."""
   flags = flags or {}
@@ -23,6 +36,7 @@ def initialize(flags: dict[str, str] | None = None) -> bool:
   pid = flags.get("process_id") or os.environ.get("JAX_PROCESS_ID")
   auto = os.environ.get("JAX_DISTRIBUTED_AUTO") == "1"  # TPU pod / SLURM: let JAX discover everything
   if auto:
+    _use_gloo_on_cpu()
     jax.distributed.initialize()
     return True
   if not (addr or n or pid):
@@ -36,5 +50,6 @@ def initialize(flags: dict[str, str] | None = None) -> bool:
     raise ConfigError(f"--num_processes and --process_id must be integers, got {n!r}, {pid!r}") from None
   if not 0 <= pid < n:
     raise ConfigError(f"--process_id {pid} is outside 0..{n - 1}")
+  _use_gloo_on_cpu()
   jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
   return True

@@ -198,7 +198,8 @@ def accelerator_for(kind: str) -> Accelerator | None:
 
 
 def _peak_of(acc: Accelerator, dtype: str) -> float:
-  dtype = {"bf16": "bfloat16", "f32": "float32", "tf32": "float32", "fp32": "float32_highest"}.get(dtype, dtype)
+  aliases = {"bf16": "bfloat16", "f32": "float32", "tf32": "float32", "fp32": "float32_highest"}
+  dtype = aliases.get(dtype, dtype)
   if dtype not in ("bfloat16", "float32", "float32_highest"):
     raise ValueError(f"unknown dtype '{dtype}' (expected bfloat16, float32 or float32_highest)")
   return getattr(acc, dtype)

@@ -101,7 +101,8 @@ ACTIVATIONS_BY_MODEL: dict[str, Callable[..., dict[str, float]]] = {"dense_lm": 
 
 
 def param_shards(model_cfg, mesh) -> list[tuple[tuple[int, ...], int, bool]]:
-  """[(global shape, elements per device, has a vocab axis)] for every parameter of the abstract model on `mesh`."""
+  """[(global shape, elements per device, has a vocab axis)] for every parameter of the abstract model
+  on `mesh`."""
   import jax
   from flax import nnx
   from common.models import build_model
@@ -193,7 +194,8 @@ def make_plan(cfg, mesh_sizes: dict[str, int], *, accelerator: str = "h100", mfu
       raise ConfigError(f"config key 'model.vocab_size': 0 means the data vocabulary, which the planner "
                         f"cannot read for data.vocab='{cfg.data.vocab}'; set model.vocab_size")
     m.vocab_size = padded_vocab(BYTE_VOCAB_SIZE)
-    notes.append(f"model.vocab_size 0: using the byte vocabulary ({BYTE_VOCAB_SIZE}) padded to {m.vocab_size}")
+    notes.append(f"model.vocab_size 0: using the byte vocabulary ({BYTE_VOCAB_SIZE}) padded to "
+                 f"{m.vocab_size}")
   if m.name not in ACTIVATIONS_BY_MODEL:
     raise ConfigError(f"config key 'model.name': the planner has no activation estimate for '{m.name}'")
 
@@ -224,7 +226,8 @@ def make_plan(cfg, mesh_sizes: dict[str, int], *, accelerator: str = "h100", mfu
       mesh=dict(mesh.shape), n_devices=n_devices, accelerator=acc.name, hbm_gib=float(acc.hbm_gib),
       params_total=total, params_non_embedding=total - embedding, param_gib=param_gib,
       optimizer_gib=2 * param_gib, grad_gib=param_gib, activation_gib=activation_gib, total_gib=total_gib,
-      local_batch=local_batch, vocab_size=int(m.vocab_size), flops_per_token=per_token, flops_per_step=per_step, mfu=mfu,
+      local_batch=local_batch, vocab_size=int(m.vocab_size), flops_per_token=per_token,
+      flops_per_step=per_step, mfu=mfu,
       step_seconds=step_seconds, tokens_per_sec=batch * seq_len / step_seconds, notes=notes)
 
 
@@ -248,7 +251,8 @@ def format_table(plan: Plan, cfg, *, flash: bool) -> str:
                   f" ({'fits' if plan.fits else 'DOES NOT FIT'})"),
       ("training FLOPs / token", f"{plan.flops_per_token:.4g}"),
       ("training FLOPs / step", f"{plan.flops_per_step:.4g}"),
-      (f"step time at MFU {plan.mfu:g}", f"{plan.step_seconds:.3f} s ({plan.tokens_per_sec:,.0f} tokens/s)"),
+      (f"step time at MFU {plan.mfu:g}",
+       f"{plan.step_seconds:.3f} s ({plan.tokens_per_sec:,.0f} tokens/s)"),
   ]
   width = max(len(k) for k, _ in rows)
   lines = [f"{k:<{width}}  {v}".rstrip() for k, v in rows]
