@@ -33,6 +33,37 @@ def _load_module(path: str):
   return module
 
 
+def _literal_or_str(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _parse_sequence(key: str, text: str, current: tuple | list) -> tuple | list:
+  """'(2, 4)', '[2, 4]', '2,4', 'data,tensor' or '(data,tensor)' -> a tuple (list) whose elements have the
+  type of the current elements (ints may stand for floats)."""
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    body = text.strip()
+    if body[:1] + body[-1:] in ("()", "[]"):
+      body = body[1:-1]
+    value = tuple(_literal_or_str(part.strip()) for part in body.split(",") if part.strip())
+  if not isinstance(value, (tuple, list)):
+    value = (value,)
+  kinds = {type(v) for v in current}
+  if len(kinds) == 1:
+    kind = kinds.pop()
+    if kind is float:
+      value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    for v in value:
+      if type(v) is not kind:
+        raise ConfigError(f"config key '{key}': expected a {type(current).__name__} of {kind.__name__}, "
+                          f"got '{text}'")
+  return tuple(value) if isinstance(current, tuple) else list(value)
+
+
 def _parse_value(key: str, text: str, current: Any) -> Any:
   """Parses `text` into the type of the value it replaces."""
   if isinstance(current, bool):
@@ -42,20 +73,22 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
     if low in ("0", "false", "no", "off"):
       return False
     raise ConfigError(f"config key '{key}': expected a bool, got '{text}'")
-  if isinstance(current, (int, float)) or current is None or isinstance(current, (tuple, list)):
+  if isinstance(current, (tuple, list)):
+    return _parse_sequence(key, text, current)
+  if isinstance(current, (int, float)) or current is None:
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       if current is None:
         return text
       raise ConfigError(f"config key '{key}': cannot parse '{text}' as {type(current).__name__}") from None
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    if current is None:
+      return value
+    if isinstance(value, bool):  # bool is an int subclass: 'True' is not a number
+      raise ConfigError(f"config key '{key}': expected {type(current).__name__}, got '{text}'")
+    if isinstance(current, float) and isinstance(value, int):
       value = float(value)
-    if isinstance(current, (tuple, list)) and isinstance(value, (int, str)):
-      value = (value,)
-    if isinstance(current, (tuple, list)):
-      value = tuple(value) if isinstance(current, tuple) else list(value)
-    if current is not None and not isinstance(value, type(current)):
+    if not isinstance(value, type(current)):
       raise ConfigError(f"config key '{key}': expected {type(current).__name__}, got '{text}'")
     return value
   if isinstance(current, str):
@@ -81,6 +114,30 @@ def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     node[leaf] = _parse_value(key, text, node[leaf])
 
 
+def _split_pairs(arg: str) -> list[str]:
+  """'a=1,b=(2,4),c=x,y' -> ['a=1', 'b=(2,4)', 'c=x,y']: commas inside brackets, or before a piece that is
+  not key=value, belong to the value."""
+  pieces, depth, cur = [], 0, ""
+  for ch in arg:
+    if ch in "([":
+      depth += 1
+    elif ch in ")]":
+      depth -= 1
+    if ch == "," and depth == 0:
+      pieces.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  pieces.append(cur)
+  out: list[str] = []
+  for piece in filter(None, (p.strip() for p in pieces)):
+    if "=" not in piece and out:
+      out[-1] += "," + piece
+    else:
+      out.append(piece)
+  return out
+
+
 def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
   """Loads `path.py[:k=v,...]`, then applies `overrides` [(key, value)] in order."""
   path, _, arg = spec.partition(":")
@@ -88,7 +145,7 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections
   takes_arg = bool(inspect.signature(module.get_config).parameters)
   cfg = module.get_config(None) if takes_arg else module.get_config()
   pairs = []
-  for item in filter(None, arg.split(",")):
+  for item in _split_pairs(arg):
     if "=" not in item:
       raise ConfigError(f"--config: expected key=value after ':', got '{item}'")
     k, _, v = item.partition("=")

@@ -17,8 +17,8 @@ FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 def _use_gloo_on_cpu() -> None:
   """Cross-process collectives on the CPU backend need an implementation chosen before the backend starts
-  (`jax_cpu_collectives_implementation`: 'gloo' over TCP). Without it a multi-process CPU run has no
-  collectives. A choice made in the environment (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi) is kept; GPU/TPU
+  (`jax_cpu_collectives_implementation`: 'gloo' over TCP). JAX 0.10 defaults to gloo, older releases to
+  none (a multi-process CPU run then fails at its first collective), so it is set explicitly. A choice made in the environment (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi) is kept; GPU/TPU
   backends ignore the option."""
   if os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
     return

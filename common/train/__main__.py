@@ -2,10 +2,16 @@
 
 Trains a shared model (the dense LM) on `data.*`; rerun the same command to resume.
 """
+import os
 import sys
 
-from common import distributed
-from common.config import ConfigError, parse_argv, run_main
+# Before JAX is imported: jaxlib starts C++ (absl) logging with this level, and TensorFlow (imported later by
+# the data pipeline) then logs through it; at the default level its CUDA probe prints an 'E0000 ... cuInit'
+# line on machines without a GPU, which would break "one clear line on stderr". Set it to 0 to see all.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from common import distributed  # pylint: disable=g-import-not-at-top
+from common.config import ConfigError, parse_argv, run_main  # pylint: disable=g-import-not-at-top
 
 
 def main(argv) -> int:
@@ -13,8 +19,12 @@ def main(argv) -> int:
   if not flags.get("workdir"):
     raise ConfigError("missing --workdir=DIR")
   distributed.initialize(flags)
-  from common.train.lm_task import lm_task
-  from common.train.loop import train
+  from common import sharding
+  from common.train.lm_task import lm_task, validate_model_early
+  from common.train.loop import train, validate_loop_config
+  # Cheap checks first, so that bad input fails before the data cache is built (which logs to stderr).
+  validate_loop_config(cfg, sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes))
+  validate_model_early(cfg)
   return train(cfg, flags["workdir"], lm_task(cfg))
 
 

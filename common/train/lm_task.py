@@ -8,7 +8,7 @@ import optax
 
 from common.data import LMData
 from common.flops import training_flops_per_token
-from common.models import build_model
+from common.models import build_model, validate_model_config
 from common.train.loop import Task
 
 
@@ -28,6 +28,14 @@ def resolve_vocab_size(cfg, data: LMData) -> None:
   """model.vocab_size 0 means the data vocabulary, padded to a multiple of 128 so it shards evenly."""
   if cfg.model.vocab_size == 0:
     cfg.model.vocab_size = round_up(data.vocab_size, 128)
+
+
+def validate_model_early(cfg) -> None:
+  """Checks model.* before the data is loaded (vocab_size 0, resolved from the data later, passes here)."""
+  probe = cfg.model.copy_and_resolve_references()
+  if probe.vocab_size == 0:
+    probe.vocab_size = 128
+  validate_model_config(probe)
 
 
 def lm_task(cfg) -> Task:

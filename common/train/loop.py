@@ -107,21 +107,27 @@ def evaluate(eval_fn, params, data, n_batches: int, batch_shardings: dict, summa
   return {f"eval/{k}": v for k, v in out.items()}
 
 
-def train(cfg, workdir: str, task: Task) -> int:
-  """Runs (or resumes) training to cfg.train.steps; returns the process exit status."""
-  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+def init_train_state(task: Task, optimizer, mesh) -> tuple[Any, Any, dict]:
+  """(graphdef, parameter shardings, state): parameters initialised directly into their shardings on
+  `mesh`, then the optimizer state."""
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(task.build_model), nnx.Param)
+  param_shardings = sharding.state_shardings(abstract_params, mesh)
+  params = jax.jit(lambda: nnx.split(task.build_model(), nnx.Param)[1], out_shardings=param_shardings)()
+  return graphdef, param_shardings, jax.jit(lambda p: init_state(p, optimizer))(params)
+
+
+def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
+  """Runs (or resumes) training to cfg.train.steps; returns the process exit status. `devices` (default: all
+  of jax.devices()) are the devices the mesh is built from."""
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices)
   validate_loop_config(cfg, mesh)
   _check_workdir(workdir, cfg)
   lead = jax.process_index() == 0
   t = cfg.train
 
-  # The state: parameters initialised directly into their shardings, then the optimizer state.
   optimizer, schedule = make_optimizer(t), learning_rate_schedule(t)
-  abstract_model = nnx.eval_shape(task.build_model)
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  param_shardings = sharding.state_shardings(abstract_params, mesh)
-  params = jax.jit(lambda: nnx.split(task.build_model(), nnx.Param)[1], out_shardings=param_shardings)()
-  state = jax.jit(lambda p: init_state(p, optimizer))(params)
+  graphdef, param_shardings, state = init_train_state(task, optimizer, mesh)
+  params = state["params"]
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   n_params = sum(x.size for x in jax.tree.leaves(params))
 
@@ -148,7 +154,7 @@ def train(cfg, workdir: str, task: Task) -> int:
                     donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(graphdef, task.loss_fn), in_shardings=(param_shardings, batch_shardings))
 
-  n_dev = jax.device_count()
+  n_dev = mesh.size
   peak = peak_flops_per_device(dtype=cfg.model.get("dtype", "float32"))
   flops_per_step = task.train_flops_per_example * t.batch_size
   units_per_step = task.units_per_example * t.batch_size
@@ -157,7 +163,7 @@ def train(cfg, workdir: str, task: Task) -> int:
   t_compile = time.time()
   compiled = step_fn.lower(state, _to_global(first, batch_shardings)).compile()
   progress.message(
-      f"{n_params / 1e6:.2f} M parameters | mesh {dict(mesh.shape)} on {n_dev} {jax.devices()[0].platform} "
+      f"{n_params / 1e6:.2f} M parameters | mesh {dict(mesh.shape)} on {n_dev} {mesh.devices.flat[0].platform} "
       f"device(s) | {flops_per_step / 1e9:.1f} GFLOP/step | compiled in {time.time() - t_compile:.1f}s | "
       f"steps {start}..{t.steps}")
 

@@ -7,9 +7,19 @@ import math
 import os
 import sys
 import time
+import types
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+def _event_file_writer(logdir: str) -> EventFileWriter:
+  """TensorBoard's event writer. Unless TensorFlow is already loaded, TensorBoard is pointed at its own
+  TF-free file layer (its documented `tensorboard.compat.notf` switch): otherwise the writer imports all of
+  TensorFlow (seconds, and C++ log lines on stderr) just to write a local file."""
+  if "tensorflow" not in sys.modules:
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+  return EventFileWriter(logdir)
 
 
 def _finite_or_str(v):
@@ -28,7 +38,7 @@ class MetricsWriter:
       return
     self._truncate_after(resume_step)
     self.file = open(self.path, "a")
-    self.tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+    self.tb = _event_file_writer(os.path.join(workdir, "tensorboard"))
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from common.nn import (Embed, RMSNorm, SwiGLU, apply_rope, attention_mask, dot_product_attention,
+from common.nn import (Attention, Embed, RMSNorm, SwiGLU, apply_rope, attention_mask, dot_product_attention,
                        rope_frequencies)
 
 
@@ -248,3 +248,44 @@ def test_embed_attend_is_x_times_table_transposed():
   got = emb.attend(jnp.asarray(x))
   assert got.shape == (2, 4, 11)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- the attention module
+
+def test_attention_module_matches_numpy_composition():
+  """Projections, RoPE on q and k, the segment/causal/window mask, GQA softmax, output projection."""
+  d_model, heads, kv_heads, head_dim, window = 16, 4, 2, 8, 3
+  attn = Attention(d_model, heads, kv_heads, head_dim, rngs=nnx.Rngs(params=0), window=window)
+  wq, wk, wv, wo = (np.asarray(m.kernel[...], np.float64) for m in (attn.q, attn.k, attn.v, attn.o))
+  assert wq.shape == (d_model, heads, head_dim) and wk.shape == (d_model, kv_heads, head_dim)
+  assert wo.shape == (heads * head_dim, d_model)
+  rng = _rng(8)
+  x = rng.normal(size=(2, 10, d_model)).astype(np.float32)
+  positions = np.stack([np.array([0, 1, 2, 0, 1, 2, 3, 0, 0, 0]), np.array([0, 1, 2, 3, 4, 5, 0, 1, 2, 0])])
+  q = np.einsum("bld,dhk->blhk", x, wq)
+  k = np.einsum("bld,dhk->blhk", x, wk)
+  v = np.einsum("bld,dhk->blhk", x, wv)
+  q, k = _rope_reference(q, positions, 10000.0), _rope_reference(k, positions, 10000.0)
+  ctx = _attention_reference(q, k, v, _mask_reference(SEGMENTS, SEGMENTS, True, window))
+  want = ctx.reshape(2, 10, heads * head_dim) @ wo
+  got = attn(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(SEGMENTS))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_module_rejects_heads_not_multiple_of_kv_heads():
+  with pytest.raises(ValueError, match="n_kv_heads"):
+    Attention(16, 4, 3, 4, rngs=nnx.Rngs(params=0))
+
+
+@pytest.mark.parametrize("length,window,block", [(300, 0, 128), (512, 0, 128), (300, 70, 64), (257, 200, 128),
+                                                 (64, 0, 128)])
+def test_blockwise_causal_attention_equals_full_masked_attention(length, window, block):
+  from common.nn.attention import blockwise_causal_attention
+  rng = np.random.default_rng(length + window)
+  q = jnp.asarray(rng.normal(size=(2, length, 4, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, length, 2, 16)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, length, 2, 16)), jnp.float32)
+  segments = jnp.asarray(np.sort(rng.integers(0, 3, (2, length)), axis=1), jnp.int32)
+  blocked = blockwise_causal_attention(q, k, v, segments, window=window, block=block)
+  full = dot_product_attention(q, k, v, attention_mask(segments, segments, window=window))
+  np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=2e-6)
