@@ -193,7 +193,3 @@ def run_main(main: Callable[[], int | None]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   sys.exit(code or 0)
-
-
-def to_dict(cfg: ml_collections.ConfigDict) -> dict:
-  return cfg.to_dict()

@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from common.config import ConfigError
@@ -60,9 +61,12 @@ class Checkpointer:
   def _set_aside(self, step: int) -> None:
     src = os.path.join(self.directory, str(step))
     dst = f"{src}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-    if os.path.isdir(src):
+    if jax.process_index() == 0 and os.path.isdir(src):
       os.rename(src, dst)
       print(f"set the unreadable checkpoint aside as {dst}", flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
     self.manager.reload()
 
   def wait(self) -> None:

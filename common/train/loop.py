@@ -82,6 +82,14 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop. All processes must agree, or one would enter the collective
+    checkpoint save while another enters the next training step, and both would hang."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+
   def restore(self):
     signal.signal(signal.SIGTERM, self._old)
 
@@ -182,8 +190,9 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
       step += 1
       data_position += t.batch_size
       last = step == t.steps
+      stop = preemption.agreed()
       if step % cfg.log.every_steps == 0 or last or step % cfg.checkpoint.every_steps == 0 \
-          or preemption.requested:
+          or stop:
         metrics, bad = jax.device_get((metrics, state["first_bad_step"]))
         if bad >= 0 and t.nan_policy == "stop":
           raise FloatingPointError(
@@ -207,7 +216,7 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
         tick = time.time()  # eval time is not training time
       if step % cfg.checkpoint.every_steps == 0 or last:
         save(step)
-      if preemption.requested and not last:
+      if stop and not last:
         save(step)
         progress.message(f"SIGTERM: saved a checkpoint at step {step}; exiting with status {EXIT_PREEMPTED}")
         exit_code = EXIT_PREEMPTED
