@@ -73,8 +73,9 @@ def isoflop_minimum(budget: float, n, d, loss) -> IsoFlopMinimum:
                         inside=bool(x.min() <= x_opt <= x.max()))
 
 
-def fit_isoflop(rows: list[dict], *, loss_key: str = "eval_loss", param_key: str = "params_total") -> IsoFlopFit:
-  """Minima of every budget with a convex parabola, and the N_opt(C), D_opt(C) power laws through them."""
+def isoflop_minima(rows: list[dict], *, loss_key: str = "eval_loss",
+                   param_key: str = "params_total") -> tuple[list[IsoFlopMinimum], list[str]]:
+  """The minimum of every budget whose runs give a convex parabola, and why the other budgets have none."""
   minima, skipped = [], []
   for budget in sorted({r["budget"] for r in rows}):
     group = [r for r in rows if r["budget"] == budget and math.isfinite(loss_of(r, loss_key))]
@@ -83,9 +84,15 @@ def fit_isoflop(rows: list[dict], *, loss_key: str = "eval_loss", param_key: str
                                     [loss_of(r, loss_key) for r in group]))
     except ValueError as e:
       skipped.append(str(e))
+  return minima, skipped
+
+
+def fit_isoflop(rows: list[dict], *, loss_key: str = "eval_loss", param_key: str = "params_total") -> IsoFlopFit:
+  """IsoFLOP minima and the N_opt(C), D_opt(C) power laws through them (at least two budgets with one)."""
+  minima, skipped = isoflop_minima(rows, loss_key=loss_key, param_key=param_key)
   if len(minima) < 2:
-    raise ValueError("N_opt(C) needs IsoFLOP minima at two or more budgets; " +
-                     (f"got {len(minima)} ({'; '.join(skipped)})" if skipped else f"got {len(minima)}"))
+    raise ValueError(f"N_opt(C) needs IsoFLOP minima at two or more budgets; got {len(minima)}" +
+                     (f" ({'; '.join(skipped)})" if skipped else ""))
   budgets = [m.budget for m in minima]
   return IsoFlopFit(minima, fit_power_law(budgets, [m.n_opt for m in minima]),
                     fit_power_law(budgets, [m.d_opt for m in minima]), skipped)

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from common.scaling.frontier import LossVsCompute, fit_loss_vs_compute, frontier
-from common.scaling.isoflop import IsoFlopFit, loss_of
+from common.scaling.isoflop import IsoFlopFit, IsoFlopMinimum, loss_of
 
 
 def _save(fig: Figure, path: str) -> str:
@@ -50,13 +50,14 @@ def loss_vs_flops(rows: list[dict], path: str, *, loss_key: str = "eval_loss", f
   return _save(fig, path)
 
 
-def isoflop_curves(rows: list[dict], fit: IsoFlopFit, path: str, *, loss_key: str = "eval_loss",
+def isoflop_curves(rows: list[dict], minima: list[IsoFlopMinimum], path: str, *, loss_key: str = "eval_loss",
                    param_key: str = "params_total") -> str:
-  """Loss against N at each budget, the fitted parabolas and their minima (Chinchilla fig. 3, left)."""
+  """Loss against N at each budget, with the parabola and minimum of each budget that has one
+  (`isoflop.isoflop_minima`; Chinchilla fig. 3, left)."""
   fig = Figure(figsize=(6, 4.2))
   ax = fig.add_subplot()
   budgets = sorted({r["budget"] for r in rows})
-  minima = {m.budget: m for m in fit.minima}
+  minima = {m.budget: m for m in minima}
   for budget, color in zip(budgets, _colors(len(budgets))):
     pts = sorted((r[param_key], loss_of(r, loss_key)) for r in rows if r["budget"] == budget)
     ax.plot(*zip(*pts), "o", color=color, label=f"C = {budget:.3g}")

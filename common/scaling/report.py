@@ -29,7 +29,7 @@ def _try(fn):
 
 
 def family_fits(rows: list[dict], *, n_boot: int, chinchilla_boot: int, loss_key: str) -> dict:
-  """fits.json entry of one family's finished runs."""
+  """(fits.json entry of one family's finished runs, the IsoFLOP fit or None)."""
   out = {}
   iso, err = _try(lambda: isoflop.fit_isoflop(rows, loss_key=loss_key))
   if iso is not None:
@@ -76,9 +76,10 @@ def write_report(sweep_dir: str, *, compare: str | None = None, n_boot: int = 20
   for fam in sorted({r["family"] for r in done}):
     fam_rows = [r for r in done if r["family"] == fam]
     fits[fam], iso = family_fits(fam_rows, n_boot=n_boot, chinchilla_boot=chinchilla_boot, loss_key=loss_key)
+    minima, _ = isoflop.isoflop_minima(fam_rows, loss_key=loss_key)
+    written.append(plots.isoflop_curves(fam_rows, minima, os.path.join(plot_dir, f"isoflop_{fam}.png"),
+                                        loss_key=loss_key))
     if iso is not None:
-      written.append(plots.isoflop_curves(fam_rows, iso, os.path.join(plot_dir, f"isoflop_{fam}.png"),
-                                          loss_key=loss_key))
       written.append(plots.optimal_frontier(iso, os.path.join(plot_dir, f"frontier_{fam}.png"),
                                             ci=fits[fam]["isoflop"]["ci"]))
   if compare:

@@ -103,7 +103,3 @@ def read_table(path: str) -> list[dict]:
     out.append(row)
   return out
 
-
-def column(rows: list[dict], key: str):
-  import numpy as np
-  return np.asarray([r[key] for r in rows], dtype=float)

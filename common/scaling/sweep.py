@@ -86,7 +86,7 @@ def resolve_callable(spec: str, flag: str) -> Callable:
 
 
 def run_sweep(plan: budget_lib.Plan, out: str, *, task_fn: Callable | None = None, devices=None,
-              log: Callable[[str], None] = print) -> SweepResult:
+              log: Callable[[str], None] | None = None) -> SweepResult:
   """Trains every unfinished run of `plan` in this process, in order of budget then size.
 
   Progress is one line per run: its index, elapsed time and an ETA that assumes the remaining runs cost the
@@ -94,6 +94,7 @@ def run_sweep(plan: budget_lib.Plan, out: str, *, task_fn: Callable | None = Non
   from common.train.loop import EXIT_PREEMPTED, train  # local: planning and emitting need no JAX
   if task_fn is None:
     task_fn = resolve_callable(DEFAULT_TASK, "task")
+  log = log or (lambda line: print(line, flush=True))
   write_plan(out, plan)
   result = SweepResult([], [], [], list(plan.dropped))
   for line in plan.dropped:

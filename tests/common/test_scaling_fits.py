@@ -1,6 +1,7 @@
 """Scaling-law fits on synthetic data drawn from known laws (no training): the Chinchilla parametric fit,
 IsoFLOP minima and their power laws, bootstrap intervals, compute equivalence, the fixed-inference view."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_chinchilla_fit_recovers_known_parameters_within_5_percent():
 def test_chinchilla_fit_is_robust_to_an_outlier_run():
   """The Huber loss on log loss: one run 30% off (a diverged run) barely moves the exponents."""
   rng = np.random.default_rng(1)
-  n, d = (x.ravel() for x in np.meshgrid(np.logspace(7, 10, 8), np.logspace(8, 12, 8)))
+  n, d = (x.ravel() for x in np.meshgrid(np.logspace(7, 10, 6), np.logspace(8, 12, 6)))
   loss = noisy(law(n, d), rng)
   loss[5] *= 1.3
   fit = chinchilla.fit_chinchilla(n, d, loss)
@@ -131,3 +132,16 @@ def test_fixed_inference_cost_compares_patch_sizes_at_equal_inference_flops():
   assert out[0]["params"] == pytest.approx(4e8, rel=1e-6)  # 2 * 4e8 / 8 = 1e8 FLOPs per byte
   outside = frontier.fixed_inference_cost(rows, budget=1e12)
   assert all(math.isnan(r["loss"]) for r in outside)
+
+
+def test_comparison_and_fixed_inference_plots_are_written(tmp_path):
+  from common.scaling import plots
+  law_a = frontier.LossVsCompute(E=1.5, K=300.0, gamma=0.15)
+  budgets = np.logspace(15, 19, 4)
+  rows_a = frontier_rows("moe", law_a.loss, budgets)
+  rows_b = frontier_rows("dense", lambda c: law_a.loss(c / 4.0), budgets)
+  path = plots.compute_equivalence(rows_a, rows_b, str(tmp_path / "eq.png"), label_a="moe", label_b="dense")
+  blt = [dict(patch_size=p, params=n, inference_flops_per_byte=2 * n / p, loss=1 + 1 / p + 5 / math.log(n))
+         for p in (4, 8) for n in (1e8, 1e9)]
+  path2 = plots.fixed_inference(blt, [5e7, 1e8], str(tmp_path / "blt.png"))
+  assert os.path.getsize(path) > 5000 and os.path.getsize(path2) > 5000
