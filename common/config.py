@@ -139,17 +139,25 @@ def _split_pairs(arg: str) -> list[str]:
 
 
 def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
-  """Loads `path.py[:k=v,...]`, then applies `overrides` [(key, value)] in order."""
+  """Loads `path.py[:k=v,...]`, then applies `overrides` [(key, value)] in order.
+
+  In the `:` part, dotted keys (`train.steps=5`) override config keys; plain names (`family=moe`) are the
+  config file's own arguments, passed on as the string `get_config(arg)` receives (big_vision style)."""
   path, _, arg = spec.partition(":")
   module = _load_module(path)
-  takes_arg = bool(inspect.signature(module.get_config).parameters)
-  cfg = module.get_config(None) if takes_arg else module.get_config()
-  pairs = []
+  pairs, own = [], []
   for item in _split_pairs(arg):
     if "=" not in item:
       raise ConfigError(f"--config: expected key=value after ':', got '{item}'")
     k, _, v = item.partition("=")
-    pairs.append((k.strip(), v.strip()))
+    (pairs if "." in k else own).append((k.strip(), v.strip()))
+  takes_arg = bool(inspect.signature(module.get_config).parameters)
+  if own and not takes_arg:
+    raise ConfigError(f"--config: '{path}' takes no arguments, got '{own[0][0]}' (override keys as section.key)")
+  try:
+    cfg = module.get_config(",".join(f"{k}={v}" for k, v in own) or None) if takes_arg else module.get_config()
+  except (ValueError, KeyError) as e:
+    raise ConfigError(f"--config: {path}: {e}") from None
   for k, v in [*pairs, *overrides]:
     override(cfg, k, v)
   return cfg

@@ -37,13 +37,15 @@ class FlopCount:
   v: float = 0.0
   o: float = 0.0
   attention: float = 0.0   # scores q.k and the weighted sum of values
-  mlp: float = 0.0         # SwiGLU gate, up and down projections
+  mlp: float = 0.0         # SwiGLU gate, up and down projections (of the experts a token is sent to, for MoE)
+  router: float = 0.0      # MoE routers: one logit per expert
   logits: float = 0.0      # unembedding
   embedding: float = 0.0   # a gather: 0
 
   @property
   def forward(self) -> float:
-    return self.q + self.k + self.v + self.o + self.attention + self.mlp + self.logits + self.embedding
+    return (self.q + self.k + self.v + self.o + self.attention + self.mlp + self.router + self.logits
+            + self.embedding)
 
   @property
   def training(self) -> float:
@@ -81,21 +83,38 @@ def _require_vocab(m) -> int:
   return vocab
 
 
+def moe_layout(model_cfg) -> tuple[int, int, int, float]:
+  """(MoE layers, experts, expert d_ff, experts per token) of a dense LM config; (0, 0, 0, 0) when dense.
+
+  Experts per token: k for token choice, counted before capacity drops (model FLOPs, as Artetxe et al. 2021
+  count them: what the routing asks for, not what padding or dropping executes); capacity_factor for expert
+  choice, where the E experts take capacity_factor * S / E tokens each (Zhou et al. 2022)."""
+  moe = model_cfg.get("moe")
+  if not moe or int(moe.num_experts) == 0:
+    return 0, 0, 0, 0.0
+  n_moe = int(model_cfg.n_layers) // int(moe.every)
+  per_token = float(moe.capacity_factor) if moe.routing == "expert_choice" else float(moe.top_k)
+  return n_moe, int(moe.num_experts), int(moe.d_ff) or int(model_cfg.d_ff), per_token
+
+
 def dense_lm_flops(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
   """Forward FLOPs per token of `common.models.dense_lm.DenseLM` (GQA attention, SwiGLU, untied or tied
-  output projection; the tied projection costs the same matmul)."""
+  output projection; the tied projection costs the same matmul). With `model.moe`, an MoE layer costs its
+  router (2 d E) and the SwiGLUs of the experts each token is sent to (see `moe_layout`)."""
   m = model_cfg
   d, n, hd = int(m.d_model), int(m.n_layers), _head_dim(m)
   h, kv, ff = int(m.n_heads), int(m.n_kv_heads), int(m.d_ff)
   vocab = _require_vocab(m)
   ctx = attended_keys(seq_len, causal=causal, window=int(m.get("window", 0) or 0))
+  n_moe, n_experts, expert_ff, per_token = moe_layout(m)
   return FlopCount(
       q=n * 2 * d * h * hd,
       k=n * 2 * d * kv * hd,
       v=n * 2 * d * kv * hd,
       o=n * 2 * h * hd * d,
       attention=n * 2 * 2 * h * hd * ctx,  # q.k^T and probs.v, each 2 * h * hd per key
-      mlp=n * 3 * 2 * d * ff,
+      mlp=(n - n_moe) * 3 * 2 * d * ff + n_moe * per_token * 3 * 2 * d * expert_ff,
+      router=n_moe * 2 * d * n_experts,
       logits=2 * d * vocab,
   )
 
@@ -124,16 +143,22 @@ def training_flops_per_token(model_cfg, seq_len: int, *, causal: bool = True) ->
 
 def param_count(model_cfg) -> dict[str, int]:
   """Parameters of a dense LM, analytically. `non_embedding` leaves out the embedding table and the output
-  projection (Kaplan et al. 2020 count N without them); a tied table is counted once in `total`."""
+  projection (Kaplan et al. 2020 count N without them); a tied table is counted once in `total`. With MoE
+  layers, `active_non_embedding` counts only the parameters a token uses (the router and top-k experts)."""
   m = model_cfg
   d, n, hd = int(m.d_model), int(m.n_layers), _head_dim(m)
   h, kv, ff = int(m.n_heads), int(m.n_kv_heads), int(m.d_ff)
   vocab = _require_vocab(m)
   attn = d * h * hd + 2 * d * kv * hd + h * hd * d + (2 * hd if m.get("qk_norm", False) else 0)
   layer = attn + 3 * d * ff + 2 * d  # + the two RMSNorm scales
-  non_embedding = n * layer + d      # + the final norm
+  n_moe, n_experts, expert_ff, per_token = moe_layout(m)
+  moe_extra = n_moe * (n_experts * 3 * d * expert_ff + d * n_experts - 3 * d * ff)  # experts + router - SwiGLU
+  non_embedding = n * layer + d + moe_extra  # + the final norm
   embedding = vocab * d * (1 if m.tie_embeddings else 2)
-  return dict(total=non_embedding + embedding, non_embedding=non_embedding)
+  out = dict(total=non_embedding + embedding, non_embedding=non_embedding)
+  if n_moe:
+    out["active_non_embedding"] = int(non_embedding - n_moe * (n_experts - per_token) * 3 * d * expert_ff)
+  return out
 
 
 # ---------------------------------------------------------------------------------------- peak FLOP/s

@@ -4,8 +4,7 @@ MFU means something."""
 from common.configs.base import base_config, dense_model
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = base_config()
   c.model = dense_model(vocab_size=0, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1536,
                         tie_embeddings=False, dtype="float32", remat=False)

@@ -2,7 +2,7 @@
 from common.configs.base import base_config, dense_model
 
 
-def get_config(arg=None):
+def get_config():
   c = base_config()
   c.model = dense_model(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=768)
   c.train.batch_size = 8

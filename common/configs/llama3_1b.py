@@ -13,8 +13,7 @@ def llama3_rope_scaling(factor: float) -> ml_collections.ConfigDict:
                                         original_max_len=8192))
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = base_config()
   # vocab_size is fixed here (Llama 3's 128256-token tiktoken vocabulary), not taken from the data: train
   # with a non-byte vocabulary (data.vocab='spm' and a data.spm_model of at most 128256 pieces).

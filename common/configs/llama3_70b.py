@@ -5,8 +5,7 @@ from common.configs.base import base_config, dense_model
 from common.configs.llama3_1b import llama3_rope_scaling
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = base_config()
   # vocab_size is fixed here (Llama 3's 128256-token vocabulary), not taken from the data: train with a
   # non-byte vocabulary (data.vocab='spm' and a data.spm_model of at most 128256 pieces).

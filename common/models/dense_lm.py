@@ -1,7 +1,14 @@
 """The Llama-3-style dense decoder LM: embeddings, N pre-norm blocks (GQA attention with RoPE, SwiGLU),
 final RMSNorm, tied or untied output projection. The token baseline of the scaling papers and the base
-model of the fine-tuning papers."""
+model of the fine-tuning papers.
+
+With `model.moe.num_experts > 0` every `model.moe.every`-th block (layers every-1, 2*every-1, ..., as fairseq's
+`--moe-freq`; Artetxe et al. 2021 use every other layer) takes a mixture-of-experts FFN (`common.nn.moe.MoE`)
+instead of the SwiGLU. Its auxiliary losses are sown into `nnx.Intermediate`; a loss function collects them
+with `common.nn.moe.moe_loss_terms(model, weight)` after the forward pass."""
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +16,8 @@ from flax import nnx
 
 from common.config import ConfigError, require
 from common.nn import Block, Embed, Linear, RMSNorm
+from common.nn.moe import MoE, MoESettings
+from common.nn.moe.layer import MODES, ROUTINGS, SECOND_POLICIES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -26,6 +35,45 @@ def validate_model_config(m) -> None:
   require(head_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {head_dim}")
   require(m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got '{m.dtype}'")
   require(m.window >= 0, "model.window", f"must be >= 0 (0 = full causal), got {m.window}")
+  validate_moe_config(m)
+
+
+def validate_moe_config(m) -> None:
+  moe = m.get("moe")
+  if not moe or int(moe.num_experts) == 0:
+    return
+  require(int(moe.num_experts) > 0, "model.moe.num_experts", f"must be >= 0, got {moe.num_experts}")
+  require(1 <= int(moe.every) <= int(m.n_layers), "model.moe.every",
+          f"must be in [1, model.n_layers={m.n_layers}], got {moe.every}")
+  require(moe.routing in ROUTINGS, "model.moe.routing", f"must be one of {ROUTINGS}, got '{moe.routing}'")
+  require(moe.mode in MODES, "model.moe.mode", f"must be one of {MODES}, got '{moe.mode}'")
+  if moe.routing == "token_choice":
+    require(1 <= int(moe.top_k) <= int(moe.num_experts), "model.moe.top_k",
+            f"must be in [1, model.moe.num_experts={moe.num_experts}], got {moe.top_k}")
+  require(moe.second_policy in SECOND_POLICIES, "model.moe.second_policy",
+          f"must be one of {SECOND_POLICIES}, got '{moe.second_policy}'")
+  require(float(moe.capacity_factor) > 0, "model.moe.capacity_factor", f"must be > 0, got {moe.capacity_factor}")
+  require(int(moe.num_groups) >= 1, "model.moe.num_groups", f"must be >= 1, got {moe.num_groups}")
+  require(int(moe.d_ff) >= 0, "model.moe.d_ff", f"must be >= 0 (0 = model.d_ff), got {moe.d_ff}")
+
+
+def is_moe_layer(m, index: int) -> bool:
+  """Whether block `index` (0-based) has an MoE FFN: the every-th, 2*every-th, ... block."""
+  moe = m.get("moe")
+  return bool(moe) and int(moe.num_experts) > 0 and (index + 1) % int(moe.every) == 0
+
+
+def moe_settings(m) -> MoESettings:
+  moe = m.moe
+  return MoESettings(n_experts=int(moe.num_experts), top_k=int(moe.top_k), routing=moe.routing, mode=moe.mode,
+                     capacity_factor=float(moe.capacity_factor), second_policy=moe.second_policy,
+                     num_groups=int(moe.num_groups), router_noise=float(moe.router_noise),
+                     balance_weight=float(moe.balance_weight), z_loss_weight=float(moe.z_loss_weight))
+
+
+def _moe_ffn(m, *, rngs, dtype) -> MoE:
+  return MoE(m.d_model, int(m.moe.d_ff) or m.d_ff, moe_settings(m), rngs=rngs, dtype=dtype,
+             out_scale=1.0 / math.sqrt(2 * m.n_layers), expert_parallel=bool(m.moe.expert_parallel))
 
 
 class DenseLM(nnx.Module):
@@ -36,7 +84,9 @@ class DenseLM(nnx.Module):
     self.cfg = cfg
     dtype = DTYPES[cfg.dtype]
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.n_layers)])
+    self.blocks = nnx.List([
+        Block(cfg, rngs=rngs, dtype=dtype, ffn=_moe_ffn(cfg, rngs=rngs, dtype=dtype) if is_moe_layer(cfg, i) else None)
+        for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
     self.lm_head = None if cfg.tie_embeddings else Linear(
         cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=dtype)

@@ -14,7 +14,8 @@ from common import distributed  # pylint: disable=g-import-not-at-top
 from common.config import ConfigError, parse_argv, run_main  # pylint: disable=g-import-not-at-top
 
 
-def main(argv) -> int:
+def main(argv, make_task=None) -> int:
+  """The trainer command line of every package: `make_task(cfg) -> Task` (default: the LM task)."""
   cfg, flags = parse_argv(argv, extra_flags=distributed.FLAGS)
   if not flags.get("workdir"):
     raise ConfigError("missing --workdir=DIR")
@@ -25,8 +26,13 @@ def main(argv) -> int:
   # Cheap checks first, so that bad input fails before the data cache is built (which logs to stderr).
   validate_loop_config(cfg, sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes))
   validate_model_early(cfg)
-  return train(cfg, flags["workdir"], lm_task(cfg))
+  return train(cfg, flags["workdir"], (make_task or lm_task)(cfg))
+
+
+def cli(make_task=None) -> None:
+  """`python -m <package>.train ...`: runs `main` on sys.argv with exit status 2 for bad input."""
+  run_main(lambda: main(sys.argv[1:], make_task))
 
 
 if __name__ == "__main__":
-  run_main(lambda: main(sys.argv[1:]))
+  cli()

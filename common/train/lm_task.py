@@ -1,6 +1,7 @@
 """Next-token language modelling as a training task: the dense LM on packed rows of `common.data`."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import optax
 
 from common.data import LMData
 from common.flops import training_flops_per_token
+from common.nn.moe import moe_loss_terms
 from common.models import build_model, validate_model_config
 from common.train.loop import Task
 
@@ -17,11 +19,27 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def next_token_loss(model, batch):
-  """Summed cross-entropy over non-padding targets, their count, and no extra sums."""
+  """Summed cross-entropy over non-padding targets plus, for models with MoE layers, their auxiliary
+  (balancing, z-) losses times the token count; the token count; and, with MoE, `nll` (cross-entropy
+  alone) and the routing statistics as metric sums."""
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"]
-  return jnp.sum(nll * mask), jnp.sum(mask), {}
+  nll_sum, weight = jnp.sum(nll * mask), jnp.sum(mask)
+  aux, sums = moe_loss_terms(model, weight)
+  if sums:
+    sums = dict(nll=nll_sum, **sums)
+  return nll_sum + aux, weight, sums
+
+
+def nats_summary(sums: dict, *, bytes_per_target: bool) -> dict:
+  """Eval values from summed metrics; `nll` is the cross-entropy without auxiliary losses (= loss for dense
+  models); bits per byte when every target is one byte (the byte vocabulary; end-of-document ids included)."""
+  nll = sums.get("nll", sums["loss"]) / sums["weight"]
+  out = {"nll": nll} if "nll" in sums else {}
+  if bytes_per_target:
+    out["bpb"] = nll / math.log(2)
+  return out
 
 
 def resolve_vocab_size(cfg, data: LMData) -> None:
@@ -49,6 +67,5 @@ def lm_task(cfg) -> Task:
       data=data,
       train_flops_per_example=training_flops_per_token(cfg.model, seq_len) * seq_len,
       units_per_example=seq_len,
-      # With the byte vocabulary every target is one byte (or an end-of-document id): nats -> bits.
-      eval_summary=(lambda s: {"bpb": s["loss"] / s["weight"] / math.log(2)}) if is_bytes else None,
+      eval_summary=functools.partial(nats_summary, bytes_per_target=is_bytes),
   )

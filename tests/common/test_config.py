@@ -105,3 +105,24 @@ def test_missing_config_file_is_an_error_naming_the_path(tmp_path):
 def test_unknown_flag_is_an_error():
   with pytest.raises(ConfigError, match="--wrokdir"):
     parse_argv([f"--config={TINY}", "--wrokdir=/w"])
+
+
+def test_plain_names_after_colon_go_to_get_config_and_dotted_keys_override(tmp_path):
+  path = tmp_path / "variant.py"
+  path.write_text(textwrap.dedent("""
+      import ml_collections
+      def get_config(arg=None):
+        c = ml_collections.ConfigDict(dict(train=dict(steps=1), arg=""))
+        c.arg = arg or ""
+        return c
+  """))
+  cfg = load(f"{path}:size=big,train.steps=7,mode=x")
+  assert cfg.arg == "size=big,mode=x"
+  assert cfg.train.steps == 7
+
+
+def test_config_file_without_arguments_rejects_plain_names(tmp_path):
+  path = tmp_path / "plain.py"
+  path.write_text("import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict(dict(a=1))\n")
+  with pytest.raises(ConfigError, match="takes no arguments"):
+    load(f"{path}:size=big")

@@ -71,6 +71,9 @@ def _layer_reference(x, probs, experts, choices, gates):
   return y
 
 
+_apply = nnx.jit(lambda layer, x: layer.apply(x))  # one compilation instead of op-by-op dispatch
+
+
 def _layer(e, seed=0, **settings):
   return MoE(D, FF, MoESettings(e, **settings), rngs=nnx.Rngs(params=seed))
 
@@ -113,7 +116,7 @@ def test_token_choice_layer_output_matches_reference_loop(k, capacity_factor, mo
   s, e = 20, 4
   layer = _layer(e, top_k=k, capacity_factor=capacity_factor, mode=mode)
   x = _rng(3).normal(size=(s, D)).astype(np.float32)
-  y, aux = layer.apply(jnp.asarray(x))
+  y, aux = _apply(layer, jnp.asarray(x))
   probs = _probs_of(layer, x)
   capacity = None if mode == "dropless" else token_capacity(s, e, k, capacity_factor)
   choices, kept, gates, _ = _token_choice_reference(probs, k, capacity)
@@ -131,9 +134,9 @@ def test_groups_route_independently():
   statistics averaged)."""
   x = jnp.asarray(_rng(4).normal(size=(2, 12, D)), jnp.float32)
   grouped = _layer(4, num_groups=2, capacity_factor=0.5)
-  y, aux = grouped.apply(x)
+  y, aux = _apply(grouped, x)
   single = _layer(4, num_groups=1, capacity_factor=0.5)
-  halves = [single.apply(x[i]) for i in range(2)]
+  halves = [_apply(single, x[i]) for i in range(2)]
   np.testing.assert_allclose(np.asarray(y), np.stack([np.asarray(h[0]) for h in halves]), rtol=1e-5, atol=1e-6)
   for key in ("balance_loss", "fraction_dropped", "router_entropy", "z_loss"):
     np.testing.assert_allclose(float(aux[key]), np.mean([float(h[1][key]) for h in halves]), rtol=1e-5)
@@ -166,7 +169,7 @@ def test_expert_choice_matches_reference_loop():
   s, e, cf = 16, 4, 1.5
   layer = _layer(e, routing="expert_choice", capacity_factor=cf)
   x = _rng(6).normal(size=(s, D)).astype(np.float32)
-  y, aux = layer.apply(jnp.asarray(x))
+  y, aux = _apply(layer, jnp.asarray(x))
   probs = _probs_of(layer, x)
   capacity = expert_capacity(s, e, cf)
   picks, gates = _expert_choice_reference(probs, capacity)
@@ -191,7 +194,7 @@ def test_dropless_single_expert_equals_dense_swiglu():
   layer.experts.gate_up[...] = dense.gate_up.kernel[...][None]
   layer.experts.down[...] = dense.down.kernel[...][None]
   x = jnp.asarray(_rng(7).normal(size=(3, 5, D)), jnp.float32)
-  np.testing.assert_allclose(np.asarray(layer.apply(x)[0]), np.asarray(dense(x)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(_apply(layer, x)[0]), np.asarray(dense(x)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -199,8 +202,8 @@ def test_capacity_and_dropless_agree_when_nothing_is_dropped(k):
   x = jnp.asarray(_rng(8).normal(size=(2, 8, D)), jnp.float32)
   capacity = _layer(4, top_k=k, capacity_factor=4.0 / k, mode="capacity")  # capacity >= every token
   dropless = _layer(4, top_k=k, mode="dropless")
-  y_c, aux_c = capacity.apply(x)
-  y_d, aux_d = dropless.apply(x)
+  y_c, aux_c = _apply(capacity, x)
+  y_d, aux_d = _apply(dropless, x)
   assert float(aux_c["fraction_dropped"]) == 0.0
   np.testing.assert_allclose(np.asarray(y_c), np.asarray(y_d), rtol=1e-5, atol=1e-6)
   for key in ("balance_loss", "z_loss", "router_entropy"):
@@ -219,11 +222,12 @@ def test_gradients_are_finite_and_match_finite_differences(settings):
     x = jnp.asarray(_rng(9).normal(size=(1, 12, D)), jnp.float64)
     w = jnp.asarray(_rng(10).normal(size=(1, 12, D)), jnp.float64)
 
+    @jax.jit
     def f(p, x):
       y, aux = moe_forward(st, p, x)
       return jnp.sum(y * w) + 10.0 * aux["aux_loss"]
 
-    grads = jax.grad(f, argnums=(0, 1))(params, x)
+    grads = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     rng = _rng(11)
     direction = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), (params, x))
@@ -259,7 +263,7 @@ def test_balance_loss_is_one_for_a_uniform_router_and_grows_as_routing_concentra
 def test_uniform_router_has_entropy_log_e_and_balanced_load():
   layer = _layer(4, mode="dropless")
   layer.router.kernel[...] = jnp.zeros_like(layer.router.kernel[...])
-  _, aux = layer.apply(jnp.asarray(_rng(13).normal(size=(8, D)), jnp.float32))
+  _, aux = _apply(layer, jnp.asarray(_rng(13).normal(size=(8, D)), jnp.float32))
   np.testing.assert_allclose(float(aux["router_entropy"]), np.log(4), rtol=1e-6)
   np.testing.assert_allclose(float(aux["z_loss"]), np.log(4) ** 2, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(), 1.0, rtol=1e-6)

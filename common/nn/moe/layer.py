@@ -76,8 +76,9 @@ def _gather_slots(x: jax.Array, dispatch: routing.Dispatch) -> jax.Array:
 def _scatter_slots(out: jax.Array, dispatch: routing.Dispatch, n_tokens: int) -> jax.Array:
   """Expert outputs [G, E, C, d] weighted by their gates and summed back onto tokens -> [G, S, d] f32."""
   def one(o, st, sg):
-    weighted = o.reshape(-1, o.shape[-1]).astype(jnp.float32) * sg.reshape(-1, 1)
-    return jnp.zeros((n_tokens + 1, o.shape[-1]), jnp.float32).at[st.reshape(-1)].add(weighted)[:n_tokens]
+    acc = jnp.promote_types(o.dtype, sg.dtype)
+    weighted = o.reshape(-1, o.shape[-1]).astype(acc) * sg.reshape(-1, 1)
+    return jnp.zeros((n_tokens + 1, o.shape[-1]), acc).at[st.reshape(-1)].add(weighted)[:n_tokens]
   return jax.vmap(one)(out, dispatch.slot_token, dispatch.slot_gate)
 
 
@@ -113,7 +114,7 @@ def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, exper
   order = jnp.argsort(local_expert, stable=True)
   group_sizes = jnp.bincount(local_expert, length=n_experts)[:gate_up.shape[0]].astype(jnp.int32)
   out = experts_lib.run_grouped(rows[order // k], gate_up, down, group_sizes)
-  out = out[jnp.argsort(order)].reshape(-1, k, d).astype(jnp.float32)
+  out = out[jnp.argsort(order)].reshape(-1, k, d).astype(jnp.promote_types(out.dtype, gate.dtype))
   y = jnp.sum(out * gate[..., None], axis=1)
   if expert_axis is not None:
     y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
@@ -129,11 +130,12 @@ def moe_forward(settings: MoESettings, params: dict, x: jax.Array, rng: jax.Arra
   st = settings
   n_groups, n_tokens, _ = x.shape
   keys = _group_keys(rng, n_groups, group_offset)
-  logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), params["router"],
+  router_dtype = jnp.promote_types(x.dtype, jnp.float32)  # f32 (f64 in x64 tests), never bf16
+  logits = jnp.einsum("gsd,de->gse", x.astype(router_dtype), params["router"].astype(router_dtype),
                       precision=jax.lax.Precision.HIGHEST)
   routed_logits = logits
   if keys is not None and st.router_noise > 0:
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), logits.shape[1:]))(keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), logits.shape[1:], logits.dtype))(keys)
     routed_logits = logits + st.router_noise * noise
   probs = jax.nn.softmax(routed_logits, axis=-1)
   sample_keys = None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)

@@ -99,7 +99,7 @@ def dispatch_from_assignment(a: Assignment, n_experts: int, capacity: int) -> Di
   tokens = jnp.broadcast_to(jnp.arange(n_tokens, dtype=jnp.int32)[:, None], (n_tokens, top_k))
   slot_token = jnp.full((n_experts * capacity,), n_tokens, jnp.int32).at[flat.ravel()].set(
       tokens.ravel(), mode="drop")
-  slot_gate = jnp.zeros((n_experts * capacity,), jnp.float32).at[flat.ravel()].set(a.gate.ravel(), mode="drop")
+  slot_gate = jnp.zeros((n_experts * capacity,), a.gate.dtype).at[flat.ravel()].set(a.gate.ravel(), mode="drop")
   return Dispatch(slot_token.reshape(n_experts, capacity), slot_gate.reshape(n_experts, capacity))
 
 

@@ -1,0 +1,74 @@
+"""Speed of an MoE FFN layer against a dense FFN with the same active FLOPs.
+
+`python -m bench.moe_layer [--tokens=8192] [--d_model=512] [--d_ff=2048] [--experts=8] [--repeats=5]` times
+fwd+bwd (gradients w.r.t. parameters and input) of the MoE layer (top-2, capacity factor 1, and dropless)
+and of a SwiGLU with d_ff = 2 x the experts' (the FLOPs of two active experts), jitted, on one device; prints
+the ratios and writes bench/results/moe_layer.json. Target on a CPU: capacity ratio <= 1.3. On CPU the
+dropless mode's `jax.lax.ragged_dot` runs as a dense product per expert (about E times the FLOPs); a Pallas
+grouped matmul (the MoMa issue) is what makes it fast on accelerators.
+"""
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common.nn import SwiGLU
+from common.nn.moe import MoE, MoESettings
+
+
+def time_fwd_bwd(module, x, repeats: int) -> float:
+  """Median seconds of one jitted forward + backward."""
+  graphdef, params = nnx.split(module, nnx.Param)
+
+  def loss(p, x):
+    m = nnx.merge(graphdef, p)
+    y = m.apply(x)[0] if isinstance(m, MoE) else m(x)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  jax.block_until_ready(step(params, x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(params, x))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tokens", type=int, default=8192)
+  p.add_argument("--d_model", type=int, default=512)
+  p.add_argument("--d_ff", type=int, default=2048)
+  p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--top_k", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--modes", default="capacity,dropless")
+  p.add_argument("--out", default="bench/results/moe_layer.json")
+  a = p.parse_args()
+  x = jax.random.normal(jax.random.key(0), (a.tokens, a.d_model), jnp.float32)
+  dense = SwiGLU(a.d_model, a.top_k * a.d_ff, rngs=nnx.Rngs(params=0))
+  rows = {"dense": dict(seconds=time_fwd_bwd(dense, x, a.repeats), d_ff=a.top_k * a.d_ff)}
+  for mode in a.modes.split(","):
+    layer = MoE(a.d_model, a.d_ff, MoESettings(a.experts, top_k=a.top_k, mode=mode, capacity_factor=1.0),
+                rngs=nnx.Rngs(params=0))
+    rows[mode] = dict(seconds=time_fwd_bwd(layer, x, a.repeats))
+  base = rows["dense"]["seconds"]
+  print(f"{jax.devices()[0].platform}: {a.tokens} tokens, d {a.d_model}, E={a.experts} top-{a.top_k} ffn {a.d_ff} "
+        f"vs dense ffn {a.top_k * a.d_ff}, fwd+bwd")
+  print(f"{'layer':>10} {'ms':>9} {'ratio':>7}")
+  for name, r in rows.items():
+    r["ratio"] = r["seconds"] / base
+    print(f"{name:>10} {1e3 * r['seconds']:9.1f} {r['ratio']:7.2f}")
+  os.makedirs(os.path.dirname(a.out), exist_ok=True)
+  with open(a.out, "w") as f:
+    json.dump(dict(config=vars(a), device=jax.devices()[0].device_kind, results=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
