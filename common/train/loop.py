@@ -58,6 +58,20 @@ def validate_loop_config(cfg, mesh) -> None:
   require(cfg.log.progress in ("auto", "bar", "lines"), "log.progress", "must be 'auto', 'bar' or 'lines'")
 
 
+def _first_difference(old, new, prefix: str) -> str | None:
+  """The first key whose value differs; keys only in `new` (added to the code since `old` was written, with
+  their defaults) do not count."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    for key in old:
+      if key not in new:
+        return f"{prefix}.{key}"
+      found = _first_difference(old[key], new[key], f"{prefix}.{key}")
+      if found:
+        return found
+    return None
+  return None if old == new else prefix
+
+
 def _check_workdir(workdir: str, cfg) -> None:
   """A workdir holding a run of another model or data is refused, not overwritten."""
   path = os.path.join(workdir, "config.json")
@@ -67,9 +81,9 @@ def _check_workdir(workdir: str, cfg) -> None:
     old = json.load(f)
   new = json.loads(cfg.to_json())
   for section in ("model", "data"):
-    if old.get(section) != new.get(section):
-      raise ConfigError(f"--workdir '{workdir}' holds a run with a different '{section}' config; "
-                        "use another workdir")
+    key = _first_difference(old.get(section), new.get(section), section)
+    if key:
+      raise ConfigError(f"--workdir '{workdir}' holds a run with a different '{key}'; use another workdir")
 
 
 class _Preemption:

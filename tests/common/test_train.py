@@ -195,3 +195,16 @@ def test_nan_skip_completes_and_the_bad_step_changes_nothing(tmp_path):
     np.testing.assert_array_equal(a, b)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s3["params"]), jax.tree.leaves(s4["params"]))]
   assert any(changed)  # the step after the bad one trains again
+
+
+def test_workdir_of_another_model_is_refused_but_newer_default_keys_are_not(tmp_path):
+  import json
+  import ml_collections
+  from common.config import ConfigError
+  from common.train.loop import _check_workdir
+  cfg = ml_collections.ConfigDict(dict(model=dict(d_model=64, moe=dict(num_experts=0)), data=dict(seq_len=32)))
+  (tmp_path / "config.json").write_text(json.dumps(dict(model=dict(d_model=64), data=dict(seq_len=32))))
+  _check_workdir(str(tmp_path), cfg)  # written before model.moe existed: still the same run
+  cfg.model.d_model = 128
+  with pytest.raises(ConfigError, match="model.d_model"):
+    _check_workdir(str(tmp_path), cfg)
