@@ -1,0 +1,123 @@
+"""Patchers (blt.patcher) against hand-computed cases and a slow per-byte reference loop."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blt.patcher import (enforce_max_length, entropy_starts, is_space_like, patch, patches_from_starts,
+                         space_starts)
+
+
+def _bytes(text: str) -> jnp.ndarray:
+  return jnp.asarray([list(text.encode())], jnp.int32)
+
+
+def test_static_patches_of_four():
+  p = patch(jnp.zeros((2, 10), jnp.int32), method="static", patch_size=4, max_patches=4)
+  np.testing.assert_array_equal(p.patch_ids[0], [0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+  np.testing.assert_array_equal(p.bytes_per_patch, [[4, 4, 2, 0]] * 2)
+  np.testing.assert_array_equal(p.num_patches, [3, 3])
+
+
+def test_space_like_set_is_ascii_non_alphanumerics():
+  expected = [v < 128 and not (48 <= v <= 57 or 65 <= v <= 90 or 97 <= v <= 122) for v in range(256)]
+  got = is_space_like(jnp.arange(260))
+  np.testing.assert_array_equal(got[:256], expected)
+  assert got[ord(" ")] and got[ord("\n")] and got[ord("\t")] and got[ord(",")]
+  assert not got[256:].any()  # special ids
+
+
+def test_space_patching_next_word_opens_a_patch():
+  # h0 e1 l2 l3 o4 ,5 _6 w7 o8 r9 l10 d11 .12 _13 o14 k15: ", " stays with "hello", "w" and "o" open patches.
+  p = patch(_bytes("hello, world. ok"), method="space", max_patches=8)
+  assert np.flatnonzero(p.patch_starts[0]).tolist() == [0, 7, 14]
+  np.testing.assert_array_equal(p.bytes_per_patch[0, :4], [7, 7, 2, 0])
+
+
+def test_space_patching_tabs_newlines_and_utf8():
+  assert np.flatnonzero(space_starts(_bytes("a\tb\nc"))[0]).tolist() == [0, 2, 4]
+  # "é" is 0xC3 0xA9: not space-like, so "café au" splits only before "au".
+  assert np.flatnonzero(space_starts(_bytes("café au"))[0]).tolist() == [0, 6]
+
+
+ENTROPIES = jnp.asarray([[0.1, 2.0, 0.5, 3.0, 3.0, 0.2]])
+
+
+def test_entropy_global_threshold_opens_the_next_byte():
+  # H(t) > 1 at t = 1, 3, 4, so bytes 2, 4, 5 open patches; H(5) predicts a byte past the end.
+  p = patch(jnp.zeros((1, 6), jnp.int32), method="entropy", entropies=ENTROPIES, threshold=1.0, max_patches=6)
+  np.testing.assert_array_equal(p.patch_starts[0], [1, 0, 1, 0, 1, 1])
+  np.testing.assert_array_equal(p.patch_ids[0], [0, 0, 1, 1, 2, 3])
+  np.testing.assert_array_equal(p.bytes_per_patch[0], [2, 2, 1, 1, 0, 0])
+
+
+def test_entropy_monotonic_rule_uses_the_increase():
+  # H(t) - H(t-1) for t = 1..4: 1.9, -1.5, 2.5, 0.0 -> bytes 2 and 4 open patches (not 5: no increase).
+  starts = entropy_starts(ENTROPIES, 1.0, monotonic=True)
+  np.testing.assert_array_equal(starts[0], [1, 0, 1, 0, 1, 0])
+
+
+def test_entropy_monotonic_never_opens_byte_one():
+  starts = entropy_starts(jnp.asarray([[9.0, 0.0, 0.0]]), 0.0, monotonic=True)
+  np.testing.assert_array_equal(starts[0], [1, 0, 0])
+  assert entropy_starts(jnp.asarray([[9.0, 9.0]]), 0.0, monotonic=True).shape == (1, 2)
+
+
+def test_last_entropy_is_ignored():
+  starts = entropy_starts(jnp.asarray([[0.0, 0.0, 0.0, 5.0]]), 1.0)
+  np.testing.assert_array_equal(starts[0], [1, 0, 0, 0])
+
+
+def test_max_length_forces_starts_and_resets_on_rule_starts():
+  rule = jnp.asarray([[1, 0, 0, 1, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(enforce_max_length(rule, 2)[0], [1, 0, 1, 1, 0, 1, 0])
+  no_rule = jnp.zeros((1, 10), bool)
+  np.testing.assert_array_equal(np.flatnonzero(enforce_max_length(no_rule, 4)[0]), [0, 4, 8])
+
+
+def _reference_entropy_patching(h, theta, monotonic, max_len):
+  """Per-byte loop: the patch id of every byte."""
+  ids, run, current = [], 0, -1
+  for t in range(len(h)):
+    if t == 0:
+      start = True
+    elif monotonic:
+      start = t >= 2 and h[t - 1] - h[t - 2] > theta
+    else:
+      start = h[t - 1] > theta
+    if max_len and run >= max_len:
+      start = True
+    run = 1 if start else run + 1
+    current += start
+    ids.append(current)
+  return ids
+
+
+@pytest.mark.parametrize("monotonic", [False, True])
+@pytest.mark.parametrize("max_len", [0, 3])
+def test_entropy_patching_matches_loop_under_jit(monotonic, max_len):
+  h = np.random.default_rng(0).exponential(1.0, (3, 37)).astype(np.float32)
+  method = "entropy_monotonic" if monotonic else "entropy"
+  fn = jax.jit(lambda x, e: patch(x, method=method, entropies=e, threshold=0.8, max_patches=40,
+                                  max_patch_length=max_len))
+  p = fn(jnp.zeros(h.shape, jnp.int32), jnp.asarray(h))
+  for row in range(3):
+    ref = _reference_entropy_patching(h[row], 0.8, monotonic, max_len)
+    np.testing.assert_array_equal(p.patch_ids[row], ref)
+    counts = np.bincount(ref, minlength=40)
+    np.testing.assert_array_equal(p.bytes_per_patch[row], counts)
+    if max_len:
+      assert counts.max() <= max_len
+
+
+def test_patches_past_max_patches_are_not_counted():
+  p = patches_from_starts(jnp.ones((1, 6), bool), max_patches=4)
+  np.testing.assert_array_equal(p.bytes_per_patch[0], [1, 1, 1, 1])
+  assert int(p.num_patches[0]) == 6  # the caller can detect the overflow
+
+
+def test_unknown_method_and_missing_entropies_raise():
+  with pytest.raises(ValueError, match="unknown"):
+    patch(jnp.zeros((1, 4), jnp.int32), method="bpe", max_patches=4)
+  with pytest.raises(ValueError, match="entropies"):
+    patch(jnp.zeros((1, 4), jnp.int32), method="entropy", max_patches=4)
