@@ -22,5 +22,9 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    # As one 2-D [tokens, in] x [in, out] product: XLA:CPU runs batched (3-D) operands and multi-axis kernels
+    # through slower paths (measured 1.5x on a SwiGLU fwd+bwd); on GPU/TPU the reshapes are free.
     w = self.kernel[...].astype(self.dtype)
-    return jnp.tensordot(x.astype(self.dtype), w, axes=1)
+    in_dim = w.shape[0]
+    y = jnp.dot(x.reshape(-1, in_dim).astype(self.dtype), w.reshape(in_dim, -1))
+    return y.reshape(*x.shape[:-1], *self.out_shape)

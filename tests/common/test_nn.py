@@ -217,8 +217,7 @@ def test_rmsnorm_bfloat16_output_keeps_f32_statistics():
 def test_swiglu_matches_numpy():
   rng = _rng(5)
   mlp = SwiGLU(8, 24, rngs=nnx.Rngs(params=0))
-  wgu, wd = (np.asarray(m.kernel[...], np.float64) for m in (mlp.gate_up, mlp.down))
-  wg, wu = wgu[:, 0], wgu[:, 1]
+  wg, wu, wd = (np.asarray(m.kernel[...], np.float64) for m in (mlp.gate, mlp.up, mlp.down))
   assert wg.shape == (8, 24) and wu.shape == (8, 24) and wd.shape == (24, 8)
   x = rng.normal(size=(2, 3, 8)).astype(np.float32)
   want = np.zeros((2, 3, 8))

@@ -58,7 +58,7 @@ def test_tensor_parallel_halves_sharded_matrices():
     local.setdefault(shape, set()).add(n_local)
   assert local[(64, 4, 16)] == {64 * 4 * 16 // 2}   # q: heads over tensor
   assert local[(64, 1, 16)] == {64 * 16}            # k, v: one kv head, replicated
-  assert local[(64, 2, 128)] == {64 * 2 * 128 // 2}  # fused gate/up: mlp over tensor
+  assert local[(64, 128)] == {64 * 128 // 2}        # gate, up: mlp over tensor
   assert local[(128, 64)] == {128 * 64 // 2}        # down
   assert local[(64,)] == {64}                       # norm scales: replicated
   assert local[(256, 64)] == {256 * 64 // 2}        # embedding: vocab over tensor
