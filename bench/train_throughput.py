@@ -15,23 +15,20 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from common import config as config_lib, sharding
 from common.flops import machine_peak_flops, training_flops_per_token
 from common.train.lm_task import lm_task
 from common.train.optim import learning_rate_schedule, make_optimizer
-from common.train.step import init_state, make_train_step
+from common.train.loop import init_train_state
+from common.train.step import make_train_step
 
 
 def time_steps(cfg, task, devices, steps: int) -> dict:
   """Median wall time of `steps` training steps (after compilation) on a data mesh over `devices`."""
   mesh = sharding.make_mesh((len(devices),), ("data",), devices=devices)
   optimizer, schedule = make_optimizer(cfg.train), learning_rate_schedule(cfg.train)
-  graphdef, abstract = nnx.split(nnx.eval_shape(task.build_model), nnx.Param)
-  params = jax.jit(lambda: nnx.split(task.build_model(), nnx.Param)[1],
-                   out_shardings=sharding.state_shardings(abstract, mesh))()
-  state = jax.jit(lambda p: init_state(p, optimizer))(params)
+  graphdef, _, state = init_train_state(task, optimizer, mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   host = [task.data.train_batch(i * cfg.train.batch_size) for i in range(steps + 2)]
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host[0].items()}

@@ -127,6 +127,72 @@ def register_flops(name: str, fn: Callable[..., FlopCount]) -> None:
   FLOPS_BY_MODEL[name] = fn
 
 
+def blt_mean_patch_size(model_cfg) -> float:
+  """Mean bytes per patch the BLT FLOP count assumes: `model.patching.patch_size` (capped by a positive
+  `max_patch_length`). Exact for static patching; for space and entropy patching the mean depends on the data
+  (and the threshold), so `patch_size` must be set to the measured mean (`eval/bytes_per_patch` of a run)."""
+  p = model_cfg.get("patching")
+  size = float(p.patch_size) if p is not None else 4.0
+  if p is not None and int(p.get("max_patch_length", 0) or 0) > 0:
+    size = min(size, float(p.max_patch_length))
+  return size
+
+
+def blt_flops(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
+  """Forward FLOPs per *byte* of `blt.model.BLT` (Pagnoni et al. 2024, "Byte Latent Transformer", appendix on
+  FLOP computation: local encoder and decoder per byte, global transformer per patch, so divided by the mean
+  patch size P; the hash n-gram embeddings are lookups and cost 0).
+
+  Per byte, with d_l = model.d_local, d_g = model.d_global, L = seq_len, P = `blt_mean_patch_size`, N = L / P
+  patches per row, and r = 1 / P the patches per byte:
+    * local encoder / decoder layers: a dense-LM layer of width d_l (q, k, v, o, SwiGLU) with windowed causal
+      attention over `attended_keys(L, window=local_window)` keys;
+    * encoder cross-attention (patch queries over the bytes of their own patch): k, v per byte; q, o and the
+      d_l -> d_g projection per patch (x r); scores + values 4 d_l per byte (each byte is the key of one query);
+    * global transformer: a dense-LM layer stack of width d_g over N patches, x r (no logits);
+    * decoder cross-attention (bytes over the global outputs of earlier patches): q, o per byte; k, v from d_g
+      per patch (x r); scores + values 4 d_l per attended patch, (N - 1) / 2 on average;
+    * logits: 2 d_l V per byte.
+  causal=False counts what our dense masked implementation executes: every query scores all keys (L bytes
+  locally, all patch slots in the cross-attentions and the global model), with `model.patching.max_patches`
+  slots per row when positive (else N), so r = slots / L."""
+  m = model_cfg
+  dl, dg, vocab = int(m.d_local), int(m.d_global), _require_vocab(m)
+  p_mean = blt_mean_patch_size(m)
+  slots = seq_len / p_mean
+  if not causal and m.get("patching") is not None and int(m.patching.get("max_patches", 0) or 0) > 0:
+    slots = float(m.patching.max_patches)
+  r = slots / seq_len
+
+  def layer(d, heads, d_ff, ctx):  # one dense layer (MHA, SwiGLU), FLOPs per position
+    return dict(q=2 * d * d, k=2 * d * d, v=2 * d * d, o=2 * d * d, attention=4 * d * ctx,
+                mlp=3 * 2 * d * (d_ff or 4 * d))
+
+  c = dict(q=0.0, k=0.0, v=0.0, o=0.0, attention=0.0, mlp=0.0)
+
+  def add(parts, times=1.0):
+    for key, value in parts.items():
+      c[key] += times * value
+
+  local_ctx = attended_keys(seq_len, causal=causal, window=int(m.local_window or 0))
+  local = layer(dl, int(m.n_heads_local), int(m.d_ff_local), local_ctx)
+  add(local, int(m.n_layers_encoder) + int(m.n_layers_decoder))
+  # encoder cross-attention + projection to the global width
+  add(dict(q=2 * dl * dl * r, k=2 * dl * dl, v=2 * dl * dl, o=(2 * dl * dl + 2 * dl * dg) * r,
+           attention=4 * dl * (1.0 if causal else slots)))
+  # global transformer over patches
+  global_ctx = attended_keys(slots, causal=causal) if causal else slots
+  add(layer(dg, int(m.n_heads_global), int(m.d_ff_global), global_ctx), int(m.n_layers_global) * r)
+  # decoder cross-attentions
+  dec_ctx = (slots - 1) / 2 if causal else slots
+  add(dict(q=2 * dl * dl, k=2 * dg * dl * r, v=2 * dg * dl * r, o=2 * dl * dl, attention=4 * dl * dec_ctx),
+      int(m.n_layers_decoder))
+  return FlopCount(**c, logits=2 * dl * vocab)
+
+
+register_flops("blt", blt_flops)
+
+
 def flops_for(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
   name = model_cfg.name
   if name not in FLOPS_BY_MODEL:

@@ -14,8 +14,9 @@ from common import distributed  # pylint: disable=g-import-not-at-top
 from common.config import ConfigError, parse_argv, run_main  # pylint: disable=g-import-not-at-top
 
 
-def main(argv, make_task=None) -> int:
-  """The trainer command line of every package: `make_task(cfg) -> Task` (default: the LM task)."""
+def main(argv, make_task=None, validate=None) -> int:
+  """The trainer command line of every package: `make_task(cfg) -> Task` (default: the LM task) and
+  `validate(cfg)`, the package's cheap model checks (default: the dense LM's)."""
   cfg, flags = parse_argv(argv, extra_flags=distributed.FLAGS)
   if not flags.get("workdir"):
     raise ConfigError("missing --workdir=DIR")
@@ -25,13 +26,13 @@ def main(argv, make_task=None) -> int:
   from common.train.loop import train, validate_loop_config
   # Cheap checks first, so that bad input fails before the data cache is built (which logs to stderr).
   validate_loop_config(cfg, sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes))
-  validate_model_early(cfg)
+  (validate or validate_model_early)(cfg)
   return train(cfg, flags["workdir"], (make_task or lm_task)(cfg))
 
 
-def cli(make_task=None) -> None:
+def cli(make_task=None, validate=None) -> None:
   """`python -m <package>.train ...`: runs `main` on sys.argv with exit status 2 for bad input."""
-  run_main(lambda: main(sys.argv[1:], make_task))
+  run_main(lambda: main(sys.argv[1:], make_task, validate))
 
 
 if __name__ == "__main__":
