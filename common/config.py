@@ -186,6 +186,18 @@ def parse_argv(argv: Sequence[str], extra_flags: Sequence[str] = ()) -> tuple[ml
   return load(spec, overrides), flags
 
 
+def config_args(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
+  """The `name=value,...` string a config file's get_config(arg) receives, over `defaults`; an unknown name
+  is a ValueError (reported by `load` as a ConfigError naming the file)."""
+  out = dict(defaults)
+  for pair in filter(None, (arg or "").split(",")):
+    key, _, value = pair.partition("=")
+    if key not in out:
+      raise ValueError(f"unknown config argument '{key}' (known: {', '.join(out)})")
+    out[key] = value
+  return out
+
+
 def require(condition: bool, key: str, message: str) -> None:
   """Raises ConfigError naming `key` unless `condition`."""
   if not condition:

@@ -11,18 +11,14 @@ nats), `max_patch_length` (0 = no limit).
 import ml_collections
 
 from blt.model import blt_model
-from common.configs.base import base_config
+from common.config import config_args
+from common.configs.base import base_config, tiny_run
 
 PATCHERS = ("static", "space", "entropy", "entropy_monotonic")
 
 
 def _args(arg) -> dict:
-  out = dict(patcher="static")
-  for pair in filter(None, (arg or "").split(",")):
-    key, _, value = pair.partition("=")
-    if key not in out:
-      raise ValueError(f"unknown config argument '{key}' (known: {', '.join(out)})")
-    out[key] = value
+  out = config_args(arg, dict(patcher="static"))
   if out["patcher"] not in PATCHERS:
     raise ValueError(f"patcher={out['patcher']!r}: expected one of {', '.join(PATCHERS)}")
   return out
@@ -42,13 +38,4 @@ def get_config(arg=None):
     # patch_size is only the FLOP model's assumed mean here.
     c.model.patching.patch_size = 7
     c.model.patching.max_patch_length = 16
-  c.train.steps = 200
-  c.train.batch_size = 8
-  c.train.warmup_steps = 20
-  c.data.seq_len = 256
-  c.data.max_train_bytes = 4_000_000
-  c.data.max_eval_bytes = 400_000
-  c.eval.every_steps = 100
-  c.eval.batches = 8
-  c.checkpoint.every_steps = 100
-  return c
+  return tiny_run(c, seq_len=256)
