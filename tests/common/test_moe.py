@@ -191,7 +191,7 @@ def test_expert_choice_matches_reference_loop():
 def test_dropless_single_expert_equals_dense_swiglu():
   layer = _layer(1, top_k=1, mode="dropless")
   dense = SwiGLU(D, FF, rngs=nnx.Rngs(params=1))
-  layer.experts.gate_up[...] = dense.gate_up.kernel[...][None]
+  layer.experts.gate_up[...] = jnp.stack([dense.gate.kernel[...], dense.up.kernel[...]], axis=1)[None]
   layer.experts.down[...] = dense.down.kernel[...][None]
   x = jnp.asarray(_rng(7).normal(size=(3, 5, D)), jnp.float32)
   np.testing.assert_allclose(np.asarray(_apply(layer, x)[0]), np.asarray(dense(x)), rtol=1e-5, atol=1e-6)
