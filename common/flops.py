@@ -9,7 +9,8 @@ Conventions (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec.
     care about it is a few percent of the matmuls, and MFU is defined on the matmul "model FLOPs";
   * the embedding lookup is a gather and costs 0.
 Model FLOPs count causal attention once (only the keys a query may see), which is what MFU is reported on;
-`causal=False` counts what a dense masked implementation (ours) executes, which is what XLA reports.
+`causal=False` counts what a dense masked implementation executes (an upper bound on ours, which skips the
+fully masked blocks), which is what XLA reports for sequences within one attention block.
 
 Each model family registers a function `(model_cfg, seq_len, *, causal) -> FlopCount` in `FLOPS_BY_MODEL`;
 `training_flops_per_token` dispatches on `model.name`, so MoE or byte-level models add their own counts.

@@ -25,14 +25,11 @@ from typing import Callable, Sequence
 
 from common import flops
 from common.config import ConfigError, parse_argv, run_main
+from common.models.dense_lm import padded_vocab_size
 
 GIB = 2 ** 30
 BYTE_VOCAB_SIZE = 259   # seqio.ByteVocabulary: 256 bytes + pad, eos, unk
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
-
-
-def padded_vocab(size: int, multiple: int = 128) -> int:
-  return -(-size // multiple) * multiple
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -193,7 +190,7 @@ def make_plan(cfg, mesh_sizes: dict[str, int], *, accelerator: str = "h100", mfu
     if cfg.data.vocab != "byte":
       raise ConfigError(f"config key 'model.vocab_size': 0 means the data vocabulary, which the planner "
                         f"cannot read for data.vocab='{cfg.data.vocab}'; set model.vocab_size")
-    m.vocab_size = padded_vocab(BYTE_VOCAB_SIZE)
+    m.vocab_size = padded_vocab_size(BYTE_VOCAB_SIZE)
     notes.append(f"model.vocab_size 0: using the byte vocabulary ({BYTE_VOCAB_SIZE}) padded to "
                  f"{m.vocab_size}")
   if m.name not in ACTIVATIONS_BY_MODEL:

@@ -22,6 +22,11 @@ from common.nn.moe.layer import MODES, ROUTINGS, SECOND_POLICIES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def padded_vocab_size(size: int, multiple: int = 128) -> int:
+  """`model.vocab_size` 0 means the data vocabulary rounded up to a multiple of 128, so it shards evenly."""
+  return -(-size // multiple) * multiple
+
+
 def validate_model_config(m) -> None:
   """Checks shapes once, naming the offending key."""
   for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):

@@ -10,12 +10,8 @@ import optax
 from common.data import LMData
 from common.flops import training_flops_per_token
 from common.nn.moe import moe_loss_terms
-from common.models import build_model, validate_model_config
+from common.models import build_model, padded_vocab_size, validate_model_config
 from common.train.loop import Task
-
-
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
 
 
 def next_token_loss(model, batch):
@@ -45,7 +41,7 @@ def nats_summary(sums: dict, *, bytes_per_target: bool) -> dict:
 def resolve_vocab_size(cfg, data: LMData) -> None:
   """model.vocab_size 0 means the data vocabulary, padded to a multiple of 128 so it shards evenly."""
   if cfg.model.vocab_size == 0:
-    cfg.model.vocab_size = round_up(data.vocab_size, 128)
+    cfg.model.vocab_size = padded_vocab_size(data.vocab_size)
 
 
 def validate_model_early(cfg) -> None:
