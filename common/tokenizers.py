@@ -1,0 +1,242 @@
+"""Tokenizers behind one interface: bytes, SentencePiece, and Llama 3's tiktoken BPE. Nothing is
+downloaded: models are read from local paths.
+
+- `ByteTokenizer`: UTF-8 bytes shifted by three (pad 0, eos 1, unk 2), the ids of seqio's
+  ByteVocabulary that `data.vocab=byte` trains with.
+- `SentencePieceTokenizer`: a `.model` file, e.g. from `python -m common.data.train_tokenizer`
+  (pad 0, eos 1, unk 2, no bos: the ids `data.vocab=spm` trains with).
+- `Llama3Tokenizer`: Llama 3's `tokenizer.model` (Dubey et al., 2024, "The Llama 3 Herd of Models",
+  section 3.2: 128K tokens, tiktoken's 100K plus 28K for other languages), one base64 token and its
+  rank per line; text is split by Llama 3's pre-tokenisation regex before BPE, 256 special tokens
+  follow the ranks, and dialogs use the Llama 3 chat format.
+"""
+from __future__ import annotations
+
+import abc
+import base64
+import binascii
+import os
+from typing import Mapping, Sequence
+
+from common.config import ConfigError
+
+# Llama 3's pre-tokenisation (the regex of its reference tokenizer): contractions, letter runs with
+# one leading non-letter, digit groups of at most three, punctuation runs, newlines, other whitespace.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+BEGIN_OF_TEXT, END_OF_TEXT = "<|begin_of_text|>", "<|end_of_text|>"
+START_HEADER, END_HEADER, END_OF_TURN = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+
+
+def llama3_special_tokens() -> list[str]:
+  """Llama 3's 256 special tokens in id order (ids follow the BPE ranks: 128000 ... 128255)."""
+  named = [BEGIN_OF_TEXT, END_OF_TEXT] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+  named += [START_HEADER, END_HEADER, "<|reserved_special_token_4|>", END_OF_TURN]
+  reserved = [f"<|reserved_special_token_{i}|>"
+              for i in range(5, LLAMA3_NUM_SPECIAL_TOKENS - len(named) + 5)]
+  return named + reserved
+
+
+class Tokenizer(abc.ABC):
+  """Text <-> ids. `bos_id`/`pad_id` are None where the vocabulary has none; `stop_ids` end a
+  generation; `special_tokens` maps each special token's text to its id."""
+  vocab_size: int
+  bos_id: int | None
+  eos_id: int
+  pad_id: int | None
+  special_tokens: Mapping[str, int]
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return (self.eos_id,)
+
+  @abc.abstractmethod
+  def _encode(self, text: str) -> list[int]:
+    """The ids of `text`, special-token text encoded as ordinary text."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`; ids without text of their own (pad, eos, control pieces) are dropped."""
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    if bos and self.bos_id is None:
+      raise ValueError(f"{type(self).__name__} has no beginning-of-sequence token")
+    return ([self.bos_id] if bos else []) + self._encode(text) + ([self.eos_id] if eos else [])
+
+  def special_token_id(self, token: str) -> int:
+    if token not in self.special_tokens:
+      known = ", ".join(list(self.special_tokens)[:12])
+      raise KeyError(f"{token!r} is not a special token of {type(self).__name__} (e.g. {known})")
+    return self.special_tokens[token]
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes as ids 3..258 after pad 0, eos 1, unk 2; invalid UTF-8 is dropped when decoding."""
+  NUM_SPECIAL = 3
+
+  def __init__(self):
+    self.vocab_size, self.bos_id, self.eos_id, self.pad_id = 256 + self.NUM_SPECIAL, None, 1, 0
+    self.special_tokens = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+
+  def _encode(self, text: str) -> list[int]:
+    return [byte + self.NUM_SPECIAL for byte in text.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    data = bytes(int(i) - self.NUM_SPECIAL for i in ids if self.NUM_SPECIAL <= int(i) < self.vocab_size)
+    return data.decode("utf-8", errors="ignore")
+
+
+def _existing(path: str, what: str) -> str:
+  path = os.path.expanduser(path or "")
+  if not path or not os.path.isfile(path):
+    raise ConfigError(f"{what} '{path}': no such file")
+  return path
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model file; its control pieces (pad, bos, eos) and unk are the specials."""
+
+  def __init__(self, model_path: str):
+    import sentencepiece  # pylint: disable=g-import-not-at-top
+    path = _existing(model_path, "SentencePiece model")
+    self._model = sentencepiece.SentencePieceProcessor()
+    try:
+      self._model.Load(path)
+    except (OSError, RuntimeError) as e:
+      raise ConfigError(f"SentencePiece model '{path}': unreadable ({str(e).splitlines()[0]})") from None
+    optional = lambda i: i if i >= 0 else None  # sentencepiece says -1 for "none"
+    self.vocab_size = self._model.GetPieceSize()
+    self.bos_id, self.pad_id = optional(self._model.bos_id()), optional(self._model.pad_id())
+    self.eos_id = self._model.eos_id()
+    if self.eos_id < 0:
+      raise ConfigError(f"SentencePiece model '{path}': has no end-of-sequence piece")
+    self.special_tokens = {self._model.IdToPiece(i): i for i in range(self.vocab_size)
+                           if self._model.IsControl(i) or self._model.IsUnknown(i)}
+
+  def _encode(self, text: str) -> list[int]:
+    return list(self._model.EncodeAsIds(text))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._model.DecodeIds([int(i) for i in ids])
+
+
+def _read_bpe_ranks(path: str) -> dict[bytes, int]:
+  """tiktoken's BPE file: one `base64(token) rank` per line, ranks 0..N-1, every single byte a token."""
+  ranks: dict[bytes, int] = {}
+  with open(path, "rb") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      parts = line.split()
+      try:
+        if len(parts) != 2:
+          raise ValueError("expected '<base64 token> <rank>'")
+        ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+      except (ValueError, binascii.Error) as e:
+        raise ConfigError(f"Llama 3 tokenizer '{path}': line {line_no} is not a tiktoken BPE entry "
+                          f"({e})") from None
+  if sorted(ranks.values()) != list(range(len(ranks))):
+    raise ConfigError(f"Llama 3 tokenizer '{path}': ranks must be 0..{len(ranks) - 1}, each once")
+  missing = [b for b in range(256) if bytes([b]) not in ranks]
+  if missing:
+    raise ConfigError(f"Llama 3 tokenizer '{path}': {len(missing)} single bytes are not tokens "
+                      f"(e.g. {missing[0]}), so not every text could be encoded")
+  return ranks
+
+
+class Llama3Tokenizer(Tokenizer):
+  """Llama 3's BPE from a local `tokenizer.model` (tiktoken format); specials follow the BPE ranks.
+
+  `special_tokens` replaces the 256 Llama 3 names (later Llama versions rename reserved slots); it
+  must keep <|begin_of_text|>, <|end_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>.
+  """
+
+  def __init__(self, model_path: str, special_tokens: Sequence[str] | None = None):
+    import tiktoken  # pylint: disable=g-import-not-at-top
+    path = _existing(model_path, "Llama 3 tokenizer")
+    ranks = _read_bpe_ranks(path)
+    names = list(special_tokens) if special_tokens is not None else llama3_special_tokens()
+    needed = [token for token in (BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)
+              if token not in names]
+    if needed or len(set(names)) != len(names):
+      raise ValueError(f"special_tokens: need distinct names including {needed or 'each of them'}")
+    self.special_tokens = {name: len(ranks) + i for i, name in enumerate(names)}
+    self._encoding = tiktoken.Encoding(name=f"llama3:{os.path.basename(path)}", pat_str=LLAMA3_PATTERN,
+                                       mergeable_ranks=ranks, special_tokens=self.special_tokens)
+    self.vocab_size = len(ranks) + len(names)
+    self.bos_id, self.eos_id = self.special_tokens[BEGIN_OF_TEXT], self.special_tokens[END_OF_TEXT]
+    self.pad_id = None  # Llama 3 has no padding token
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """A base model ends with <|end_of_text|>, a chat turn with <|eot_id|>."""
+    return (self.eos_id, self.special_tokens[END_OF_TURN])
+
+  def _encode(self, text: str) -> list[int]:
+    return self._encoding.encode(text, allowed_special=set(), disallowed_special=())
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False,
+             allow_special: bool = False) -> list[int]:
+    """`allow_special`: special-token text in `text` becomes its single id (only for trusted text,
+    such as a rendered chat template); otherwise it is encoded as the characters it is made of."""
+    if not allow_special:
+      return super().encode(text, bos=bos, eos=eos)
+    ids = self._encoding.encode(text, allowed_special="all")
+    return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Special tokens decode to their text, as in a rendered chat."""
+    return self._encoding.decode([int(i) for i in ids])
+
+  def encode_chat(self, messages: Sequence[Mapping[str, str]], *,
+                  add_generation_prompt: bool = True) -> list[int]:
+    """Ids of a dialog in the Llama 3 chat format: <|begin_of_text|>, then per message
+    <|start_header_id|>role<|end_header_id|>\\n\\n content (stripped) <|eot_id|>; with
+    `add_generation_prompt`, an open assistant header. Contents are encoded as plain text, so a
+    message cannot forge a special token."""
+    special = self.special_tokens
+    ids = [self.bos_id]
+    for index, message in enumerate(messages):
+      if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        raise ValueError(f"messages[{index}]: need string 'role' and 'content', got {sorted(message)}")
+      ids += self._header(message["role"]) + self._encode(message["content"].strip())
+      ids.append(special[END_OF_TURN])
+    if add_generation_prompt:
+      ids += self._header("assistant")
+    return ids
+
+  def _header(self, role: str) -> list[int]:
+    return ([self.special_tokens[START_HEADER]] + self._encode(role) + [self.special_tokens[END_HEADER]]
+            + self._encode("\n\n"))
+
+  def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *,
+                          add_generation_prompt: bool = True) -> str:
+    """The Llama 3 chat prompt as text (what `encode_chat` encodes)."""
+    return self.decode(self.encode_chat(messages, add_generation_prompt=add_generation_prompt))
+
+
+TOKENIZERS = ("byte", "spm", "llama3")
+
+
+def load_tokenizer(kind: str, path: str = "") -> Tokenizer:
+  """`kind` is 'byte' (no file), 'spm' (a SentencePiece .model) or 'llama3' (a tiktoken tokenizer.model)."""
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind == "spm":
+    return SentencePieceTokenizer(path)
+  if kind == "llama3":
+    return Llama3Tokenizer(path)
+  raise ConfigError(f"tokenizer '{kind}' is unknown (expected one of {TOKENIZERS})")
+
+
+def tokenizer_for_data(data_cfg) -> Tokenizer:
+  """The tokenizer with the ids a model trained on `data.*` saw (`data.vocab`, `data.spm_model`)."""
+  if data_cfg.vocab == "byte":
+    return ByteTokenizer()
+  if data_cfg.vocab == "spm":
+    path = os.path.expanduser(data_cfg.spm_model or "")
+    if not os.path.isfile(path):
+      raise ConfigError(f"data.spm_model='{data_cfg.spm_model}': no such file")
+    return SentencePieceTokenizer(path)
+  raise ConfigError(f"data.vocab='{data_cfg.vocab}' is unknown (expected 'byte' or 'spm')")
