@@ -1,0 +1,153 @@
+"""The shared checkpoint library: a saved name loads back with bit-identical parameters, its config, its
+tokenizer (same ids) and metadata, on one device or sharded on a mesh; listing shows only whole entries;
+existing names are never replaced silently; errors name the checkpoint."""
+from __future__ import annotations
+
+import base64
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from common import hub
+from common.config import ConfigError, run_main
+from common.configs.base import dense_model
+from common.models import build_model
+from common.sharding import make_mesh
+from common.tokenizers import ByteTokenizer, Llama3Tokenizer, load_tokenizer
+
+TEXT = "the quick fox, café 123 <|eot_id|>"
+
+
+def _tiny(seed: int = 0):
+  cfg = dense_model(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                    tie_embeddings=False)
+  return cfg, build_model(cfg, seed=seed)
+
+
+def _params(model) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def test_round_trip_keeps_parameters_config_tokenizer_and_metadata(tmp_path):
+  cfg, model = _tiny()
+  folder = hub.save("tiny-base", cfg, model, tokenizer=ByteTokenizer(), metadata={"eval/loss": 2.5},
+                    root=tmp_path)
+  assert folder.name == "tiny-base"
+  cfg2, model2, tokenizer, metadata = hub.load("tiny-base", root=tmp_path)
+  assert cfg2.to_dict() == cfg.to_dict()
+  for a, b in zip(_params(model), _params(model2), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert isinstance(tokenizer, ByteTokenizer) and metadata == {"eval/loss": 2.5}
+  assert hub.describe("tiny-base", root=tmp_path)["num_params"] == sum(a.size for a in _params(model))
+
+
+def test_load_onto_a_mesh_shards_the_same_parameters(tmp_path):
+  cfg, model = _tiny()
+  hub.save("m", cfg, model, root=tmp_path)
+  _, sharded, tokenizer, _ = hub.load("m", root=tmp_path, mesh=make_mesh((2, 4), ("fsdp", "tensor")))
+  kernel = sharded.blocks[0].ffn.gate.kernel[...]
+  assert tokenizer is None and kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  for a, b in zip(_params(model), _params(sharded), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  prefix = tmp_path_factory.mktemp("spm") / "hub"
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(["the quick brown fox", "a café by the river", "123 and 456"] * 10),
+      model_prefix=str(prefix), model_type="bpe", vocab_size=48, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      character_coverage=1.0, minloglevel=2)
+  return str(prefix) + ".model"
+
+
+@pytest.fixture
+def llama3_path(tmp_path):
+  merges = [b"th", b"the", b" q", b"ca", b"caf"]
+  ranks = [bytes([b]) for b in range(256)] + merges
+  path = tmp_path / "tokenizer.model"
+  path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+  return str(path)
+
+
+@pytest.mark.parametrize("kind", ["spm", "spm-files", "llama3", "llama3-files"])
+def test_tokenizers_come_back_with_the_same_ids(tmp_path, spm_path, llama3_path, kind):
+  path = spm_path if kind.startswith("spm") else llama3_path
+  base_kind = kind.split("-")[0]
+  original = load_tokenizer(base_kind, path)
+  stored = (base_kind, path) if kind.endswith("files") else original
+  cfg, model = _tiny()
+  hub.save("with-tok", cfg, model, tokenizer=stored, root=tmp_path / "hub")
+  _, _, tokenizer, _ = hub.load("with-tok", root=tmp_path / "hub")
+  assert type(tokenizer) is type(original) and tokenizer.vocab_size == original.vocab_size
+  assert tokenizer.encode(TEXT, eos=True) == original.encode(TEXT, eos=True)
+  assert tokenizer.special_tokens == original.special_tokens
+
+
+def test_llama3_renamed_special_tokens_are_kept(tmp_path, llama3_path):
+  names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+           "<|python_tag|>"]
+  cfg, model = _tiny()
+  hub.save("renamed", cfg, model, tokenizer=Llama3Tokenizer(llama3_path, names), root=tmp_path / "hub")
+  tokenizer = hub.load("renamed", root=tmp_path / "hub")[2]
+  assert tokenizer.special_token_id("<|python_tag|>") == 256 + 5 + 5
+
+
+def test_listing_shows_only_complete_entries(tmp_path, capsys):
+  cfg, model = _tiny()
+  assert hub.list_checkpoints(tmp_path / "empty") == []
+  for name in ("zeta", "alpha"):
+    hub.save(name, cfg, model, root=tmp_path)
+  (tmp_path / ".partial-beta").mkdir()  # a save that died part-way
+  (tmp_path / "stray").mkdir()          # not an entry
+  assert hub.list_checkpoints(tmp_path) == ["alpha", "zeta"]
+  assert hub.main(["list", f"--root={tmp_path}"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split()[0] for line in lines[2:]] == ["alpha", "zeta"]
+  assert lines[2].split()[1] == f"{sum(a.size for a in _params(model)):,}"
+  assert hub.main(["show", "alpha", f"--root={tmp_path}"]) == 0
+  assert '"d_model": 32' in capsys.readouterr().out
+
+
+def test_an_existing_name_is_replaced_only_with_overwrite(tmp_path):
+  cfg, first = _tiny(seed=0)
+  _, second = _tiny(seed=1)
+  hub.save("base", cfg, first, metadata={"v": 1}, root=tmp_path)
+  with pytest.raises(ConfigError, match="'base': already exists"):
+    hub.save("base", cfg, second, metadata={"v": 2}, root=tmp_path)
+  _, kept, _, metadata = hub.load("base", root=tmp_path)
+  assert metadata == {"v": 1}
+  np.testing.assert_array_equal(_params(kept)[0], _params(first)[0])
+  hub.save("base", cfg, second, metadata={"v": 2}, root=tmp_path, overwrite=True)
+  _, replaced, _, metadata = hub.load("base", root=tmp_path)
+  assert metadata == {"v": 2} and hub.list_checkpoints(tmp_path) == ["base"]
+  np.testing.assert_array_equal(_params(replaced)[0], _params(second)[0])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path):
+  cfg, model = _tiny()
+  with pytest.raises(ConfigError, match="'/nope.model'"):
+    hub.save("broken", cfg, model, tokenizer=("spm", "/nope.model"), root=tmp_path)
+  with pytest.raises(ConfigError, match="metadata is not JSON"):
+    hub.save("broken", cfg, model, metadata={"when": object()}, root=tmp_path)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_and_malformed_names_are_clear_errors(tmp_path, monkeypatch, capsys):
+  cfg, model = _tiny()
+  monkeypatch.setenv(hub.ENV_ROOT, str(tmp_path))  # the environment variable picks the library
+  hub.save("present", cfg, model)
+  assert hub.list_checkpoints() == ["present"]
+  with pytest.raises(ConfigError, match=r"'absent': not found in .* \(known: present\)"):
+    hub.load("absent")
+  with pytest.raises(ConfigError, match="hub name '../up'"):
+    hub.save("../up", cfg, model)
+  with pytest.raises(SystemExit) as exit_info:
+    run_main(lambda: hub.main(["show", "absent"]))
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: hub checkpoint 'absent': not found in '{tmp_path}' (known: present)"]
