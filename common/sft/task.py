@@ -1,0 +1,119 @@
+"""Supervised fine-tuning on the common trainer: the base model (a hub checkpoint or a random dense LM), optional
+LoRA adapters (`common.nn.lora`), packed SFT rows (`common.sft.data`), loss on response tokens only.
+
+With `lora.rank > 0` only the adapters learn: the loss differentiates a `frozen_base` view of the model, so every
+base weight gets an exactly-zero gradient and AdamW leaves it bit-identical as long as it does not decay it
+(hence `train.weight_decay` must be 0 with LoRA: the common optimizer decays every matrix it holds). The
+optimizer still keeps (all-zero) moments for the base weights; a trainer that split trainable from frozen
+parameters would save that memory and lift the weight-decay restriction.
+"""
+from __future__ import annotations
+
+import ml_collections
+from flax import nnx
+
+from common import hub
+from common.config import ConfigError, require
+from common.flops import flops_for
+from common.models import build_model, padded_vocab_size
+from common.nn.lora import DEFAULT_TARGETS, apply_lora, frozen_base
+from common.sft.data import OVERLONG_POLICIES, SFTData, generate_examples, pack_examples, read_jsonl, \
+    split_examples, tokenize_example
+from common.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
+from common.train.lm_task import next_token_loss, validate_model_early
+from common.train.loop import Task
+
+LORA_TARGETS = (*DEFAULT_TARGETS, "lm_head")
+
+
+def validate_sft_config(cfg) -> None:
+  """Cheap checks before any data or checkpoint is read; each error names its key."""
+  lora, data = cfg.lora, cfg.data
+  require(isinstance(lora.rank, int) and lora.rank >= 0, "lora.rank", f"must be an integer >= 0, got {lora.rank}")
+  require(float(lora.alpha) > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
+  targets = tuple(lora.targets)
+  require(bool(targets) and set(targets) <= set(LORA_TARGETS), "lora.targets",
+          f"must be a non-empty subset of {LORA_TARGETS}, got {targets}")
+  if lora.rank > 0:
+    require(cfg.train.weight_decay == 0, "train.weight_decay",
+            f"must be 0 with lora.rank > 0 (decay would move the frozen base weights), got {cfg.train.weight_decay}")
+  require(int(data.seq_len) > 1, "data.seq_len", f"must be > 1, got {data.seq_len}")
+  require(data.overlong in OVERLONG_POLICIES, "data.overlong", f"must be one of {OVERLONG_POLICIES}")
+  require(0 <= float(data.eval_fraction) < 1, "data.eval_fraction", f"must be in [0, 1), got {data.eval_fraction}")
+  require(data.tokenizer in TOKENIZERS, "data.tokenizer", f"must be one of {TOKENIZERS}, got '{data.tokenizer}'")
+  if not data.sft_path:
+    require(int(data.num_examples) > 0, "data.num_examples", f"must be positive, got {data.num_examples}")
+  if cfg.model.init_from:
+    try:
+      hub.describe(cfg.model.init_from)
+    except (ConfigError, FileNotFoundError, OSError) as e:
+      raise ConfigError(f"config key 'model.init_from': {e}") from None
+  else:
+    validate_model_early(cfg)
+    if lora.rank > 0 and "lm_head" in targets:
+      require(not cfg.model.tie_embeddings, "lora.targets", "'lm_head' needs model.tie_embeddings=False")
+
+
+def _examples(data_cfg) -> tuple[list[dict], list[dict]]:
+  if data_cfg.sft_path:
+    examples = read_jsonl(data_cfg.sft_path, "data.sft_path")
+  else:
+    examples = generate_examples(int(data_cfg.num_examples), int(data_cfg.example_seed))
+  if data_cfg.eval_path:
+    return examples, read_jsonl(data_cfg.eval_path, "data.eval_path")
+  return split_examples(examples, float(data_cfg.eval_fraction))
+
+
+def build_sft_data(data_cfg, tokenizer: Tokenizer, *, batch_size: int, seed: int) -> SFTData:
+  train_examples, eval_examples = _examples(data_cfg)
+  seq_len = int(data_cfg.seq_len)
+  train_rows, truncated = pack_examples((tokenize_example(e, tokenizer) for e in train_examples), seq_len,
+                                        overlong=data_cfg.overlong)
+  eval_rows, eval_truncated = pack_examples((tokenize_example(e, tokenizer) for e in eval_examples), seq_len,
+                                            overlong=data_cfg.overlong)
+  data = SFTData(train_rows, eval_rows, batch_size=batch_size, seed=seed, truncated=truncated + eval_truncated)
+  print(f"sft data: {len(train_examples)} train examples in {data.num_train_rows} rows, {len(eval_examples)} eval "
+        f"examples in {data.num_eval_rows} rows, {data.truncated} truncated to data.seq_len={seq_len}", flush=True)
+  return data
+
+
+def lora_loss(model, batch):
+  """`next_token_loss` with gradients flowing into the adapters only."""
+  return next_token_loss(frozen_base(model), batch)
+
+
+def sft_task(cfg) -> Task:
+  """The Task for `common.train.loop.train`. A hub base replaces `model.*` by the entry's config (keeping
+  `model.init_from`) and brings its tokenizer."""
+  base = None
+  tokenizer = None
+  if cfg.model.init_from:
+    name = cfg.model.init_from
+    model_cfg, model, tokenizer, _ = hub.load(name)
+    base = nnx.split(model)
+    cfg.model = ml_collections.ConfigDict({**model_cfg.to_dict(), "init_from": name})
+  if tokenizer is None:
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+  if cfg.model.vocab_size == 0:
+    cfg.model.vocab_size = padded_vocab_size(tokenizer.vocab_size)
+  require(cfg.model.vocab_size >= tokenizer.vocab_size, "model.vocab_size",
+          f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
+  data = build_sft_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+  rank, seed = int(cfg.lora.rank), int(cfg.train.seed)
+
+  def build():
+    model = build_model(cfg.model, seed=seed) if base is None else nnx.merge(*base)
+    if rank:
+      try:
+        apply_lora(model, rank, float(cfg.lora.alpha), tuple(cfg.lora.targets), rngs=nnx.Rngs(params=seed + 1))
+      except ValueError as e:
+        raise ConfigError(f"config key 'lora.targets': {e}") from None
+    return model
+
+  seq_len = data.seq_len
+  flops = flops_for(cfg.model, seq_len)
+  # LoRA computes no weight gradient of the base: forward plus the backward through activations, 2x forward.
+  flops_per_token = 2 * flops.forward if rank else flops.training
+  return Task(build_model=build, loss_fn=lora_loss if rank else next_token_loss, data=data,
+              train_flops_per_example=flops_per_token * seq_len, units_per_example=seq_len)
+
