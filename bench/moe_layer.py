@@ -3,9 +3,9 @@
 `python -m bench.moe_layer [--tokens=8192] [--d_model=512] [--d_ff=2048] [--experts=8] [--repeats=5]` times
 fwd+bwd (gradients w.r.t. parameters and input) of the MoE layer (top-2, capacity factor 1, and dropless)
 and of a SwiGLU with d_ff = 2 x the experts' (the FLOPs of two active experts), jitted, on one device; prints
-the ratios and writes bench/results/moe_layer.json. Target on a CPU: capacity ratio <= 1.3. On CPU the
-dropless mode's `jax.lax.ragged_dot` runs as a dense product per expert (about E times the FLOPs); a Pallas
-grouped matmul (the MoMa issue) is what makes it fast on accelerators.
+the ratios and writes bench/results/moe_layer.json. Target on a CPU: ratio <= 1.3 in both modes. Dropless
+runs `common.kernels.grouped_matmul` ('auto': row tiles of one dense product each on CPU, the Pallas kernel
+on GPU; `model.moe.grouped_impl` forces one); the implementations are compared in `bench.grouped_matmul`.
 """
 import argparse
 import json

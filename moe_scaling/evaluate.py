@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,26 @@ import optax
 from flax import nnx
 
 from moe_scaling import data
+
+
+def load_trained(cfg, workdir: str, task) -> nnx.Module:
+  """The model of `task` with the parameters of the newest checkpoint in `workdir`, on one device (scoring
+  needs no mesh); evaluation never passes a training key, so routers run without noise."""
+  from common import sharding
+  from common.train.checkpoint import Checkpointer
+  from common.train.loop import init_train_state
+  from common.train.optim import make_optimizer
+  mesh = sharding.make_mesh((1,), ("data",), jax.devices()[:1])
+  graphdef, _, state = init_train_state(task, make_optimizer(cfg.train), mesh)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep, async_save=False)
+  try:
+    restored = ckpt.restore_latest(abstract)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in '{workdir}/checkpoints' to evaluate")
+  return nnx.merge(graphdef, restored[1]["params"])
 
 
 def _nll_fn(model):
@@ -23,7 +44,7 @@ def _nll_fn(model):
   return lambda batch: np.asarray(nll(params, {k: jnp.asarray(v) for k, v in batch.items()}))
 
 
-def domain_perplexity(model, data_cfg, *, seq_len: int, max_rows: int = 64, batch: int = 8,
+def domain_perplexity(model, data_cfg, *, seq_len: int, max_rows: int = 64, batch: int = 32,
                       user_glob: str = "") -> dict[str, float]:
   """{f'{domain}/bpb', f'{domain}/perplexity'} over up to max_rows rows of each domain."""
   nll = _nll_fn(model)
@@ -31,8 +52,11 @@ def domain_perplexity(model, data_cfg, *, seq_len: int, max_rows: int = 64, batc
   for domain, texts in data.domain_documents(data_cfg, user_glob).items():
     rows = data.lm_rows(texts, seq_len, max_rows)
     total, count = 0.0, 0.0
-    for i in range(0, len(rows["inputs"]) - batch + 1, batch):
+    for i in range(0, len(rows["inputs"]), batch):
       chunk = {k: v[i:i + batch] for k, v in rows.items()}
+      pad = batch - len(chunk["inputs"])  # a fixed batch shape: repeat the last row, masked out
+      chunk = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in chunk.items()}
+      chunk["loss_mask"][batch - pad:] = 0.0
       total += float(nll(chunk).sum())
       count += float(chunk["loss_mask"].sum())
     if count:
@@ -41,29 +65,37 @@ def domain_perplexity(model, data_cfg, *, seq_len: int, max_rows: int = 64, batc
   return out
 
 
-def priming_accuracy(model, *, shots=(0, 4), n: int = 32, seq_len: int = 128) -> dict[str, float]:
-  """Accuracy of picking the most likely continuation (summed log-likelihood) per task and shot count."""
+def choice_rows(prompt: str, choices: list[str], seq_len: int) -> dict[str, np.ndarray]:
+  """One row per choice: the prompt (cut from the left to fit) then the choice, the loss mask on the choice's
+  bytes only, so a row's summed nll is -log p(choice | prompt)."""
+  targets = np.zeros((len(choices), seq_len), np.int32)
+  mask = np.zeros((len(choices), seq_len), np.float32)
+  for i, choice in enumerate(choices):
+    answer = data.encode(choice)
+    context = data.encode(prompt)[-(seq_len - len(answer)):]
+    targets[i, :len(context) + len(answer)] = context + answer
+    mask[i, len(context):len(context) + len(answer)] = 1.0
+  inputs = np.concatenate([np.zeros((len(choices), 1), np.int32), targets[:, :-1]], axis=1)
+  return dict(inputs=inputs, targets=targets, loss_mask=mask, segment_ids=np.ones_like(targets),
+              positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), targets.shape).copy())
+
+
+def priming_accuracy(model, *, shots=(0, 4), n: int = 32, seq_len: int = 128, batch: int = 32) -> dict[str, float]:
+  """Accuracy of picking the most likely continuation (summed log-likelihood) per task and shot count; the
+  rows of all questions are scored `batch` at a time (each question's 4 choices in one batch)."""
   nll = _nll_fn(model)
+  per_batch = max(1, batch // 4)
   out = {}
   for shot in shots:
     for task in data.TASKS:
+      questions = data.priming_examples(task, n, shot)
       correct = 0
-      for prompt, choices in data.priming_examples(task, n, shot):
-        rows = []
-        for c in choices:
-          p, t = data.encode(prompt)[-(seq_len - len(data.encode(c))):], data.encode(c)
-          targets = np.zeros(seq_len, np.int32)
-          mask = np.zeros(seq_len, np.float32)
-          seq = p + t
-          targets[:len(seq)] = seq
-          mask[len(p):len(seq)] = 1.0
-          rows.append((targets, mask))
-        targets = np.stack([r[0] for r in rows])
-        mask = np.stack([r[1] for r in rows])
-        batch = dict(targets=targets, loss_mask=mask, segment_ids=np.ones_like(targets),
-                     inputs=np.concatenate([np.zeros((len(rows), 1), np.int32), targets[:, :-1]], 1),
-                     positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), targets.shape).copy())
-        scores = nll(batch).sum(-1)
-        correct += int(np.argmin(scores) == 0)
+      for start in range(0, n, per_batch):
+        group = [choice_rows(p, c, seq_len) for p, c in questions[start:start + per_batch]]
+        rows = {k: np.concatenate([g[k] for g in group]) for k in group[0]}
+        pad = per_batch * 4 - len(rows["inputs"])  # a fixed batch shape (one compilation): repeat the last row
+        rows = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in rows.items()}
+        scores = nll(rows).sum(-1)[:len(group) * 4].reshape(len(group), 4)
+        correct += int(np.sum(np.argmin(scores, axis=1) == 0))
       out[f"{shot}shot/{task}"] = correct / n
   return out

@@ -39,7 +39,7 @@ def dense_model(**overrides) -> ml_collections.ConfigDict:
       moe=ml_collections.ConfigDict(dict(
           num_experts=0, top_k=2, every=2, routing="token_choice", mode="capacity", capacity_factor=1.0,
           second_policy="all", num_groups=1, router_noise=0.0, balance_weight=0.01, z_loss_weight=0.0,
-          d_ff=0, expert_parallel=True)),
+          d_ff=0, expert_parallel=True, grouped_impl="auto")),
   ))
   m.update(overrides)
   return m

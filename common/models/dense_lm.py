@@ -17,6 +17,7 @@ from flax import nnx
 from common.config import ConfigError, require
 from common.nn import Block, Embed, Linear, RMSNorm
 from common.nn.moe import MoE, MoESettings
+from common.kernels.grouped_matmul.ops import IMPLS as GROUPED_IMPLS
 from common.nn.moe.layer import MODES, ROUTINGS, SECOND_POLICIES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,6 +61,8 @@ def validate_moe_config(m) -> None:
   require(float(moe.capacity_factor) > 0, "model.moe.capacity_factor", f"must be > 0, got {moe.capacity_factor}")
   require(int(moe.num_groups) >= 1, "model.moe.num_groups", f"must be >= 1, got {moe.num_groups}")
   require(int(moe.d_ff) >= 0, "model.moe.d_ff", f"must be >= 0 (0 = model.d_ff), got {moe.d_ff}")
+  require(moe.get("grouped_impl", "auto") in GROUPED_IMPLS, "model.moe.grouped_impl",
+          f"must be one of {GROUPED_IMPLS} (the dropless grouped matmul), got '{moe.get('grouped_impl')}'")
 
 
 def is_moe_layer(m, index: int) -> bool:
@@ -73,7 +76,8 @@ def moe_settings(m) -> MoESettings:
   return MoESettings(n_experts=int(moe.num_experts), top_k=int(moe.top_k), routing=moe.routing, mode=moe.mode,
                      capacity_factor=float(moe.capacity_factor), second_policy=moe.second_policy,
                      num_groups=int(moe.num_groups), router_noise=float(moe.router_noise),
-                     balance_weight=float(moe.balance_weight), z_loss_weight=float(moe.z_loss_weight))
+                     balance_weight=float(moe.balance_weight), z_loss_weight=float(moe.z_loss_weight),
+                     grouped_impl=moe.get("grouped_impl", "auto"))
 
 
 def _moe_ffn(m, *, rngs, dtype) -> MoE:

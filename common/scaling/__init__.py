@@ -8,6 +8,7 @@
   isoflop.py         IsoFLOP parabola minima and N_opt(C), D_opt(C) power laws (Hoffmann et al. 2022, approach 2)
   frontier.py        loss-vs-compute frontiers, compute equivalence of two families, fixed-inference-cost view
   bootstrap.py       percentile confidence intervals by resampling runs
+  intervals.py       mean and Student-t interval of a figure repeated over seeds
   plots.py           matplotlib PNGs
   report.py          `python -m common.scaling.report --sweep=DIR`: table + fits + plots of a sweep
 

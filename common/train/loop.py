@@ -7,6 +7,7 @@ step is skipped, `train.nan_policy='skip'`); bad input raises ConfigError before
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -171,7 +172,7 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
 
   first = task.data.train_batch(data_position)
   batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in first.items()}
-  step_fn = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule, t.grad_accum),
+  step_fn = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule, t.grad_accum, seed=t.seed),
                     in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
                     donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(graphdef, task.loss_fn), in_shardings=(param_shardings, batch_shardings))
@@ -182,8 +183,12 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
   units_per_step = task.units_per_example * t.batch_size
   writer = MetricsWriter(workdir, resume_step=start, enabled=lead)
   progress = Progress(t.steps, start, cfg.log.progress, enabled=lead)
+  # Steps are traced with the mesh set when it has an expert axis, so that MoE layers take the expert-parallel
+  # path (common.nn.moe.parallel: all-to-all inside shard_map) instead of leaving placement to XLA.
+  under_mesh = lambda: jax.set_mesh(mesh) if mesh.shape.get("expert", 1) > 1 else contextlib.nullcontext()
   t_compile = time.time()
-  compiled = step_fn.lower(state, _to_global(first, batch_shardings)).compile()
+  with under_mesh():
+    compiled = step_fn.lower(state, _to_global(first, batch_shardings)).compile()
   progress.message(
       f"{n_params / 1e6:.2f} M parameters | mesh {dict(mesh.shape)} on {n_dev} {mesh.devices.flat[0].platform} "
       f"device(s) | {flops_per_step / 1e9:.1f} GFLOP/step | compiled in {time.time() - t_compile:.1f}s | "
@@ -223,7 +228,8 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
           writer.write(step, row)
           progress.update(step, row, task.throughput_key)
       if step % cfg.eval.every_steps == 0 or last:
-        ev = evaluate(eval_fn, state["params"], task.data, cfg.eval.batches, batch_shardings, task.eval_summary)
+        with under_mesh():
+          ev = evaluate(eval_fn, state["params"], task.data, cfg.eval.batches, batch_shardings, task.eval_summary)
         if ev:
           writer.write(step, ev)
           progress.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))

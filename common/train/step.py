@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from common.nn.training_rng import training_rng
+
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
@@ -30,30 +32,36 @@ def _split_micro(batch: dict, accum: int) -> dict:
 
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int = 1) -> Callable:
+                    schedule: optax.Schedule, grad_accum: int = 1, seed: int | None = None) -> Callable:
   """(state, batch) -> (state, metrics). A step whose loss or gradient is not finite leaves parameters and
-  optimizer state untouched and records its index in `first_bad_step` (the loop stops or skips on it)."""
+  optimizer state untouched and records its index in `first_bad_step` (the loop stops or skips on it).
+  With `seed`, stochastic layers (MoE router noise, second-expert sampling) draw from a key folded from the
+  seed, the step number and the micro-batch index, so a resumed run repeats an uninterrupted one exactly."""
 
-  def objective(params, batch):
-    total, weight, sums = loss_fn(nnx.merge(graphdef, params), batch)
+  def objective(params, batch, key):
+    with training_rng(key):
+      total, weight, sums = loss_fn(nnx.merge(graphdef, params), batch)
     return total, (weight, sums)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
+    step_key = None if seed is None else jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+    micro_key = lambda j: None if step_key is None else jax.random.fold_in(step_key, j)
     if grad_accum == 1:
-      (total, (weight, sums)), grads = grad_fn(params, batch)
+      (total, (weight, sums)), grads = grad_fn(params, batch, micro_key(0))
     else:
       micro = _split_micro(batch, grad_accum)
 
-      def body(carry, mb):
-        (t, (w, s)), g = grad_fn(params, mb)
+      def body(carry, j_mb):
+        j, mb = j_mb
+        (t, (w, s)), g = grad_fn(params, mb, micro_key(j))
         return jax.tree.map(jnp.add, carry, (t, w, s, g)), None
 
-      (t0, (w0, s0)), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+      (t0, (w0, s0)), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), micro_key(0))
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (t0, w0, s0, g0))
-      (total, weight, sums, grads), _ = jax.lax.scan(body, zeros, micro)
+      (total, weight, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = total / denom

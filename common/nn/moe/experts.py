@@ -2,10 +2,9 @@
 
 `run_batched`: every expert applied to its own fixed-size buffer ([E, C, d] -> [E, C, d]), one batched matmul
 per projection (the capacity and expert-choice modes). `run_grouped`: rows sorted by expert and multiplied
-with `jax.lax.ragged_dot`, a grouped matmul over variable-size groups (the dropless mode, as in MegaBlocks,
-Gale et al. 2022, arXiv 2211.15841). A Pallas grouped-matmul kernel will replace `ragged_dot` where it is
-faster (the MoMa issue); on CPU XLA lowers `ragged_dot` to a dense product per group, so dropless costs about
-E times its FLOPs there and is for correctness, not speed.
+with a grouped matmul over variable-size groups (the dropless mode, as in MegaBlocks, Gale et al. 2022,
+arXiv 2211.15841): `common.kernels.grouped_matmul`, the Pallas kernel on GPU, `ragged_dot` on TPU and a
+row-tiled loop of dense products on CPU, each at about the true FLOPs (`impl` forces one).
 """
 from __future__ import annotations
 
@@ -14,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from common.kernels.grouped_matmul import grouped_matmul
 
 
 class Experts(nnx.Module):
@@ -35,11 +36,12 @@ def run_batched(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
   return jnp.einsum("ecf,efd->ecd", h, down.astype(x.dtype))
 
 
-def run_grouped(x: jax.Array, gate_up: jax.Array, down: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def run_grouped(x: jax.Array, gate_up: jax.Array, down: jax.Array, group_sizes: jax.Array, *,
+                impl: str = "auto") -> jax.Array:
   """x [N, d], rows sorted by expert with group_sizes [E] rows each -> [N, d]. Rows past sum(group_sizes)
-  belong to no group and come out as zeros."""
+  belong to no group and come out as zeros. `impl`: see `common.kernels.grouped_matmul.ops`."""
   n_experts, d_model, _, d_ff = gate_up.shape
   w = gate_up.astype(x.dtype).reshape(n_experts, d_model, 2 * d_ff)
-  h = jax.lax.ragged_dot(x, w, group_sizes).reshape(x.shape[0], 2, d_ff)
+  h = grouped_matmul(x, w, group_sizes, impl=impl).reshape(x.shape[0], 2, d_ff)
   h = jax.nn.silu(h[:, 0]) * h[:, 1]
-  return jax.lax.ragged_dot(h, down.astype(x.dtype), group_sizes)
+  return grouped_matmul(h, down.astype(x.dtype), group_sizes, impl=impl)

@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from common.kernels.grouped_matmul import IMPLS as GROUPED_IMPLS
 from common.nn.moe import experts as experts_lib
 from common.nn.moe import router as router_lib
 from common.nn.moe import routing
+from common.nn.training_rng import next_training_key
 
 ROUTINGS = ("token_choice", "expert_choice")
 MODES = ("capacity", "dropless")
@@ -42,6 +44,7 @@ class MoESettings:
   router_noise: float = 0.0         # std of Gaussian noise on the logits (needs an rng)
   balance_weight: float = 0.01      # Artetxe et al. 2021 / fairseq default
   z_loss_weight: float = 0.0
+  grouped_impl: str = "auto"        # dropless: grouped-matmul implementation (common.kernels.grouped_matmul)
 
   def __post_init__(self):
     if self.n_experts < 1:
@@ -54,6 +57,8 @@ class MoESettings:
       raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
     if self.second_policy not in SECOND_POLICIES:
       raise ValueError(f"second_policy must be one of {SECOND_POLICIES}, got '{self.second_policy}'")
+    if self.grouped_impl not in GROUPED_IMPLS:
+      raise ValueError(f"grouped_impl must be one of {GROUPED_IMPLS}, got '{self.grouped_impl}'")
     if self.capacity_factor <= 0 or self.num_groups < 1:
       raise ValueError("capacity_factor must be > 0 and num_groups >= 1")
 
@@ -97,8 +102,8 @@ def _run_slots(x, dispatch, gate_up, down, expert_axis):
   return _scatter_slots(out, dispatch, x.shape[1])
 
 
-def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, expert_axis):
-  """Every assignment executed: rows sorted by expert, a grouped matmul, rows unsorted and gated. Under
+def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, expert_axis, impl="auto"):
+  """Every assignment executed: rows sorted by expert, a grouped matmul (`impl`), rows unsorted and gated. Under
   shard_map the tokens of all shards of `expert_axis` are gathered, each shard runs its own experts' rows,
   and a reduce-scatter returns each token's sum to its shard (no capacity, hence no fixed-size all-to-all)."""
   g, s, d = x.shape
@@ -113,7 +118,7 @@ def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, exper
     local_expert = (expert - first) % n_experts  # this shard's experts first, in order
   order = jnp.argsort(local_expert, stable=True)
   group_sizes = jnp.bincount(local_expert, length=n_experts)[:gate_up.shape[0]].astype(jnp.int32)
-  out = experts_lib.run_grouped(rows[order // k], gate_up, down, group_sizes)
+  out = experts_lib.run_grouped(rows[order // k], gate_up, down, group_sizes, impl=impl)
   out = out[jnp.argsort(order)].reshape(-1, k, d).astype(jnp.promote_types(out.dtype, gate.dtype))
   y = jnp.sum(out * gate[..., None], axis=1)
   if expert_axis is not None:
@@ -160,7 +165,7 @@ def moe_forward(settings: MoESettings, params: dict, x: jax.Array, rng: jax.Arra
       dispatch = jax.vmap(lambda a: routing.dispatch_from_assignment(a, e, capacity))(assign)
       y = _run_slots(x, dispatch, params["gate_up"], params["down"], expert_axis)
     else:
-      y = _run_dropless(x, assign, params["gate_up"], params["down"], e, expert_axis)
+      y = _run_dropless(x, assign, params["gate_up"], params["down"], e, expert_axis, st.grouped_impl)
     balance = jnp.mean(jax.vmap(router_lib.balance_loss)(probs, assign.expert[..., 0]))
     active = assign.active
     n_active = jnp.maximum(jnp.sum(active, axis=(1, 2)), 1)
@@ -213,7 +218,8 @@ class MoE(nnx.Module):
     return y.reshape(shape), aux
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    y, aux = self.apply(x, rng)
+    """Inside a model, without `rng`: the train step's key (`common.nn.training_rng`), none in evaluation."""
+    y, aux = self.apply(x, rng if rng is not None else next_training_key())
     self.sow(nnx.Intermediate, "moe_aux", aux)
     return y
 

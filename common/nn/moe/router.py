@@ -2,6 +2,11 @@
 
 The router is a bias-free linear map to one logit per expert, computed in float32 whatever the layer's
 dtype (Fedus et al. 2021, "Switch Transformers", sec. 2.4: selective precision keeps routing stable).
+
+Its randomness (noisy gating, second-expert sampling) is for training only: the layer draws from
+`common.nn.training_rng` (a key the train step derives from the seed and the step number, so a resumed run
+draws the same noise as an uninterrupted one); called outside a train step (evaluation, scoring) it routes
+without noise.
 """
 from __future__ import annotations
 
