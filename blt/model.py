@@ -6,8 +6,20 @@ Causality (Sec. 3): the logits at byte t depend only on bytes <= t, given patch 
 themselves causal (`blt.patcher`). The encoder's self-attention is causal, its patch queries see only their
 own patch, the global model is causal over patches, and a byte in patch j reads the global output of patches
 k < j only: patch j-1's global state (which has seen every byte before patch j) predicts patch j's bytes.
+
+Documents packed into one row stay apart at the patch level too: a patch belongs to the document of its first
+byte (`patch_documents`; the patchers open a patch at every document start), the global model attends only to
+patches of the same document, with patch positions restarting at each document, and a byte's decoder
+cross-attention reads only earlier patches of its own document. A packed row thus gives each document the
+logits it would get alone.
+
+Each module also has an incremental form (`decode`, `decode_byte`) over `common.nn.kv_cache` caches, which
+`blt.generate` drives byte by byte.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +29,7 @@ from flax import nnx
 from blt.hash_embed import HashNGramEmbed
 from common.configs.base import dense_model
 from common.nn import Block, Embed, Linear, RMSNorm, dot_product_attention
+from common.nn.kv_cache import KVCache, decode_blocks
 
 VOCAB_SIZE = 260  # 256 byte values + BOS, EOS, PAD, BOE
 
@@ -37,6 +50,43 @@ def _block_cfg(d_model, n_heads, n_layers, d_ff, window, m):
                      d_ff=d_ff or 4 * d_model, window=window, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
 
 
+def patch_documents(patch_ids: jax.Array, segment_ids: jax.Array, max_patches: int) -> tuple[jax.Array, jax.Array]:
+  """(patch_segment_ids, patch_positions), int32 [batch, max_patches]: the segment id of each patch's first
+  byte (0 for empty patch slots), and each patch's index within its document. Both depend only on bytes up
+  to the patch's first one, so they keep the model causal."""
+  batch = patch_ids.shape[0]
+  first = jnp.concatenate([jnp.ones((batch, 1), bool), patch_ids[:, 1:] != patch_ids[:, :-1]], axis=1)
+  slot = jnp.where(first, patch_ids, max_patches)  # out of range: dropped
+  rows = jnp.arange(batch)[:, None]
+  patch_segs = jnp.zeros((batch, max_patches), jnp.int32).at[rows, slot].set(segment_ids.astype(jnp.int32),
+                                                                              mode="drop")
+  index = jnp.arange(max_patches)
+  new_doc = jnp.concatenate([jnp.ones((batch, 1), bool), patch_segs[:, 1:] != patch_segs[:, :-1]], axis=1)
+  doc_start = jax.lax.cummax(jnp.where(new_doc, index, 0), axis=1)
+  return patch_segs, index - doc_start
+
+
+def _own_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_owner: jax.Array) -> jax.Array:
+  """softmax attention where query p sees exactly the keys t with key_owner[t] == p (owners >= q_len: no
+  query), as a segment softmax over keys: each key is scored against its owner only, normalised within its
+  owner's keys, and the weighted values are summed per owner. q [batch, q_len, heads, head_dim]; k, v
+  [batch, kv_len, heads, head_dim]; a query that owns no key returns 0. Equal to `dot_product_attention`
+  with the mask key_owner[t] == p, without its [q_len, kv_len] scores (for patches of 4 bytes in rows of
+  2048, 1/512 of them)."""
+  q_len = q.shape[1]
+  owner = key_owner[:, :, None, None]
+  q_of_key = jnp.take_along_axis(q, owner, axis=1, mode="fill", fill_value=0)  # [batch, kv_len, heads, hd]
+  scores = jnp.sum((q_of_key * k).astype(jnp.float32), axis=-1) / math.sqrt(q.shape[-1])  # [batch, kv_len, heads]
+  per_query = lambda op: jax.vmap(functools.partial(op, num_segments=q_len))
+  # The max only keeps exp() in range; softmax does not depend on it, so no gradient flows through it.
+  top = jax.lax.stop_gradient(per_query(jax.ops.segment_max)(scores, key_owner))  # [batch, q_len, heads]
+  weights = jnp.exp(scores - jnp.take_along_axis(top, key_owner[:, :, None], axis=1, mode="fill", fill_value=0))
+  total = per_query(jax.ops.segment_sum)(weights, key_owner)  # [batch, q_len, heads]
+  summed = per_query(jax.ops.segment_sum)(weights[..., None] * v.astype(jnp.float32), key_owner)
+  out = jnp.where(total[..., None] > 0, summed / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
+  return out.astype(v.dtype)
+
+
 class CrossAttention(nnx.Module):
   """Pre-norm multi-head cross-attention, queries [batch, q_len, d_q] over keys/values [batch, kv_len, d_kv]
   (no RoPE, Sec. 3.2.2); rows whose mask is empty return 0, so the residual passes through unchanged."""
@@ -49,10 +99,18 @@ class CrossAttention(nnx.Module):
     self.wv = Linear(d_kv, (n_heads, head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs)
     self.wo = Linear(n_heads * head_dim, d_q, axes=("heads", "embed"), rngs=rngs)
 
-  def __call__(self, queries: jax.Array, keys_values: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, queries: jax.Array, keys_values: jax.Array, mask: jax.Array | None = None, *,
+               key_owner: jax.Array | None = None) -> jax.Array:
+    """`mask` (bool [batch, 1, q_len, kv_len]) says which keys each query sees. Where every key belongs to
+    exactly one query (the encoder's patch queries over their own bytes), `key_owner` (int [batch, kv_len],
+    the query of each key) replaces it: the same attention in O(kv_len) instead of O(q_len * kv_len)."""
     kv = self.kv_norm(keys_values)
-    out = dot_product_attention(self.wq(self.q_norm(queries)), self.wk(kv), self.wv(kv), mask)
-    out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0.0)
+    q, k, v = self.wq(self.q_norm(queries)), self.wk(kv), self.wv(kv)
+    if key_owner is not None:
+      out = _own_keys_attention(q, k, v, key_owner)
+    else:
+      out = dot_product_attention(q, k, v, mask)
+      out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0.0)
     return self.wo(out.reshape(*out.shape[:2], -1))
 
 
@@ -76,11 +134,20 @@ class LocalEncoder(nnx.Module):
     h = self.embed(byte_ids) + self.hash_embed(byte_ids, segment_ids)
     for layer in self.layers:
       h = layer(h, positions, segment_ids)
-    in_patch = patch_ids[:, None, :] == jnp.arange(max_patches)[None, :, None]  # [batch, patches, length]
-    pool = jax.vmap(lambda x, ids: jax.ops.segment_max(x, ids, num_segments=max_patches))
-    pooled = jnp.where(in_patch.any(-1)[..., None], pool(h, patch_ids), 0.0)  # 0 for empty patch slots
-    patches = pooled + self.cross(pooled, h, in_patch[:, None])
+    per_patch = lambda op: jax.vmap(functools.partial(op, num_segments=max_patches))
+    filled = per_patch(jax.ops.segment_sum)(jnp.ones_like(patch_ids), patch_ids) > 0  # [batch, patches]
+    pooled = jnp.where(filled[..., None], per_patch(jax.ops.segment_max)(h, patch_ids), 0.0)  # 0: empty slots
+    patches = pooled + self.cross(pooled, h, key_owner=patch_ids)
     return h, self.to_global(patches)
+
+  def decode_byte(self, byte_context: jax.Array, context_segment_ids: jax.Array, position: jax.Array,
+                  caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+    """Byte states h [batch, 1, d_local] of one new byte: `byte_context` [batch, hash_n_max] holds the ids
+    ending at the new byte (its hash n-grams), with `context_segment_ids` 0 before the start of the text and
+    1 after; `position` [batch, 1]."""
+    new = byte_context[:, -1:]
+    h = self.embed(new) + self.hash_embed(byte_context, context_segment_ids)[:, -1:]
+    return decode_blocks(self.layers, h, position, jnp.ones_like(new), caches)
 
 
 class GlobalTransformer(nnx.Module):
@@ -91,13 +158,24 @@ class GlobalTransformer(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(m.n_layers_global)])
     self.norm = RMSNorm(m.d_global, eps=m.norm_eps)
 
-  def __call__(self, patches: jax.Array) -> jax.Array:
+  def __call__(self, patches: jax.Array, patch_segment_ids: jax.Array | None = None,
+               patch_positions: jax.Array | None = None) -> jax.Array:
     b, n = patches.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(n), (b, n))
-    segment_ids = jnp.ones((b, n), jnp.int32)
+    if patch_positions is None:
+      patch_positions = jnp.broadcast_to(jnp.arange(n), (b, n))
+    if patch_segment_ids is None:
+      patch_segment_ids = jnp.ones((b, n), jnp.int32)
     for layer in self.layers:
-      patches = layer(patches, positions, segment_ids)
+      patches = layer(patches, patch_positions, patch_segment_ids)
     return self.norm(patches)
+
+  def decode(self, patches: jax.Array, patch_positions: jax.Array, caches: list[KVCache],
+             advance: jax.Array) -> tuple[jax.Array, list[KVCache]]:
+    """One new patch per row [batch, 1, d_global] at `patch_positions` [batch, 1]; only the rows where
+    `advance` (bool [batch]) take the step into their caches."""
+    x, caches = decode_blocks(self.layers, patches, patch_positions, jnp.ones_like(patch_positions), caches,
+                              advance)
+    return self.norm(x), caches
 
 
 class LocalDecoder(nnx.Module):
@@ -113,13 +191,27 @@ class LocalDecoder(nnx.Module):
     self.norm = RMSNorm(m.d_local, eps=m.norm_eps)
     self.lm_head = Linear(m.d_local, m.vocab_size, axes=("embed", "vocab"), rngs=rngs)
 
-  def __call__(self, h, global_out, patch_ids, positions, segment_ids):
+  def __call__(self, h, global_out, patch_ids, positions, segment_ids, patch_segment_ids=None):
     max_patches = global_out.shape[1]
-    earlier = jnp.arange(max_patches)[None, None, :] < patch_ids[:, :, None]  # [batch, length, patches]
+    visible = jnp.arange(max_patches)[None, None, :] < patch_ids[:, :, None]  # [batch, length, patches]
+    if patch_segment_ids is not None:
+      visible &= patch_segment_ids[:, None, :] == segment_ids[:, :, None]
     for cross, layer in zip(self.cross, self.layers):
-      h = h + cross(h, global_out, earlier[:, None])
+      h = h + cross(h, global_out, visible[:, None])
       h = layer(h, positions, segment_ids)
     return self.lm_head(self.norm(h)).astype(jnp.float32)
+
+  def decode_byte(self, h: jax.Array, global_out: jax.Array, visible: jax.Array, position: jax.Array,
+                  caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+    """Next-byte logits [batch, 1, vocab] of one new byte (states h [batch, 1, d_local] at `position`
+    [batch, 1]) that may read the global outputs where `visible` (bool [batch, max_patches])."""
+    segment_ids = jnp.ones(position.shape, jnp.int32)
+    out = []
+    for cross, layer, cache in zip(self.cross, self.layers, caches):
+      h = h + cross(h, global_out, visible[:, None, None, :])
+      h, cache = layer.decode(h, position, segment_ids, cache)
+      out.append(cache)
+    return self.lm_head(self.norm(h)).astype(jnp.float32), out
 
 
 class BLT(nnx.Module):
@@ -137,5 +229,6 @@ class BLT(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones_like(byte_ids)
     h, patches = self.local_encoder(byte_ids, patch_ids, max_patches, positions, segment_ids)
-    global_out = self.global_transformer(patches)
-    return self.local_decoder(h, global_out, patch_ids, positions, segment_ids)
+    patch_segment_ids, patch_positions = patch_documents(patch_ids, segment_ids, max_patches)
+    global_out = self.global_transformer(patches, patch_segment_ids, patch_positions)
+    return self.local_decoder(h, global_out, patch_ids, positions, segment_ids, patch_segment_ids)

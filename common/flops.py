@@ -194,6 +194,17 @@ def blt_flops(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
 register_flops("blt", blt_flops)
 
 
+def blt_inference_flops_per_byte(model_cfg, seq_len: int, *, entropy_model_cfg=None) -> float:
+  """Forward FLOPs per byte of generating with a BLT: `blt_flops` (causal) plus, under entropy patching, the
+  entropy model's forward on every byte (Pagnoni et al. 2024, sec. 2.3: the small byte LM runs ahead of the
+  BLT to place each boundary, so its cost is paid per byte at inference). `entropy_model_cfg` is that byte
+  LM's `model` section (any registered family, e.g. a windowed dense LM)."""
+  total = blt_flops(model_cfg, seq_len, causal=True).forward
+  if entropy_model_cfg is not None:
+    total += flops_for(entropy_model_cfg, seq_len, causal=True).forward
+  return total
+
+
 def flops_for(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
   name = model_cfg.name
   if name not in FLOPS_BY_MODEL:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from common.nn.kv_cache import KVCache, decode_mask, write as write_cache
 from common.nn.linear import Linear
 from common.nn.norms import RMSNorm
 from common.nn.rope import apply_rope, rope_frequencies
@@ -29,21 +30,39 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *, causa
   return mask[:, None]
 
 
+def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array):
+  """q [batch, q_len, heads, head_dim] -> [batch, kv_heads, group, q_len, head_dim], scaled by 1/sqrt(d);
+  k, v [batch, kv_len, kv_heads, head_dim] -> [batch, kv_heads, 1, kv_len, head_dim]. In this layout both
+  attention products are plain batched matmuls (batch axes first, contraction last), which XLA:CPU runs
+  without transposing its operands."""
+  b, lq, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, lq, kv_heads, h // kv_heads, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+  return q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3)[:, :, None], v.transpose(0, 2, 1, 3)[:, :, None]
+
+
+def _attend(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Masked softmax attention in the heads-major layout of `_heads_major`; mask [batch, 1, q_len, kv_len]."""
+  scores = jnp.einsum("...qd,...sd->...qs", qh, kh, preferred_element_type=jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype)
+  return jnp.einsum("...qs,...sd->...qd", probs, vh)
+
+
+def _tokens_major(out: jax.Array) -> jax.Array:
+  """[batch, kv_heads, group, q_len, head_dim] -> [batch, q_len, heads, head_dim]."""
+  b, kv_heads, group, lq, d = out.shape
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, kv_heads * group, d)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v with query heads grouped onto shared key/value heads.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
   mask: bool [batch, 1, q_len, kv_len]. Scores and softmax in f32. Returns [batch, q_len, heads, head_dim].
   """
-  b, lq, h, d = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, lq, kv_heads, h // kv_heads, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-  if mask is not None:
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-  return out.reshape(b, lq, h, d)
+  return _tokens_major(_attend(*_heads_major(q, k, v), mask))
 
 
 def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
@@ -51,17 +70,20 @@ def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment
   """Causal self-attention computed one query block at a time, each block attending only to the keys it can
   see (those up to its last query, and within the window): the same result as `dot_product_attention` with
   the full mask, with the fully masked upper-triangle blocks never computed (about half the scores at long
-  lengths). Shapes as in `dot_product_attention`, with q_len == kv_len."""
+  lengths; with a window w, each block of B queries reads w + B keys instead of all of them). Shapes as in
+  `dot_product_attention`, with q_len == kv_len. The operands go to the heads-major layout once, not once
+  per block."""
   length = q.shape[1]
   if length <= block:
     return dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, window=window))
+  qh, kh, vh = _heads_major(q, k, v)
   outs = []
   for start in range(0, length, block):
     end = min(start + block, length)
     first = 0 if not window else max(0, (start - window + 1) // block * block)
     mask = attention_mask(segment_ids[:, start:end], segment_ids[:, first:end], window=window)
-    outs.append(dot_product_attention(q[:, start:end], k[:, first:end], v[:, first:end], mask))
-  return jnp.concatenate(outs, axis=1)
+    outs.append(_attend(qh[..., start:end, :], kh[..., first:end, :], vh[..., first:end, :], mask))
+  return _tokens_major(jnp.concatenate(outs, axis=-2))
 
 
 class Attention(nnx.Module):
@@ -95,3 +117,20 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, inv_freq)
     out = blockwise_causal_attention(q, k, v, segment_ids, window=self.window)
     return self.o(out.reshape(*out.shape[:2], -1))
+
+  def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache,
+             advance: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Incremental form of `__call__`: new tokens x [batch, new, d_model] at absolute `positions` attend to
+    the cached keys and to each other (`common.nn.kv_cache`); returns (output, cache with them appended)."""
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_frequencies(self.rope[0], self.rope[1], dict(self.rope[2]))
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    mask = decode_mask(cache, positions, segment_ids, window=self.window)
+    keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+    values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+    out = dot_product_attention(q, keys.astype(q.dtype), values.astype(v.dtype), mask)
+    cache = write_cache(cache, k, v, positions, segment_ids, advance)
+    return self.o(out.reshape(*out.shape[:2], -1)), cache

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.nn.attention import Attention
+from common.nn.kv_cache import KVCache
 from common.nn.mlp import SwiGLU
 from common.nn.norms import RMSNorm
 
@@ -31,6 +32,13 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return x + self.ffn(self.ffn_norm(x))
+
+  def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache,
+             advance: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """`__call__` on new tokens with the layer's key/value cache (`Attention.decode`): (x, updated cache)."""
+    attn_out, cache = self.attn.decode(self.attn_norm(x), positions, segment_ids, cache, advance)
+    x = x + attn_out
+    return x + self.ffn(self.ffn_norm(x)), cache
 
 
 def _rope_scaling(cfg) -> dict | None:

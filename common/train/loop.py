@@ -43,6 +43,9 @@ class Task:
   throughput_key: str = "tokens_per_sec"
   # Summed eval metrics {'loss': nats sum, 'weight': tokens, ...} -> reported values (without 'eval/').
   eval_summary: Callable[[dict], dict] | None = None
+  # model -> {prompt: generated text}, run at every eval (on every process: the model is sharded), written
+  # to DIR/samples.txt and shown in the log, so a run can be read as well as plotted.
+  eval_samples: Callable[[nnx.Module], dict[str, str]] | None = None
 
 
 def validate_loop_config(cfg, mesh) -> None:
@@ -128,6 +131,17 @@ def evaluate(eval_fn, params, data, n_batches: int, batch_shardings: dict, summa
   if summary is not None:
     out.update(summary(sums))
   return {f"eval/{k}": v for k, v in out.items()}
+
+
+def _log_samples(workdir: str, step: int, samples: dict[str, str], progress, lead: bool) -> None:
+  """Appends `step`'s samples to DIR/samples.txt and shows them (escaped, one line each) in the log."""
+  if not lead:
+    return
+  with open(os.path.join(workdir, "samples.txt"), "a", encoding="utf-8") as f:
+    for prompt, text in samples.items():
+      f.write(f"=== step {step} | prompt {prompt!r}\n{prompt}{text}\n")
+  for prompt, text in samples.items():
+    progress.message(f"step {step} sample: {(prompt + text)[:160]!r}")
 
 
 def init_train_state(task: Task, optimizer, mesh) -> tuple[Any, Any, dict]:
@@ -233,6 +247,8 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
         if ev:
           writer.write(step, ev)
           progress.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if task.eval_samples is not None:
+          _log_samples(workdir, step, task.eval_samples(nnx.merge(graphdef, state["params"])), progress, lead)
         tick = time.time()  # eval time is not training time
       if step % cfg.checkpoint.every_steps == 0 or last:
         save(step)

@@ -1,11 +1,18 @@
-"""Next-byte entropies (blt.entropy) against numpy."""
+"""Next-byte entropies (blt.entropy) against numpy; the scorer's vocabulary map; loading errors. Loading a
+trained entropy model is tested end to end in test_train.py."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from blt.entropy import entropy_from_logits, next_byte_entropies, to_bits
+from blt.entropy import EntropyScorer, entropy_from_logits, load_entropy_model, next_byte_entropies, to_bits
+from common.config import ConfigError
 from common.configs.base import dense_model
 from common.models.dense_lm import DenseLM
 
@@ -36,3 +43,35 @@ def test_next_byte_entropies_of_a_byte_lm():
   h = next_byte_entropies(model, x)
   assert h.shape == (2, 12)
   np.testing.assert_allclose(h, _numpy_entropy(np.asarray(model(x))), rtol=1e-5)
+
+
+def test_scorer_maps_blt_ids_to_the_models_byte_vocabulary():
+  # The entropy model reads seqio byte ids (byte + 3, BOS/PAD 0, EOS 1); the scorer takes BLT ids.
+  cfg = dense_model(vocab_size=384, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, window=8)
+  model = DenseLM(cfg, rngs=nnx.Rngs(params=0))
+  blt_ids = jnp.asarray([[256, 104, 105, 32, 0, 255, 257, 258]], jnp.int32)
+  seqio_ids = jnp.asarray([[0, 107, 108, 35, 3, 258, 1, 0]], jnp.int32)
+  np.testing.assert_allclose(EntropyScorer(model)(blt_ids), next_byte_entropies(model, seqio_ids), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", ["missing", "no_config", "no_checkpoints", "not_bytes"])
+def test_load_errors_name_the_key_and_the_path(tmp_path, make):
+  workdir = tmp_path / "entropy_model"
+  if make != "missing":
+    workdir.mkdir()
+  if make in ("no_checkpoints", "not_bytes"):
+    vocab = "byte" if make == "no_checkpoints" else "spm"
+    (workdir / "config.json").write_text(json.dumps({"model": {"name": "dense_lm"}, "data": {"vocab": vocab}}))
+  with pytest.raises(ConfigError, match="model.patching.entropy_model") as err:
+    load_entropy_model(str(workdir))
+  assert str(workdir) in str(err.value)
+
+
+def test_train_entropy_cli_refuses_non_byte_data_with_status_2(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, "-m", "blt.train_entropy", "--config=blt/configs/entropy_tiny.py",
+                         "--config.data.vocab=spm", f"--workdir={tmp_path}/run"], cwd=root, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "data.vocab" in proc.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "run").exists()

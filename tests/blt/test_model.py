@@ -85,3 +85,106 @@ def test_earlier_patches_reach_the_logits_through_the_global_model(model):
 def test_default_config_follows_the_paper_hash_range():
   cfg = blt_model()
   assert (cfg.hash_n_min, cfg.hash_n_max) == (3, 8) and cfg.vocab_size == 260
+
+
+@nnx.jit
+def _packed_forward(model, x, patch_ids, positions, segment_ids):
+  return model(x, patch_ids, MAX_PATCHES, positions, segment_ids)
+
+
+@pytest.mark.parametrize("method", ["static", "space"])
+def test_packed_documents_get_the_logits_they_get_alone(model, method):
+  """Row 0 packs document a (12 bytes) and document b (12 bytes); rows 1 and 2 hold each alone, followed by
+  padding (segment 0). The patcher opens a patch at every document start; the model must keep b's patches
+  away from a's in the global transformer and the decoder, and restart b's patch positions."""
+  rng = np.random.default_rng(3)
+  a, b = _text_like(rng, (12,)), _text_like(rng, (12,))
+  pad = jnp.full((12,), 258, jnp.int32)
+  x = jnp.stack([jnp.concatenate([a, b]), jnp.concatenate([a, pad]), jnp.concatenate([b, pad])])
+  first, second = jnp.arange(LENGTH) < 12, jnp.arange(LENGTH) >= 12
+  segs = jnp.stack([jnp.where(first, 1, 2), jnp.where(first, 1, 0), jnp.where(first, 1, 0)])
+  positions = jnp.broadcast_to(jnp.where(first, jnp.arange(LENGTH), jnp.arange(LENGTH) - 12), x.shape)
+  kwargs = dict(patch_size=4) if method == "static" else dict(max_patch_length=6)
+  ids = patch(x, method=method, max_patches=MAX_PATCHES, segment_ids=segs, positions=positions, **kwargs).patch_ids
+  assert int(ids[0, 12]) > int(ids[0, 11])  # b opens a patch of its own
+  logits = np.asarray(_packed_forward(model, x, ids, positions, segs))
+  np.testing.assert_allclose(logits[0, :12], logits[1, :12], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 12:], logits[2, :12], atol=1e-5)
+
+
+def test_patch_documents_of_a_packed_row():
+  from blt.model import patch_documents
+  # bytes: doc 1 in patches 0, 1; doc 2 in patches 2, 3, 4; padding (segment 0) in patch 5; slots 6, 7 empty
+  patch_ids = jnp.array([[0, 0, 1, 2, 2, 3, 4, 4, 5, 5]])
+  segs = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2, 0, 0]])
+  patch_segs, patch_pos = patch_documents(patch_ids, segs, 8)
+  np.testing.assert_array_equal(patch_segs, [[1, 1, 2, 2, 2, 0, 0, 0]])
+  np.testing.assert_array_equal(patch_pos, [[0, 1, 0, 1, 2, 0, 1, 2]])
+
+
+class _PackedRows:
+  """LMData's batch format (seqio byte ids: byte + 3, BOS/PAD 0, EOS 1): each row two documents, then
+  padding. Stands in for the embedded corpus so the mesh test needs no data pipeline."""
+
+  def __init__(self, data_cfg, *, batch_size, seed):
+    self.batch_size, self.seq_len = batch_size, int(data_cfg.seq_len)
+
+  def train_batch(self, position):
+    rng = np.random.default_rng(position)
+    n, cut, end = self.seq_len, self.seq_len // 3, self.seq_len - 5
+    text = rng.choice(np.frombuffer(b"abcdefghij  ,.\n", np.uint8), (self.batch_size, n + 1)).astype(np.int32) + 3
+    index = np.arange(n + 1)
+    segs = np.where(index < cut, 1, np.where(index < end, 2, 0))
+    positions = np.where(index < cut, index, np.where(index < end, index - cut, 0))
+    tokens = np.where(positions == 0, 0, text)
+    tokens = np.where(np.isin(index + 1, (cut, end)), 1, tokens)  # EOS ends each document
+    tokens = np.where(segs == 0, 0, tokens)
+    b = self.batch_size
+    return {"inputs": tokens[:, :n], "targets": tokens[:, 1:] * (segs[None, :n] > 0),
+            "segment_ids": np.broadcast_to(segs[:n], (b, n)).astype(np.int32),
+            "positions": np.broadcast_to(positions[:n], (b, n)).astype(np.int32),
+            "loss_mask": np.broadcast_to(segs[:n] > 0, (b, n)).astype(np.float32)}
+
+
+def test_one_training_step_is_the_same_on_every_mesh(monkeypatch):
+  """blt.train's task, one step of the shared train step on 1 device and on data 2 x fsdp 2 x tensor 2:
+  the mesh changes placement only, never the loss or the updated parameters (beyond float rounding)."""
+  import common.data
+  import jax
+  from blt import train as blt_train
+  from blt.configs.tiny import get_config
+  from common import sharding
+  from common.train.loop import init_train_state
+  from common.train.optim import learning_rate_schedule, make_optimizer
+  from common.train.step import init_state, make_train_step
+  cfg = get_config("patcher=space")
+  cfg.model.update(d_local=32, n_heads_local=2, n_heads_cross=2, local_window=8, d_global=64, n_heads_global=2,
+                   hash_n_max=4, hash_table_size=64, n_layers_decoder=1, n_layers_global=1)
+  cfg.model.patching.max_patches = 32  # one patch per byte at most: no pass over the data for a bound
+  cfg.data.seq_len = 32
+  cfg.train.update(batch_size=8, warmup_steps=1)
+  monkeypatch.setattr(common.data, "LMData", _PackedRows)
+  task = blt_train.make_task(cfg)
+  batch = task.data.train_batch(0)
+  optimizer, schedule = make_optimizer(cfg.train), learning_rate_schedule(cfg.train)
+  one = sharding.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  graphdef, _, state1 = init_train_state(task, optimizer, one)
+  results = []
+  for mesh in (one, sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))):
+    # The same initial parameters, placed on this mesh by the rule table; the optimizer state follows them.
+    params = jax.device_put(state1["params"], sharding.state_shardings(state1["params"], mesh))
+    state = jax.jit(lambda p: init_state(p, optimizer))(params)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    step = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule),
+                   in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None))
+    new_state, metrics = step(state, jax.device_put(batch, batch_shardings))
+    if mesh.size > 1:  # guards against a rule table that silently replicates everything
+      assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state["params"]))
+    results.append((jax.device_get(metrics), jax.tree.map(np.asarray, new_state["params"])))
+  (ref_metrics, ref_params), (metrics, params) = results
+  assert np.isfinite(ref_metrics["loss"]) and ref_metrics["loss"] > 0
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))

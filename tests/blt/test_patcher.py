@@ -1,10 +1,12 @@
 """Patchers (blt.patcher) against hand-computed cases and a slow per-byte reference loop."""
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blt.patcher import (enforce_max_length, entropy_starts, is_space_like, patch, patches_from_starts,
+from blt.patcher import (bpe_starts, enforce_max_length, entropy_starts, is_space_like, patch, patches_from_starts,
                          space_starts)
 
 
@@ -118,6 +120,73 @@ def test_patches_past_max_patches_are_not_counted():
 
 def test_unknown_method_and_missing_entropies_raise():
   with pytest.raises(ValueError, match="unknown"):
+    patch(jnp.zeros((1, 4), jnp.int32), method="wordpiece", max_patches=4)
+  with pytest.raises(ValueError, match="patch_starts"):
     patch(jnp.zeros((1, 4), jnp.int32), method="bpe", max_patches=4)
   with pytest.raises(ValueError, match="entropies"):
     patch(jnp.zeros((1, 4), jnp.int32), method="entropy", max_patches=4)
+
+
+# Two documents and padding in one row: segment 1 at 0..4, segment 2 at 5..9, padding at 10..11.
+SEGMENTS = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0]])
+POSITIONS = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 0]])
+
+
+@pytest.mark.parametrize("method", ["static", "space", "entropy", "entropy_monotonic", "bpe"])
+def test_segment_starts_always_open_a_patch(method):
+  # No rule would open a patch at byte 5 (letters only, flat low entropy, 8-byte static patches, no BPE start):
+  # only the segment does. Byte 10 opens the padding's own patch; static patches restart with each segment.
+  byte_ids = jnp.concatenate([_bytes("abcdefghij"), jnp.full((1, 2), 258)], axis=1)
+  p = patch(byte_ids, method=method, max_patches=12, patch_size=8, entropies=jnp.zeros((1, 12)), threshold=1.0,
+            patch_starts=jnp.zeros((1, 12), bool).at[:, 0].set(True), segment_ids=jnp.asarray(SEGMENTS),
+            positions=jnp.asarray(POSITIONS))
+  assert np.flatnonzero(p.patch_starts[0]).tolist() == [0, 5, 10]
+  unsegmented = patch(byte_ids, method=method, max_patches=12, patch_size=8, entropies=jnp.zeros((1, 12)),
+                      threshold=1.0, patch_starts=jnp.zeros((1, 12), bool).at[:, 0].set(True))
+  assert not unsegmented.patch_starts[0, 5]
+
+
+def test_max_length_counts_from_a_segment_start():
+  p = patch(jnp.zeros((1, 12), jnp.int32), method="entropy", entropies=jnp.zeros((1, 12)), threshold=1.0,
+            max_patches=12, max_patch_length=3, segment_ids=jnp.asarray(SEGMENTS), positions=jnp.asarray(POSITIONS))
+  assert np.flatnonzero(p.patch_starts[0]).tolist() == [0, 3, 5, 8, 10]
+
+
+@pytest.fixture(scope="module")
+def toy_bpe():
+  """A 40-piece BPE model of a toy corpus whose merges are readable: 'the', '▁cat', '▁sat', '▁on', '▁mat'."""
+  spm = pytest.importorskip("sentencepiece")
+  lines = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 50
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=40, pad_id=0, eos_id=1,
+      unk_id=2, bos_id=-1, normalization_rule_name="identity", add_dummy_prefix=False,
+      remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2)
+  sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+  assert sp.encode("the cat sat on the mat", out_type=str) == ["the", "▁cat", "▁sat", "▁on", "▁the", "▁mat"]
+  return sp
+
+
+def test_bpe_starts_where_tokens_start(toy_bpe):
+  #        the| cat| sat| on| the| mat
+  text = b"the cat sat on the mat"
+  starts = bpe_starts(np.frombuffer(text, np.uint8)[None].astype(np.int32), np.ones((1, len(text)), np.int32),
+                      toy_bpe)
+  assert np.flatnonzero(starts[0]).tolist() == [0, 3, 7, 11, 14, 18]
+
+
+def test_bpe_starts_respect_segments_specials_and_invalid_utf8(toy_bpe):
+  # BOS "cat" | BOS "the" 0xFF "cat" | PAD PAD: "cat" alone is c|at; 0xFF (not UTF-8) is a patch of its own;
+  # the padding is one patch.
+  ids = np.array([[256, *b"cat", 256, *b"the", 0xFF, *b"cat", 258, 258]])
+  segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0]])
+  starts = bpe_starts(ids, segments, toy_bpe)
+  assert np.flatnonzero(starts[0]).tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 12]
+
+
+def test_static_patches_restart_at_each_segment():
+  segments = jnp.asarray([[1] * 6 + [2] * 6 + [0] * 4])
+  positions = jnp.asarray([[*range(6), *range(6), 0, 0, 0, 0]])
+  p = patch(jnp.zeros((1, 16), jnp.int32), method="static", patch_size=4, max_patches=8, segment_ids=segments,
+            positions=positions)
+  assert np.flatnonzero(p.patch_starts[0]).tolist() == [0, 4, 6, 10, 12]  # the padding is one patch

@@ -1,0 +1,97 @@
+"""Key/value caches for incremental decoding with the attention of `common.nn.attention`.
+
+One `KVCache` per attention layer, preallocated with static shapes so that a decode step is jit-compiled
+once. Every slot stores the absolute position and segment id of its key next to the key and value, and the
+mask of a decode step is built from those (same segment, key position <= query position, and within the
+window), so the cache never needs to be kept in order:
+
+- a full-attention layer gets `max_len` slots, written in order;
+- a windowed layer (Beltagy et al. 2020's sliding window, as in Mistral) gets a ring buffer of `window`
+  slots: token i of a row goes to slot i mod window, overwriting the one key that has just left the window.
+
+Rows advance independently (`length` per row, and an `advance` mask per step), which the BLT needs: its
+global model takes a step only for the rows whose patch has just closed (Pagnoni et al. 2024, Sec. 3.1).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+EMPTY = -1  # position of a slot that holds no key yet
+
+
+class KVCache(NamedTuple):
+  k: jax.Array            # [batch, slots, kv_heads, head_dim]
+  v: jax.Array            # [batch, slots, kv_heads, head_dim]
+  positions: jax.Array    # int32 [batch, slots], EMPTY where unwritten
+  segment_ids: jax.Array  # int32 [batch, slots]
+  length: jax.Array       # int32 [batch], tokens written so far (slot of the next one: length mod slots)
+
+  @property
+  def slots(self) -> int:
+    return self.k.shape[1]
+
+
+def cache_slots(max_len: int, window: int) -> int:
+  """Slots a layer needs for sequences of up to `max_len` tokens: the window for a windowed layer."""
+  return min(window, max_len) if window else max_len
+
+
+def init_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, *, window: int = 0,
+               dtype=jnp.float32) -> KVCache:
+  slots = cache_slots(max_len, window)
+  zeros = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
+  return KVCache(zeros, zeros, jnp.full((batch, slots), EMPTY, jnp.int32), jnp.zeros((batch, slots), jnp.int32),
+                 jnp.zeros((batch,), jnp.int32))
+
+
+def decode_mask(cache: KVCache, positions: jax.Array, segment_ids: jax.Array, *, window: int = 0) -> jax.Array:
+  """bool [batch, 1, new, slots + new]: what each of the `new` queries (at `positions`, [batch, new]) may see
+  among the cached keys followed by the new keys themselves, the same rule as `attention_mask`."""
+  key_pos = jnp.concatenate([cache.positions, positions], axis=1)
+  key_seg = jnp.concatenate([cache.segment_ids, segment_ids], axis=1)
+  q_pos = positions[:, :, None]
+  mask = (key_pos[:, None, :] != EMPTY) & (key_seg[:, None, :] == segment_ids[:, :, None])
+  mask &= key_pos[:, None, :] <= q_pos
+  if window:
+    mask &= q_pos - key_pos[:, None, :] < window
+  return mask[:, None]
+
+
+def write(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+          advance: jax.Array | None = None) -> KVCache:
+  """Appends `new` tokens (k, v [batch, new, kv_heads, head_dim]) to each row where `advance` (bool [batch],
+  default all). Only the last `slots` of them are kept: earlier ones would be overwritten within this call."""
+  new = k.shape[1]
+  keep = min(new, cache.slots)
+  k, v, positions, segment_ids = (a[:, new - keep:] for a in (k, v, positions, segment_ids))
+  rows = jnp.arange(k.shape[0])[:, None]
+  slot = (cache.length[:, None] + (new - keep) + jnp.arange(keep)[None, :]) % cache.slots  # [batch, keep]
+  if advance is None:
+    advance = jnp.ones(k.shape[:1], bool)
+
+  def put(buf, val):
+    sel = advance.reshape(-1, *([1] * (val.ndim - 1)))
+    return buf.at[rows, slot].set(jnp.where(sel, val.astype(buf.dtype), buf[rows, slot]))
+
+  return KVCache(put(cache.k, k), put(cache.v, v), put(cache.positions, positions),
+                 put(cache.segment_ids, segment_ids), cache.length + jnp.where(advance, new, 0))
+
+
+def decode_blocks(blocks: Sequence, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                  caches: Sequence[KVCache], advance: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
+  """Runs a stack of `common.nn.Block`s on new tokens x [batch, new, d_model] with one cache per block:
+  a prompt (prefill) or one token at a time. Returns (x, the updated caches)."""
+  out = []
+  for block, cache in zip(blocks, caches):
+    x, cache = block.decode(x, positions, segment_ids, cache, advance)
+    out.append(cache)
+  return x, out
+
+
+def init_caches(blocks: Sequence, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+  """One empty cache per block of a stack, sized for `max_len` tokens (windowed layers: a ring buffer)."""
+  return [init_cache(batch, max_len, b.attn.n_kv_heads, b.attn.head_dim, window=b.attn.window, dtype=dtype)
+          for b in blocks]
