@@ -1,11 +1,10 @@
 """Supervised fine-tuning on the common trainer: the base model (a hub checkpoint or a random dense LM), optional
 LoRA adapters (`common.nn.lora`), packed SFT rows (`common.sft.data`), loss on response tokens only.
 
-With `lora.rank > 0` only the adapters learn: the loss differentiates a `frozen_base` view of the model, so every
-base weight gets an exactly-zero gradient and AdamW leaves it bit-identical as long as it does not decay it
-(hence `train.weight_decay` must be 0 with LoRA: the common optimizer decays every matrix it holds). The
-optimizer still keeps (all-zero) moments for the base weights; a trainer that split trainable from frozen
-parameters would save that memory and lift the weight-decay restriction.
+With `lora.rank > 0` only the adapters learn: the task's `trainable` filter (`LoRAParam`) gives the optimizer the
+adapters alone (`common.train.optim.only_trainable`: no moments and no weight decay for the base, which stays
+bit-identical), and the loss differentiates a `frozen_base` view of the model, so no base weight gradient
+enters the gradient-norm clipping.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from common import hub
 from common.config import ConfigError, require
 from common.flops import flops_for
 from common.models import build_model, padded_vocab_size
-from common.nn.lora import DEFAULT_TARGETS, apply_lora, frozen_base
+from common.nn.lora import DEFAULT_TARGETS, LoRAParam, apply_lora, frozen_base
 from common.sft.data import OVERLONG_POLICIES, SFTData, generate_examples, pack_examples, read_jsonl, \
     split_examples, tokenize_example
 from common.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
@@ -34,9 +33,6 @@ def validate_sft_config(cfg) -> None:
   targets = tuple(lora.targets)
   require(bool(targets) and set(targets) <= set(LORA_TARGETS), "lora.targets",
           f"must be a non-empty subset of {LORA_TARGETS}, got {targets}")
-  if lora.rank > 0:
-    require(cfg.train.weight_decay == 0, "train.weight_decay",
-            f"must be 0 with lora.rank > 0 (decay would move the frozen base weights), got {cfg.train.weight_decay}")
   require(int(data.seq_len) > 1, "data.seq_len", f"must be > 1, got {data.seq_len}")
   require(data.overlong in OVERLONG_POLICIES, "data.overlong", f"must be one of {OVERLONG_POLICIES}")
   require(0 <= float(data.eval_fraction) < 1, "data.eval_fraction", f"must be in [0, 1), got {data.eval_fraction}")
@@ -115,5 +111,6 @@ def sft_task(cfg) -> Task:
   # LoRA computes no weight gradient of the base: forward plus the backward through activations, 2x forward.
   flops_per_token = 2 * flops.forward if rank else flops.training
   return Task(build_model=build, loss_fn=lora_loss if rank else next_token_loss, data=data,
-              train_flops_per_example=flops_per_token * seq_len, units_per_example=seq_len)
+              train_flops_per_example=flops_per_token * seq_len, units_per_example=seq_len,
+              trainable=LoRAParam if rank else None)
 

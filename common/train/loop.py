@@ -26,7 +26,7 @@ from common.config import ConfigError, require
 from common.flops import peak_flops_per_device
 from common.train.checkpoint import Checkpointer
 from common.train.metrics import MetricsWriter, Progress
-from common.train.optim import learning_rate_schedule, make_optimizer
+from common.train.optim import learning_rate_schedule, make_optimizer, only_trainable
 from common.train.step import LossFn, init_state, make_eval_step, make_train_step
 
 EXIT_PREEMPTED = 143
@@ -46,6 +46,9 @@ class Task:
   # model -> {prompt: generated text}, run at every eval (on every process: the model is sharded), written
   # to DIR/samples.txt and shown in the log, so a run can be read as well as plotted.
   eval_samples: Callable[[nnx.Module], dict[str, str]] | None = None
+  # nnx filter of the parameters the optimizer updates (None: all); the others get no optimizer state and
+  # stay bit-identical (LoRA: common.nn.lora.LoRAParam).
+  trainable: Any = None
 
 
 def validate_loop_config(cfg, mesh) -> None:
@@ -163,6 +166,8 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
   t = cfg.train
 
   optimizer, schedule = make_optimizer(t), learning_rate_schedule(t)
+  if task.trainable is not None:
+    optimizer = only_trainable(optimizer, nnx.eval_shape(task.build_model), task.trainable)
   graphdef, param_shardings, state = init_train_state(task, optimizer, mesh)
   params = state["params"]
   state_shardings = jax.tree.map(lambda x: x.sharding, state)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 
 from common.config import require
 
@@ -30,3 +31,21 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   if train_cfg.grad_clip:
     return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
   return adamw
+
+
+def only_trainable(optimizer: optax.GradientTransformation, abstract_model: nnx.Module,
+                   trainable) -> optax.GradientTransformation:
+  """`optimizer` on the parameters that match the nnx filter `trainable` (e.g. LoRA adapters), zero updates
+  and no optimizer state (no Adam moments, no weight decay) for every other parameter, which stays
+  bit-identical. Gradient clipping still sees the whole gradient; give frozen weights a zero gradient
+  (stop_gradient in the loss) so that it sees the trainable part only."""
+  trainable_paths = {path for path, _ in jax.tree_util.tree_flatten_with_path(
+      nnx.state(abstract_model, trainable))[0]}
+  if not trainable_paths:
+    raise ValueError("only_trainable: the filter matches no parameter of the model")
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "trainable" if path in trainable_paths else "frozen", params)
+
+  return optax.multi_transform({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)

@@ -178,7 +178,9 @@ def test_cli_fine_tunes_a_hub_model_with_lora_writes_metrics_resumes_and_keeps_t
   base = tiny_lm()
   hub.save("sft-test-base", base.cfg, base, tokenizer=BYTE)
   workdir = tmp_path / "run"
-  args = lambda steps: cli_args(workdir, "--config.model.init_from=sft-test-base", f"--config.train.steps={steps}")
+  # Weight decay on: the optimizer holds the adapters only, so the base still cannot move.
+  args = lambda steps: cli_args(workdir, "--config.model.init_from=sft-test-base", f"--config.train.steps={steps}",
+                                "--config.train.weight_decay=0.1")
   assert sft_main(args(2)) == 0
   assert sft_main(args(4)) == 0
   assert "resumed from" in capsys.readouterr().out
@@ -191,7 +193,11 @@ def test_cli_fine_tunes_a_hub_model_with_lora_writes_metrics_resumes_and_keeps_t
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["lora"]["rank"] == 2 and saved["model"]["n_layers"] == 2  # the hub model's shape, not the flags'
   with ocp.StandardCheckpointer() as checkpointer:
-    trained = flat_arrays(checkpointer.restore(workdir / "checkpoints" / "4" / "state")["params"])
+    restored = checkpointer.restore(workdir / "checkpoints" / "4" / "state")
+  trained = flat_arrays(restored["params"])
+  adapter_size = sum(v.size for p, v in trained.items() if p[-1] in ("lora_a", "lora_b"))
+  moment_size = sum(np.size(x) for x in jax.tree.leaves(restored["opt_state"]) if np.size(x) > 1)
+  assert moment_size == 2 * adapter_size  # Adam's two moments of the adapters, none of the base
   original = flat_arrays(nnx.to_pure_dict(nnx.state(base, nnx.Param)))
   assert set(original) == {p for p in trained if p[-1] not in ("lora_a", "lora_b")}
   for path, value in original.items():
@@ -203,7 +209,6 @@ def test_cli_fine_tunes_a_hub_model_with_lora_writes_metrics_resumes_and_keeps_t
     ("--config.lora.rank=-1", "lora.rank"),
     ("--config.lora.alpha=0.0", "lora.alpha"),
     ("--config.lora.targets=('q','qkv')", "lora.targets"),
-    ("--config.train.weight_decay=0.1", "train.weight_decay"),
     ("--config.data.overlong=drop", "data.overlong"),
     ("--config.model.init_from=no-such-model", "model.init_from"),
     ("--config.data.sft_path=/no/such.jsonl", "data.sft_path"),
