@@ -1,0 +1,206 @@
+"""Training throughput and MFU of a BLT (issue 3's benchmark: global d 512 x 6, local d 256, 1 encoder and 2
+decoder layers, window 512, static patches of 4, rows of 2048 bytes, batch 4, hash n-grams 3..8 of 50k rows).
+
+`python -m bench.blt_throughput [--steps=6] [--config=blt/configs/bench.py] [--parts]` times the real jitted
+training step (`blt.train.make_task`'s loss through the trainer's `make_train_step`, AdamW and all) on one CPU
+device, reports bytes/s and model FLOPs/s (`common.flops.blt_flops`), MFU against this machine's calibrated
+f32 matmul peak (`machine_peak_flops`, cached) and MFU* against the peak measured in the same run (under the
+same load from other processes: a rough load-independent figure), and with `--parts` the forward+backward time
+of each part of the model on its own (hash embeddings, local encoder, global transformer, local decoder with
+the loss) and of the optimizer update, so the step can be read as a profile. When
+`common/kernels/entropy_patching/ops.py` exists it also times the entropy-patching kernel against its
+reference. Medians after compilation; on a shared machine compare figures within one run.
+Writes bench/results/blt_throughput.json.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse
+import importlib.util
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from blt.train import make_task, resolve_max_patches, seqio_to_blt
+from blt.patcher import patch
+from common import config as config_lib, sharding
+from common.flops import blt_flops, machine_peak_flops
+from common.train.loop import init_train_state
+from common.train.optim import learning_rate_schedule, make_optimizer
+from common.train.step import make_train_step
+
+
+def _timed(fn, args_list, *, carry_state: bool = False) -> list[float]:
+  """Seconds of each call after the first two (compile and warm-up); with `carry_state`, fn(state, x) ->
+  (state, out) and the state is threaded through (donated buffers)."""
+  times, state = [], None
+  for i, args in enumerate(args_list):
+    t0 = time.perf_counter()
+    if carry_state:
+      state, out = fn(state if i else args[0], args[1])
+      jax.block_until_ready((state, out))
+    else:
+      jax.block_until_ready(fn(*args))
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  return times
+
+
+def time_train_step(cfg, task, steps: int) -> dict:
+  """The trainer's jitted step on one device: median and spread of `steps` steps after compilation."""
+  mesh = sharding.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  optimizer, schedule = make_optimizer(cfg.train), learning_rate_schedule(cfg.train)
+  graphdef, _, state = init_train_state(task, optimizer, mesh)
+  batches = [jax.device_put(task.data.train_batch(i * cfg.train.batch_size)) for i in range(steps + 2)]
+  step = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule, cfg.train.grad_accum),
+                 donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  times = _timed(compiled, [(state, b) for b in batches], carry_state=True)
+  return dict(step_s=float(np.median(times)), min_s=float(min(times)), max_s=float(max(times)),
+              compile_s=compile_s)
+
+
+def _fwd_bwd(module, loss_of, *inputs):
+  """A jitted (params, *inputs) -> gradients of `loss_of(module, *inputs)` w.r.t. the parameters and the
+  float inputs (as the real backward pass computes both)."""
+  graphdef, params = nnx.split(module, nnx.Param)
+  float_args = tuple(i for i, x in enumerate(inputs) if jnp.issubdtype(x.dtype, jnp.floating))
+
+  def loss(p, *xs):
+    return loss_of(nnx.merge(graphdef, p), *xs)
+
+  return jax.jit(jax.grad(loss, argnums=(0, *(1 + i for i in float_args)))), params
+
+
+def _dot_outputs(outputs, cotangents):
+  return sum(jnp.sum(o * c) for o, c in zip(outputs, cotangents))
+
+
+def time_parts(cfg, task, steps: int) -> dict[str, float]:
+  """Median seconds of the forward+backward of each part of the BLT, and of one AdamW update of all
+  parameters (and of the hash tables alone), on one batch of the benchmark's data."""
+  m, p = cfg.model, cfg.model.patching
+  seq_len = int(cfg.data.seq_len)
+  max_patches = resolve_max_patches(p, seq_len)
+  model = task.build_model()
+  batch = task.data.train_batch(0)
+  seg, pos = jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["positions"])
+  byte_ids = seqio_to_blt(jnp.asarray(batch["inputs"]), seg, pos)
+  targets = seqio_to_blt(jnp.asarray(batch["targets"]), seg, jnp.ones_like(pos))
+  patch_ids = patch(byte_ids, method=p.method, max_patches=max_patches, patch_size=int(p.patch_size),
+                    threshold=float(p.threshold), max_patch_length=int(p.max_patch_length)).patch_ids
+  enc, glob, dec = model.local_encoder, model.global_transformer, model.local_decoder
+  h, patches = jax.jit(lambda: enc(byte_ids, patch_ids, max_patches, pos, seg))()
+  global_out = jax.jit(lambda: glob(patches))()
+  rng = np.random.default_rng(0)
+  cot = lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32)  # a fixed output cotangent
+  h_cot, p_cot, g_cot = cot(h), cot(patches), cot(global_out)
+
+  def nll(logits, targets):
+    return jnp.sum(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
+
+  parts = {
+      "hash n-gram embeddings": (enc.hash_embed, lambda e, x, s: jnp.sum(e(x, s) * h_cot), (byte_ids, seg)),
+      "local encoder (with hash)": (enc, lambda e, *xs: _dot_outputs(e(*xs[:2], max_patches, *xs[2:]),
+                                                                     (h_cot, p_cot)),
+                                    (byte_ids, patch_ids, pos, seg)),
+      "global transformer": (glob, lambda g, x: jnp.sum(g(x) * g_cot), (patches,)),
+      "local decoder + loss": (dec, lambda d, hh, go, i, q, s, t: nll(d(hh, go, i, q, s), t),
+                               (h, global_out, patch_ids, pos, seg, targets)),
+  }
+  out = {}
+  for name, (module, loss_of, inputs) in parts.items():
+    fn, params = _fwd_bwd(module, loss_of, *inputs)
+    out[name] = float(np.median(_timed(fn, [(params, *inputs)] * (steps + 2))))
+
+  optimizer = make_optimizer(cfg.train)
+  for name, module in (("AdamW update, all parameters", model), ("AdamW update, hash tables", enc.hash_embed)):
+    params = jax.tree.map(jnp.copy, nnx.split(module, nnx.Param)[1])  # the update donates its state
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+
+    def update(state, grads):
+      params, opt_state = state
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (jax.tree.map(jnp.add, params, updates), opt_state), None
+
+    state = (params, jax.jit(optimizer.init)(params))
+    fn = jax.jit(update, donate_argnums=0)
+    out[name] = float(np.median(_timed(fn, [(state, grads)] * (steps + 2), carry_state=True)))
+  return out
+
+
+def time_entropy_kernel(steps: int) -> dict | None:
+  """Kernel vs reference time of `common.kernels.entropy_patching.ops.entropy_patching` on entropy-model
+  logits [4, 2048, 260], or None when that module does not exist yet."""
+  if importlib.util.find_spec("common.kernels.entropy_patching.ops") is None:
+    return None
+  from common.kernels.entropy_patching.ops import entropy_patching
+  logits = jax.random.normal(jax.random.key(0), (4, 2048, 260), jnp.float32)
+  out = {}
+  for impl in ("pallas", "reference"):  # the compiled kernel exists for GPU only (ops.resolve_impl)
+    fn = jax.jit(lambda x, impl=impl: entropy_patching(x, 2.0, impl=impl))
+    try:
+      out[impl] = float(np.median(_timed(fn, [(logits,)] * (steps + 2))))
+    except (NotImplementedError, ValueError, RuntimeError) as e:  # no compiled kernel on this backend
+      out[impl] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="blt/configs/bench.py")
+  ap.add_argument("--steps", type=int, default=6)
+  ap.add_argument("--parts", action="store_true", help="also time each part of the model and the optimizer")
+  ap.add_argument("--out", default="bench/results/blt_throughput.json")
+  args = ap.parse_args()
+  cfg = config_lib.load(args.config)
+  task = make_task(cfg)
+  peak = machine_peak_flops(cache=False)  # measured now, under the same load as the step
+  calibrated = machine_peak_flops()  # the cached calibration (an idle machine, when it was first measured)
+  seq_len, batch = int(cfg.data.seq_len), int(cfg.train.batch_size)
+  flops = blt_flops(cfg.model, seq_len).training * seq_len * batch
+  r = time_train_step(cfg, task, args.steps)
+  bytes_per_sec = seq_len * batch / r["step_s"]
+  result = dict(config=args.config, peak_flops=peak, flops_per_step=flops, bytes_per_step=seq_len * batch,
+                bytes_per_sec=bytes_per_sec, model_gflops=flops / r["step_s"] / 1e9, mfu=flops / r["step_s"] / peak,
+                calibrated_peak_flops=calibrated, mfu_calibrated=flops / r["step_s"] / calibrated,
+                bytes_per_sec_at_calibrated_peak=seq_len * batch * calibrated / flops, **r)
+  m = cfg.model
+  print(f"BLT global d{m.d_global} x{m.n_layers_global}, local d{m.d_local} ({m.n_layers_encoder} enc, "
+        f"{m.n_layers_decoder} dec, window {m.local_window}), patches of {m.patching.patch_size}, "
+        f"{batch} x {seq_len} bytes; {flops / 1e9:.0f} model GFLOP/step")
+  print(f"f32 matmul peak: {calibrated / 1e9:.0f} GFLOP/s calibrated (cached; 100% MFU = "
+        f"{result['bytes_per_sec_at_calibrated_peak']:,.0f} bytes/s), {peak / 1e9:.0f} GFLOP/s measured now "
+        "(under this run's load; MFU* is against it)")
+  print(f"{'step s (min-max)':<22}{'bytes/s':>9}{'GFLOP/s':>9}{'MFU':>7}{'MFU*':>7}{'compile s':>11}")
+  print(f"{r['step_s']:.3f} ({r['min_s']:.2f}-{r['max_s']:.2f}){'':<4}{bytes_per_sec:>9,.0f}"
+        f"{result['model_gflops']:>9.1f}{result['mfu_calibrated']:>7.1%}{result['mfu']:>7.1%}"
+        f"{r['compile_s']:>11.1f}")
+  if args.parts:
+    parts = time_parts(cfg, task, args.steps)
+    result["parts_s"] = parts
+    print(f"{'part (fwd+bwd, alone)':<32}{'s':>7}{'of step':>9}")
+    for name, s in parts.items():
+      print(f"{name:<32}{s:>7.3f}{s / r['step_s']:>9.0%}")
+  kernel = time_entropy_kernel(args.steps)
+  if kernel is not None:
+    result["entropy_patching_s"] = kernel
+    print("entropy patching [4, 2048, 260]: " + ", ".join(
+        f"{k} {v * 1e3:.2f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in kernel.items()))
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
