@@ -12,7 +12,6 @@ is over its whole output vocabulary, the byte ids and the few special ones.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -79,38 +78,18 @@ def _refuse(workdir: str, what: str) -> ConfigError:
 
 def load_entropy_model(workdir: str) -> tuple[nnx.Module, ml_collections.ConfigDict]:
   """(model, config) of a `blt.train_entropy` run: DIR/config.json and the parameters of the newest readable
-  checkpoint under DIR/checkpoints, on the first local device. Anything missing or unreadable is a
-  ConfigError naming `model.patching.entropy_model` and the path."""
+  checkpoint under DIR/checkpoints, on the first local device (`common.train.restore`). Anything missing or
+  unreadable is a ConfigError naming `model.patching.entropy_model` and the path."""
   from common.models import build_model
-  from common.train.checkpoint import Checkpointer
-  from common.train.optim import make_optimizer
-  from common.train.step import init_state
+  from common.train.restore import load_run_model, read_run_config
   if not workdir:
     raise _refuse(workdir, "is empty: entropy patching needs a trained entropy model")
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
     raise _refuse(workdir, "holds no config.json")
-  try:
-    with open(config_path) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise _refuse(workdir, f"has an unreadable config.json ({e})") from None
+  cfg = read_run_config(workdir, ENTROPY_MODEL_KEY)
   if cfg.get("model", {}).get("name") != "dense_lm" or cfg.get("data", {}).get("vocab") != "byte":
     raise _refuse(workdir, "is not a byte-level dense LM run (model.name 'dense_lm', data.vocab 'byte')")
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(checkpoint_dir):
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise _refuse(workdir, "holds no checkpoints")
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model, seed=0)), nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(cfg.train)), abstract_params)
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
-  checkpointer = Checkpointer(checkpoint_dir, keep=max(int(cfg.checkpoint.keep), 1), async_save=False)
-  try:
-    restored = checkpointer.restore_latest(abstract_state)
-  except ConfigError as e:
-    raise _refuse(workdir, f"has no readable checkpoint ({e})") from None
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise _refuse(workdir, "holds no complete checkpoint")
-  return nnx.merge(graphdef, restored[1]["params"]), cfg
+  model, _ = load_run_model(workdir, cfg, lambda: build_model(cfg.model, seed=0), key=ENTROPY_MODEL_KEY)
+  return model, cfg

@@ -18,7 +18,6 @@ Greedy output is identical to running the full model on the whole sequence at ev
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from typing import NamedTuple
@@ -288,32 +287,15 @@ def generate_samples(model: BLT, cfg, prompts: list[str], n_bytes: int, *, entro
 
 def load_blt(workdir: str) -> tuple[BLT, ml_collections.ConfigDict]:
   """(model, config) of a `blt.train` run: DIR/config.json and the parameters of its newest readable
-  checkpoint, on the first local device. Missing pieces are ConfigErrors naming the path."""
-  from common.train.checkpoint import Checkpointer
-  from common.train.optim import make_optimizer
-  from common.train.step import init_state
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
+  checkpoint, on the first local device (`common.train.restore`). Missing pieces are ConfigErrors naming the path."""
+  from common.train.restore import load_run_model, read_run_config
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
     raise ConfigError(f"--workdir: '{workdir}' holds no config.json (train with `python -m blt.train` first)")
-  with open(config_path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = read_run_config(workdir, "--workdir")
   if cfg.model.get("name") != "blt":
     raise ConfigError(f"--workdir: '{workdir}' is not a BLT run (model.name '{cfg.model.get('name')}')")
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: BLT(cfg.model, rngs=nnx.Rngs(params=0))), nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.eval_shape(lambda p: init_state(p, make_optimizer(cfg.train)), abstract_params)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(checkpoint_dir):
-    raise ConfigError(f"--workdir: '{workdir}' holds no checkpoints")
-  checkpointer = Checkpointer(checkpoint_dir, keep=max(int(cfg.checkpoint.keep), 1), async_save=False)
-  try:
-    restored = checkpointer.restore_latest(abstract)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise ConfigError(f"--workdir: '{workdir}' holds no complete checkpoint")
-  return nnx.merge(graphdef, restored[1]["params"]), cfg
+  model, _ = load_run_model(workdir, cfg, lambda: BLT(cfg.model, rngs=nnx.Rngs(params=0)), key="--workdir")
+  return model, cfg
 
 
 FLAGS = {"workdir": str, "prompt": str, "max-bytes": int, "temperature": float, "seed": int}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,21 +15,8 @@ from moe_scaling import data
 def load_trained(cfg, workdir: str, task) -> nnx.Module:
   """The model of `task` with the parameters of the newest checkpoint in `workdir`, on one device (scoring
   needs no mesh); evaluation never passes a training key, so routers run without noise."""
-  from common import sharding
-  from common.train.checkpoint import Checkpointer
-  from common.train.loop import init_train_state
-  from common.train.optim import make_optimizer
-  mesh = sharding.make_mesh((1,), ("data",), jax.devices()[:1])
-  graphdef, _, state = init_train_state(task, make_optimizer(cfg.train), mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep, async_save=False)
-  try:
-    restored = ckpt.restore_latest(abstract)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in '{workdir}/checkpoints' to evaluate")
-  return nnx.merge(graphdef, restored[1]["params"])
+  from common.train.restore import load_run_model
+  return load_run_model(workdir, cfg, task.build_model, key="--out")[0]
 
 
 def _nll_fn(model):

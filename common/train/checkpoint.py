@@ -36,8 +36,9 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)))
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the newest readable checkpoint, or None if there is none at all."""
+  def restore_latest(self, abstract_state: Any, *, set_aside: bool = True) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest readable checkpoint, or None if there is none at all. Newer unreadable
+    ones are set aside (`set_aside`, the trainer's resume) or only skipped (readers of another run)."""
     steps = self.steps()
     unreadable = []
     for step in reversed(steps):
@@ -50,7 +51,7 @@ class Checkpointer:
               flush=True)
         unreadable.append(step)
         continue
-      for bad in unreadable:
+      for bad in unreadable if set_aside else ():
         self._set_aside(bad)
       return step, out["state"], dict(out["meta"])
     if steps:

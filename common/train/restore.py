@@ -1,0 +1,69 @@
+"""A training run read back as a model: DIR/config.json and the parameters of the newest complete checkpoint,
+on one device, for generation, scoring or as a frozen component of another model (BLT's entropy model).
+
+Read-only: unlike the trainer's resume, an unreadable checkpoint is skipped, never set aside, since the run
+may belong to someone else or still be going. Errors are ConfigErrors naming the config key (or flag) that
+pointed at the run and the path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from flax import nnx
+
+from common.config import ConfigError
+
+
+def _refuse(key: str, what: str) -> ConfigError:
+  where = key if key.startswith("--") else f"config key '{key}'"
+  return ConfigError(f"{where}: {what}")
+
+
+def read_run_config(workdir: str, key: str) -> ml_collections.ConfigDict:
+  """DIR/config.json of a training run, as the trainer resolved it."""
+  if not workdir:
+    raise _refuse(key, "no run given (an empty path)")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise _refuse(key, f"'{workdir}' holds no config.json (not a training run's workdir)")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise _refuse(key, f"'{path}' is unreadable ({e})") from None
+
+
+def load_run_model(workdir: str, cfg, build_model: Callable[[], nnx.Module], *, key: str,
+                   trainable: Any = None) -> tuple[nnx.Module, int]:
+  """(model with the run's newest complete parameters, its step). `build_model` builds the run's model from
+  `cfg` (the run's config, from `read_run_config`); `trainable` is the filter the run trained with (its
+  optimizer state has that layout)."""
+  from common.train.checkpoint import Checkpointer
+  from common.train.optim import make_optimizer, only_trainable
+  from common.train.step import init_state
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoint_dir):
+    raise _refuse(key, f"'{workdir}' holds no checkpoints")
+  abstract_model = nnx.eval_shape(build_model)
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  optimizer = make_optimizer(cfg.train)
+  if trainable is not None:
+    optimizer = only_trainable(optimizer, abstract_model, trainable)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
+  checkpointer = Checkpointer(checkpoint_dir, keep=max(int(cfg.checkpoint.keep), 1), async_save=False)
+  try:
+    restored = checkpointer.restore_latest(abstract_state, set_aside=False)
+  except ConfigError as e:
+    raise _refuse(key, f"'{workdir}' has no readable checkpoint ({e})") from None
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise _refuse(key, f"'{workdir}' holds no complete checkpoint")
+  step, state, _ = restored
+  return nnx.merge(graphdef, state["params"]), step
