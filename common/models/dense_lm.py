@@ -16,6 +16,7 @@ from flax import nnx
 
 from common.config import ConfigError, require
 from common.nn import Block, Embed, Linear, RMSNorm
+from common.nn.kv_cache import KVCache, decode_blocks, init_caches
 from common.nn.moe import MoE, MoESettings
 from common.kernels.grouped_matmul.ops import IMPLS as GROUPED_IMPLS
 from common.nn.moe.layer import MODES, ROUTINGS, SECOND_POLICIES
@@ -122,6 +123,21 @@ class DenseLM(nnx.Module):
 
   def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
     return self.logits(self.hidden(tokens, positions, segment_ids))
+
+  def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+    """Empty key/value caches for `decode`, one per block, for rows of up to `max_len` tokens (a windowed
+    model keeps a ring buffer of `model.window` slots), in the compute dtype."""
+    return init_caches(self.blocks, batch, max_len, dtype=DTYPES[self.cfg.dtype])
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, caches: list[KVCache],
+             advance: jax.Array | None = None, *, last_only: bool = False) -> tuple[jax.Array, list[KVCache]]:
+    """The cached twin of `__call__`: logits [batch, new, vocab] (f32) of new tokens [batch, new] at absolute
+    `positions` given what the caches hold (a prompt, then one token at a time), and the updated caches.
+    `last_only`: logits of the last new token only ([batch, 1, vocab]), all a prompt's prefill needs."""
+    x, caches = decode_blocks(self.blocks, self.embed(tokens), positions, segment_ids, caches, advance)
+    if last_only:
+      x = x[:, -1:]
+    return self.logits(self.final_norm(x)), caches
 
 
 def build_model(model_cfg, *, seed: int) -> nnx.Module:

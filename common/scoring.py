@@ -1,0 +1,101 @@
+"""Log-likelihood scoring with the dense LM: continuations given prompts, perplexity, multiple choice.
+
+The log-probability of a continuation c given a prompt x is sum_t log p(c_t | x, c_<t), read off one
+forward pass over x + c (teacher forcing), as in the multiple-choice evaluations of GPT-3 (Brown et al.
+2020, Sec. 2.4), which also compare options by their length-normalised log-likelihood. Examples are sorted
+by length and batched with right padding (width a multiple of `WIDTH_BUCKET`); padding tokens carry
+segment id 0, so the real tokens never attend to them and their scores do not depend on the batch.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from common.generate import StaticGraph, padded_batch, put_batch, split_for_jit, under_mesh
+from common.models.hf_llama import mask_padded_vocab
+
+WIDTH_BUCKET = 32
+
+
+class Scored(NamedTuple):
+  logprob: float               # sum of the continuation's token log-probabilities
+  token_logprobs: np.ndarray   # f32 [len(continuation)]: log p(c_t | prompt, c_<t)
+  is_greedy: bool              # every continuation token is the model's argmax at its position
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _target_logprobs(graph: StaticGraph, vocab_size: int, state: nnx.State, inputs: jax.Array,
+                     targets: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """log p(targets[:, t] | inputs[:, :t+1]) f32 [batch, width] and whether each target is the argmax."""
+  model = nnx.merge(graph.graphdef, state)
+  logits = model(inputs, None, segment_ids)  # [batch, width, vocab]
+  if vocab_size:
+    logits = mask_padded_vocab(logits, vocab_size)
+  logprobs = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+  return picked, jnp.argmax(logits, axis=-1) == targets
+
+
+def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], *, batch_size: int = 16, vocab_size: int = 0,
+                        mesh: Mesh | None = None) -> list[Scored]:
+  """The log-likelihood of each continuation (ids) given its prompt (ids, at least one: e.g. BOS), per
+  example. `vocab_size` > 0 leaves the model's padded ids out of the softmax (`mask_padded_vocab`)."""
+  if len(prompts) != len(continuations):
+    raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+  empty = [i for i, p in enumerate(prompts) if not len(p)]
+  if empty:
+    raise ValueError(f"prompts {empty[:5]} are empty: the first token needs a context (e.g. BOS)")
+  graph, state = split_for_jit(model, mesh)
+  rows = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+  order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+  results: list[Scored | None] = [None] * len(rows)
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    batch = padded_batch(len(chunk), mesh)
+    width = -(-max(len(rows[i]) - 1 for i in chunk) // WIDTH_BUCKET) * WIDTH_BUCKET
+    inputs, targets = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
+    segment_ids = np.zeros((batch, width), np.int32)
+    for r, i in enumerate(chunk):
+      n = len(rows[i]) - 1
+      inputs[r, :n], targets[r, :n], segment_ids[r, :n] = rows[i][:-1], rows[i][1:], 1
+    with under_mesh(mesh):
+      logprobs, greedy = _target_logprobs(graph, int(vocab_size), state, *(
+          put_batch(a, mesh) for a in (inputs, targets, segment_ids)))
+    logprobs, greedy = np.asarray(jax.device_get(logprobs)), np.asarray(jax.device_get(greedy))
+    for r, i in enumerate(chunk):
+      n, k = len(rows[i]) - 1, len(continuations[i])
+      token_logprobs = logprobs[r, n - k:n]
+      results[i] = Scored(float(token_logprobs.sum(dtype=np.float64)), token_logprobs,
+                          bool(greedy[r, n - k:n].all()))
+  return results
+
+
+def perplexity(model: nnx.Module, token_rows: Sequence[Sequence[int]], *, batch_size: int = 16,
+               vocab_size: int = 0, mesh: Mesh | None = None) -> float:
+  """exp of the mean negative log-likelihood of every token but each row's first (which has no context)."""
+  scored = score_continuations(model, [row[:1] for row in token_rows], [row[1:] for row in token_rows],
+                               batch_size=batch_size, vocab_size=vocab_size, mesh=mesh)
+  count = sum(len(row) - 1 for row in token_rows)
+  if count == 0:
+    raise ValueError("perplexity needs at least one row of two or more tokens")
+  return math.exp(-sum(s.logprob for s in scored) / count)
+
+
+def choose(model: nnx.Module, prompt: Sequence[int], options: Sequence[Sequence[int]], *,
+           length_normalize: bool = False, vocab_size: int = 0, mesh: Mesh | None = None) -> int:
+  """Index of the option (ids) the model finds most likely after the prompt: by summed log-likelihood, or
+  with `length_normalize` by its mean per token, which does not favour short options."""
+  if not options or any(not len(o) for o in options):
+    raise ValueError("choose needs at least one option, each of one token or more")
+  scored = score_continuations(model, [prompt] * len(options), options, batch_size=len(options),
+                               vocab_size=vocab_size, mesh=mesh)
+  values = [s.logprob / len(o) if length_normalize else s.logprob for s, o in zip(scored, options)]
+  return int(np.argmax(values))

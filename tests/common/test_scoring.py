@@ -1,0 +1,100 @@
+"""common.scoring: continuation log-likelihoods against summing the model's log-softmax by hand, independence
+from batching and padding, perplexity, multiple choice, and the same scores on an 8-device mesh."""
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from common import sharding
+from common.configs.base import dense_model
+from common.models.dense_lm import DenseLM
+from common.scoring import choose, perplexity, score_continuations
+
+VOCAB = 64
+WIDTH = 16  # longer than every row of these tests
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = dense_model(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                    tie_embeddings=False)
+  return DenseLM(cfg, rngs=nnx.Rngs(params=0))
+
+
+def _examples(seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = [(1, 4), (6, 2), (3, 7), (9, 1), (2, 3)]  # (prompt, continuation) lengths
+  return ([[int(t) for t in rng.integers(0, VOCAB, p)] for p, _ in shapes],
+          [[int(t) for t in rng.integers(0, VOCAB, c)] for _, c in shapes])
+
+
+def _by_hand(model, prompts, continuations, vocab_size=VOCAB):
+  """log p(c_t | prompt, c_<t) of each example from the model's log-softmax over its whole row. The rows go
+  right-padded through one forward pass: causal attention keeps the padding after a row's end invisible."""
+  rows = [p + c for p, c in zip(prompts, continuations)]
+  buffer = np.zeros((len(rows), WIDTH), np.int32)
+  for i, row in enumerate(rows):
+    buffer[i, :len(row)] = row
+  logits = np.asarray(model(buffer), np.float64)[..., :vocab_size]
+  shifted = logits - logits.max(-1, keepdims=True)
+  logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  return [np.array([logprobs[i, len(p) - 1 + t, token] for t, token in enumerate(c)])
+          for i, (p, c) in enumerate(zip(prompts, continuations))]
+
+
+@pytest.mark.parametrize("vocab_size", [0, 50], ids=["whole_vocab", "padded_vocab"])
+def test_scores_are_summed_log_softmax_of_the_full_forward(model, vocab_size):
+  prompts, continuations = _examples()
+  continuations = [[t % 50 for t in c] for c in continuations]
+  scored = score_continuations(model, prompts, continuations, vocab_size=vocab_size)
+  for expected, s in zip(_by_hand(model, prompts, continuations, vocab_size or VOCAB), scored):
+    np.testing.assert_allclose(s.token_logprobs, expected, atol=1e-5)
+    assert s.logprob == pytest.approx(expected.sum(), abs=1e-4)
+
+
+def test_batching_and_padding_do_not_change_scores(model):
+  prompts, continuations = _examples(1)
+  together = score_continuations(model, prompts, continuations, batch_size=8)
+  in_pairs = score_continuations(model, prompts, continuations, batch_size=2)
+  for i, s in enumerate(together):
+    alone = score_continuations(model, [prompts[i]], [continuations[i]])[0]
+    np.testing.assert_allclose(s.token_logprobs, alone.token_logprobs, atol=1e-5)
+    np.testing.assert_allclose(in_pairs[i].token_logprobs, alone.token_logprobs, atol=1e-5)
+
+
+def test_the_greedy_continuation_is_flagged(model):
+  prompt, greedy = [5, 9, 2], []
+  for _ in range(3):
+    row = prompt + greedy
+    logits = np.asarray(model(np.asarray([row + [0] * (WIDTH - len(row))])))
+    greedy.append(int(logits[0, len(row) - 1].argmax()))
+  other = greedy[:2] + [(greedy[2] + 1) % VOCAB]
+  flags = [s.is_greedy for s in score_continuations(model, [prompt, prompt], [greedy, other])]
+  assert flags == [True, False]
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll(model):
+  rows = [[3, 14, 15, 9, 26], [5, 35, 8]]
+  nll = -sum(lp.sum() for lp in _by_hand(model, [row[:1] for row in rows], [row[1:] for row in rows]))
+  assert perplexity(model, rows) == pytest.approx(math.exp(nll / 6), rel=1e-5)
+
+
+def test_choose_takes_the_argmax_of_summed_or_mean_log_likelihood(model):
+  prompt = [7, 1, 30]
+  options = [[4], [4, 12, 40, 2], [33, 8], [19, 19, 19]]
+  sums = np.array([lp.sum() for lp in _by_hand(model, [prompt] * len(options), options)])
+  means = sums / np.array([len(o) for o in options])
+  assert choose(model, prompt, options) == int(sums.argmax())
+  assert choose(model, prompt, options, length_normalize=True) == int(means.argmax())
+
+
+def test_mesh_gives_the_scores_of_one_device(model):
+  prompts, continuations = _examples(2)
+  mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  single = score_continuations(model, prompts, continuations)
+  sharded = score_continuations(model, prompts, continuations, mesh=mesh)
+  assert jax.tree.leaves(nnx.state(model))[0].sharding.num_devices == 1  # the model itself was not moved
+  for a, b in zip(single, sharded):
+    np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
