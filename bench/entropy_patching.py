@@ -15,8 +15,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bench.timing import median_seconds
 from common.kernels.entropy_patching import entropy_patching
 
 RULES = (("global", False, 0), ("monotonic, max 8", True, 8))
@@ -30,13 +30,7 @@ def time_op(logits: jax.Array, impl: str, *, monotonic: bool, max_patch_length: 
   t0 = time.perf_counter()
   jax.block_until_ready(op(logits, threshold))
   compile_s = time.perf_counter() - t0
-  jax.block_until_ready(op(logits, threshold))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(op(logits, threshold))
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
+  step_s = median_seconds(op, logits, threshold, repeats=repeats)[0]
   return dict(impl=impl, dtype=str(logits.dtype), monotonic=monotonic, max_patch_length=max_patch_length,
               ms=step_s * 1e3, gb_per_s=logits.nbytes / step_s / 1e9, compile_s=compile_s)
 

@@ -23,13 +23,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import argparse
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.timing import median_seconds
 from common import config as config_lib
 from common.generate import StaticGraph, generate_ids
 from common.models import build_model, padded_vocab_size
@@ -66,17 +66,6 @@ def uncached_greedy(model: nnx.Module, prompts: np.ndarray, new_tokens: int) -> 
   return np.asarray(tokens[:, prompt:])
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-  """(median seconds of `repeats` calls after one warm-up call, the last result)."""
-  out = fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), out
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="common/configs/dense_bench.py")
@@ -98,10 +87,10 @@ def main():
     prompts = rng.integers(3, vocab, (batch, args.prompt)).astype(np.int32)
     results = {}
     for loop in ("while", "python"):
-      seconds, out = timed(lambda: generate_ids(model, prompts.tolist(), max_new_tokens=args.new, loop=loop),
-                           args.repeats)
+      seconds, out = median_seconds(
+          lambda: generate_ids(model, prompts.tolist(), max_new_tokens=args.new, loop=loop), repeats=args.repeats)
       results[f"cached_{loop}"] = (seconds, args.new, np.asarray(out))
-    seconds, out = timed(lambda: uncached_greedy(model, prompts, args.uncached_new), args.repeats)
+    seconds, out = median_seconds(lambda: uncached_greedy(model, prompts, args.uncached_new), repeats=args.repeats)
     results["uncached"] = (seconds, args.uncached_new, out)
     reference = results["uncached"][2]
     for name, (seconds, new, out) in results.items():

@@ -16,26 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.timing import ffn_grad_step, median_seconds
 from common.kernels.grouped_matmul import grouped_matmul, reference
 from common.nn import SwiGLU
 from common.nn.moe import MoE, MoESettings
-
-
-def median_seconds(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def onehot_gmm(lhs, rhs, group_sizes):
@@ -55,16 +45,6 @@ def expert_ffn(gmm):
     y = gmm(jax.nn.silu(h[:, 0]) * h[:, 1], down, group_sizes)
     return jnp.sum(y ** 2)
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def layer_step(module):
-  graphdef, params = nnx.split(module, nnx.Param)
-
-  def loss(p, x):
-    m = nnx.merge(graphdef, p)
-    y = m.apply(x)[0] if isinstance(m, MoE) else m(x)
-    return jnp.sum(y ** 2)
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), params
 
 
 def main():
@@ -89,8 +69,8 @@ def main():
   down = jax.random.normal(keys[3], (e, f, d), jnp.float32) / np.sqrt(f)
 
   dense = SwiGLU(d, k * f, rngs=nnx.Rngs(params=0))
-  step, params = layer_step(dense)
-  dense_seconds = median_seconds(step, (params, x), a.repeats)
+  step, params = ffn_grad_step(dense)
+  dense_seconds = median_seconds(step, params, x, repeats=a.repeats)[0]
   results = {"experts": {"dense": dict(seconds=dense_seconds)}, "layer": {"dense": dict(seconds=dense_seconds)}}
   gmms = {"ragged_dot": reference.gmm, "onehot": onehot_gmm}
   variants = {name: gmms[name] for name in a.formulations.split(",") if name}
@@ -99,12 +79,12 @@ def main():
     variants[f"xla_tiles {spec}"] = lambda l, r, s, tiling=tiling: grouped_matmul(l, r, s, impl="xla_tiles",
                                                                                   tiling=tiling)
   for name, gmm in variants.items():
-    results["experts"][name] = dict(seconds=median_seconds(expert_ffn(gmm), (rows, gate_up, down, group_sizes),
-                                                           a.repeats))
+    results["experts"][name] = dict(seconds=median_seconds(expert_ffn(gmm), rows, gate_up, down, group_sizes,
+                                                           repeats=a.repeats)[0])
   for mode in ("capacity", "dropless"):
     layer = MoE(d, f, MoESettings(e, top_k=k, mode=mode, capacity_factor=1.0), rngs=nnx.Rngs(params=0))
-    step, params = layer_step(layer)
-    results["layer"][f"moe {mode}"] = dict(seconds=median_seconds(step, (params, x), a.repeats))
+    step, params = ffn_grad_step(layer)
+    results["layer"][f"moe {mode}"] = dict(seconds=median_seconds(step, params, x, repeats=a.repeats)[0])
 
   print(f"{jax.devices()[0].platform}: {t} tokens, d {d}, E={e} top-{k} ffn {f} vs dense ffn {k * f}, fwd+bwd; "
         f"group sizes {np.asarray(group_sizes).tolist()}")

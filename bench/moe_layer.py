@@ -10,34 +10,20 @@ on GPU; `model.moe.grouped_impl` forces one); the implementations are compared i
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from common.nn import SwiGLU
+from bench.timing import ffn_grad_step, median_seconds
 from common.nn.moe import MoE, MoESettings
 
 
 def time_fwd_bwd(module, x, repeats: int) -> float:
   """Median seconds of one jitted forward + backward."""
-  graphdef, params = nnx.split(module, nnx.Param)
-
-  def loss(p, x):
-    m = nnx.merge(graphdef, p)
-    y = m.apply(x)[0] if isinstance(m, MoE) else m(x)
-    return jnp.sum(y.astype(jnp.float32) ** 2)
-
-  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  jax.block_until_ready(step(params, x))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(params, x))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  step, params = ffn_grad_step(module)
+  return median_seconds(step, params, x, repeats=repeats)[0]
 
 
 def main():
