@@ -9,12 +9,11 @@ thousands separators removed, the solution the text before it without the annota
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from typing import Iterator
 
 from common.config import ConfigError
+from common.data.jsonl import jsonl_objects
 from common.eval.harness import GenerationExample
 
 MATH_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -32,19 +31,7 @@ class MathProblem:
 
 
 def _rows(path: str) -> Iterator[tuple[int, dict]]:
-  if not os.path.isfile(path):
-    raise ConfigError(f"{path}: no such file")
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{line_no}: not a JSON object ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ConfigError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-      yield line_no, row
+  return jsonl_objects(path, ConfigError)
 
 
 def _field(row: dict, key: str, path: str, line_no: int, kind: type = str):

@@ -108,13 +108,17 @@ class Attention(nnx.Module):
     self.rope = (head_dim, float(rope_theta), tuple(sorted((rope_scaling or {}).items())))
     self.window = window
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    q, k, v = self.q(x), self.k(x), self.v(x)  # [batch, length, heads|kv_heads, head_dim]
+  def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projections, QK-norm and RoPE at absolute `positions`: q [batch, length, heads, head_dim], k and v
+    [batch, length, kv_heads, head_dim]."""
+    q, k, v = self.q(x), self.k(x), self.v(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_frequencies(self.rope[0], self.rope[1], dict(self.rope[2]))
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    q, k, v = self._qkv(x, positions)
     out = blockwise_causal_attention(q, k, v, segment_ids, window=self.window)
     return self.o(out.reshape(*out.shape[:2], -1))
 
@@ -122,12 +126,7 @@ class Attention(nnx.Module):
              advance: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Incremental form of `__call__`: new tokens x [batch, new, d_model] at absolute `positions` attend to
     the cached keys and to each other (`common.nn.kv_cache`); returns (output, cache with them appended)."""
-    q, k, v = self.q(x), self.k(x), self.v(x)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    inv_freq = rope_frequencies(self.rope[0], self.rope[1], dict(self.rope[2]))
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q, k, v = self._qkv(x, positions)
     mask = decode_mask(cache, positions, segment_ids, window=self.window)
     keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
     values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from common.data import DataError
+from common.data.jsonl import jsonl_objects
 from common.tokenizers import Llama3Tokenizer, Tokenizer
 
 OVERLONG_POLICIES = ("error", "truncate")
@@ -65,19 +66,9 @@ def generate_examples(n: int, seed: int) -> list[dict[str, str]]:
 
 def read_jsonl(path: str, key: str) -> list[dict]:
   """The examples of a jsonl file; a missing file or a bad line is a DataError naming `key` and the line."""
+  error = lambda message: DataError(f"config key '{key}': {message}")
   path = os.path.expanduser(path)
-  if not os.path.isfile(path):
-    raise DataError(f"config key '{key}': no such file '{path}'")
-  examples = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        example = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"config key '{key}': {path}:{number} is not JSON ({e.msg})") from None
-      examples.append(_checked(example, f"{path}:{number}", key))
+  examples = [_checked(row, f"{path}:{number}", key) for number, row in jsonl_objects(path, error)]
   if not examples:
     raise DataError(f"config key '{key}': '{path}' holds no examples")
   return examples

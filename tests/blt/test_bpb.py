@@ -1,6 +1,5 @@
 """Bits per byte (blt.train.blt_summary) counts byte targets only: a BLT whose next-byte distribution is uniform
 over the 256 byte values scores exactly 8 on real eval rows, although those rows also have EOS targets."""
-import importlib.util
 import math
 import os
 
@@ -12,16 +11,14 @@ from flax import nnx
 
 from blt.model import BLT
 from blt.train import EOS, blt_loss, blt_summary, resolve_max_patches, seqio_to_blt
+from common import config as config_lib
 from common.data import LMData
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny_config(cache_dir: str):
-  spec = importlib.util.spec_from_file_location("_blt_tiny", os.path.join(ROOT, "blt/configs/tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config_lib.load(os.path.join(ROOT, "blt/configs/tiny.py"))
   cfg.model.update(d_local=32, n_heads_local=2, n_heads_cross=2, local_window=16, d_global=64, n_heads_global=2,
                    hash_table_size=256, n_layers_decoder=1, n_layers_global=1)
   cfg.data.update(seq_len=64, cache_dir=cache_dir, max_train_bytes=100_000, max_eval_bytes=20_000)

@@ -1,6 +1,5 @@
 """blt.calibrate: the threshold it finds gives the target mean patch size (within 5%) on the entropies of a
 real byte LM trained for a few steps, counted independently in numpy; and its command line."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ from blt.calibrate import calibrate_threshold, sample_patching_inputs
 from blt.entropy import EntropyScorer, load_entropy_model
 from blt.patcher import patch
 from blt.train import PatchingData
+from common import config as config_lib
 from common.data import LMData
 from common.train.lm_task import lm_task
 from common.train.loop import train
@@ -23,10 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def tiny_entropy_config(cache_dir: str):
-  spec = importlib.util.spec_from_file_location("_entropy_tiny", os.path.join(ROOT, "blt/configs/entropy_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config_lib.load(os.path.join(ROOT, "blt/configs/entropy_tiny.py"))
   cfg.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, window=16)
   cfg.data.update(seq_len=64, cache_dir=cache_dir, max_train_bytes=100_000, max_eval_bytes=20_000)
   cfg.train.update(steps=30, batch_size=8, warmup_steps=5, learning_rate=1e-2)
