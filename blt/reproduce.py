@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 
+from common.scaling.runs import finished, format_pm, read_metrics
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,24 +80,6 @@ class Run:
 def steps_for_budget(budget: float, flops_per_step: float) -> int:
   """The step count whose training FLOPs are nearest the budget (at least one step)."""
   return max(1, round(budget / flops_per_step))
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def finished(workdir: str) -> bool:
-  """Whether a trainer run in `workdir` reached its last step and evaluated there (ARCHITECTURE.md files)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    steps = int(json.load(f)["train"]["steps"])
-  return any(m.get("step") == steps and any(k.startswith("eval/") for k in m) for m in read_metrics(workdir))
 
 
 # ------------------------------------------------------------------------------------- shared artefacts
@@ -296,10 +280,6 @@ def summarize(records: list[dict]) -> list[dict]:
   return rows
 
 
-def _pm(value: float, half: float, fmt: str) -> str:
-  return format(value, fmt) + ("" if math.isnan(half) else f" ± {format(half, fmt)}")
-
-
 def markdown(rows: list[dict], budget: float, notes: list[str]) -> str:
   lines = [f"Training budget {budget:.3g} FLOPs per model; bpb on the same held-out bytes; "
            f"{rows[0]['seeds'] if rows else 0} seed(s), ± = 95% t-interval over seeds.", "",
@@ -307,8 +287,8 @@ def markdown(rows: list[dict], budget: float, notes: list[str]) -> str:
            " seeds |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f} M | {r['steps']} | {r['train_flops']:.3g} | "
-                 f"{_pm(r['inference_flops_per_byte'], r['inference_flops_per_byte_ci95'], '.3g')} | "
-                 f"{_pm(r['patch_size'], r['patch_size_ci95'], '.2f')} | {_pm(r['bpb'], r['bpb_ci95'], '.4f')} | "
+                 f"{format_pm(r['inference_flops_per_byte'], r['inference_flops_per_byte_ci95'], '.3g')} | "
+                 f"{format_pm(r['patch_size'], r['patch_size_ci95'], '.2f')} | {format_pm(r['bpb'], r['bpb_ci95'], '.4f')} | "
                  f"{r['seeds']} |")
   return "\n".join(lines + [""] + notes) + "\n"
 

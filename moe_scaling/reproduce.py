@@ -29,6 +29,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from common.scaling.runs import format_pm, read_metrics  # pylint: disable=g-import-not-at-top
+
 FAMILIES = ("dense", "moe")
 
 
@@ -46,10 +48,8 @@ def _final_eval(workdir: str) -> float:
   """The trainer's last validation cross-entropy: `eval/nll` (MoE: without the auxiliary losses), else
   `eval/loss` (dense models, where the two are equal)."""
   value = math.nan
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      value = row.get("eval/nll", row.get("eval/loss", value))
+  for row in read_metrics(workdir):
+    value = row.get("eval/nll", row.get("eval/loss", value))
   return value
 
 
@@ -130,10 +130,6 @@ def seed_means(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
   return out
 
 
-def _pm(value: float, half: float, fmt: str) -> str:
-  return f"{value:{fmt}}" + ("" if math.isnan(half) else f" ± {half:{fmt}}")
-
-
 def tables(rows: list[dict], shots) -> tuple[list[str], dict]:
   from common.scaling.frontier import fit_loss_vs_compute, frontier
   keys = ("flops", "in_loss", "in_ppl", "ood_ppl") + tuple(f"{s}shot" for s in shots)
@@ -144,10 +140,10 @@ def tables(rows: list[dict], shots) -> tuple[list[str], dict]:
   for m in means:
     p = m["params"]
     active = p.get("active_non_embedding", p["non_embedding"])
-    accs = " | ".join(_pm(m[f"{s}shot"], m[f"{s}shot_ci95"], ".3f") for s in shots)
+    accs = " | ".join(format_pm(m[f"{s}shot"], m[f"{s}shot_ci95"], ".3f") for s in shots)
     lines.append(f"| {m['family']} | {m['d_model']} | {p['non_embedding'] / 1e6:.2f}M ({active / 1e6:.2f}M) | "
-                 f"{m['flops']:.3g} | {_pm(m['in_ppl'], m['in_ppl_ci95'], '.3f')} | "
-                 f"{_pm(m['ood_ppl'], m['ood_ppl_ci95'], '.3f')} | {accs} |")
+                 f"{m['flops']:.3g} | {format_pm(m['in_ppl'], m['in_ppl_ci95'], '.3f')} | "
+                 f"{format_pm(m['ood_ppl'], m['ood_ppl_ci95'], '.3f')} | {accs} |")
   fits = {}
   for family in FAMILIES:
     law = fit_loss_vs_compute(*frontier([m for m in means if m["family"] == family], loss_key="in_loss"))
@@ -158,8 +154,8 @@ def tables(rows: list[dict], shots) -> tuple[list[str], dict]:
             "at equal out-of-domain loss | seeds |", "|---|---|---|---|---|"]
   equivalence = dict(in_domain=summarize(rows), out_of_domain=summarize(rows, "ood_loss"))
   for ind, ood in zip(equivalence["in_domain"], equivalence["out_of_domain"]):
-    lines.append(f"| {ind['d_model']} | {ind['flops']:.3g} | {_pm(ind['factor'], ind['ci95'], '.2f')}x | "
-                 f"{_pm(ood['factor'], ood['ci95'], '.2f')}x | {ind['n']} |")
+    lines.append(f"| {ind['d_model']} | {ind['flops']:.3g} | {format_pm(ind['factor'], ind['ci95'], '.2f')}x | "
+                 f"{format_pm(ood['factor'], ood['ci95'], '.2f')}x | {ind['n']} |")
   return lines, dict(means=means, fits=fits, equivalence=equivalence)
 
 
