@@ -7,7 +7,11 @@ each grouped matmul formulation: `ragged_dot` (the reference), the one-hot formu
 placed in its expert's block of a [rows, E * d] matrix, one dense product against the stacked weights: E
 times the FLOPs in one large GEMM), and `xla_tiles` at several tile sizes; then an MoE layer step (router,
 sort, experts, unsort; capacity and dropless with impl='auto'); each against a dense SwiGLU with the same
-active FLOPs (d_ff = top_k x the experts'). Prints the table and writes bench/results/grouped_matmul.json.
+active FLOPs (d_ff = top_k x the experts'). Last, a MoMa layer step (`common.nn.moe.modality_groups`: E/2 text +
+E/2 image expert-choice experts, capacity factor 1, half the tokens of each modality) and the same experts as
+one mixed-modal expert-choice group, against a dense SwiGLU as wide as one expert (expert choice with capacity
+factor 1 runs each token through one expert on average: equal active FLOPs, up to the router). Prints the table
+and writes bench/results/grouped_matmul.json.
 The Pallas kernel in interpret mode is no speed figure, so it is not timed here; on a GPU use
 `common.kernels.grouped_matmul.self_check(impl='pallas')`.
 """
@@ -26,6 +30,7 @@ from bench.timing import ffn_grad_step, median_seconds
 from common.kernels.grouped_matmul import grouped_matmul, reference
 from common.nn import SwiGLU
 from common.nn.moe import MoE, MoESettings
+from common.nn.moe.modality_groups import GroupSettings, ModalityExperts
 
 
 def onehot_gmm(lhs, rhs, group_sizes):
@@ -45,6 +50,17 @@ def expert_ffn(gmm):
     y = gmm(jax.nn.silu(h[:, 0]) * h[:, 1], down, group_sizes)
     return jnp.sum(y ** 2)
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def modality_grad_step(layer: ModalityExperts, modality: jax.Array):
+  """`bench.timing.ffn_grad_step` for a modality-grouped layer, the modality of each token fixed."""
+  graphdef, params = nnx.split(layer, nnx.Param)
+
+  def loss(p, x):
+    y = nnx.merge(graphdef, p).apply(x, modality)[0]
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), params
 
 
 def main():
@@ -85,13 +101,21 @@ def main():
     layer = MoE(d, f, MoESettings(e, top_k=k, mode=mode, capacity_factor=1.0), rngs=nnx.Rngs(params=0))
     step, params = ffn_grad_step(layer)
     results["layer"][f"moe {mode}"] = dict(seconds=median_seconds(step, params, x, repeats=a.repeats)[0])
+  step, params = ffn_grad_step(SwiGLU(d, f, rngs=nnx.Rngs(params=0)))
+  results["moma"] = {"dense": dict(seconds=median_seconds(step, params, x, repeats=a.repeats)[0])}
+  modality = jnp.arange(t) % 2  # half text, half image
+  for name, groups in ((f"moma {e // 2}t{e - e // 2}i", (e // 2, e - e // 2)), (f"ec mixed {e}", (e,))):
+    layer = ModalityExperts(d, f, GroupSettings(groups), rngs=nnx.Rngs(params=0))
+    step, params = modality_grad_step(layer, modality)
+    results["moma"][name] = dict(seconds=median_seconds(step, params, x, repeats=a.repeats)[0])
 
   print(f"{jax.devices()[0].platform}: {t} tokens, d {d}, E={e} top-{k} ffn {f} vs dense ffn {k * f}, fwd+bwd; "
         f"group sizes {np.asarray(group_sizes).tolist()}")
   for part, rows_ in results.items():
-    print(f"{part:>8}: {'formulation':>22} {'ms':>9} {'x dense':>8}")
+    print(f"{part:>8}: {'formulation':>22} {'ms':>9} {'x dense':>8}"
+          + (f"   (dense ffn {f}, equal active FLOPs)" if part == "moma" else ""))
     for name, r in rows_.items():
-      r["ratio"] = r["seconds"] / dense_seconds
+      r["ratio"] = r["seconds"] / rows_["dense"]["seconds"]
       print(f"{'':>8}  {name:>22} {1e3 * r['seconds']:9.1f} {r['ratio']:8.2f}")
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as fh:

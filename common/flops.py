@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -42,11 +43,12 @@ class FlopCount:
   router: float = 0.0      # MoE routers: one logit per expert
   logits: float = 0.0      # unembedding
   embedding: float = 0.0   # a gather: 0
+  patches: float = 0.0     # Transfusion: patch in/out projections and the diffusion-timestep MLP
 
   @property
   def forward(self) -> float:
     return (self.q + self.k + self.v + self.o + self.attention + self.mlp + self.router + self.logits
-            + self.embedding)
+            + self.embedding + self.patches)
 
   @property
   def training(self) -> float:
@@ -203,6 +205,64 @@ def blt_inference_flops_per_byte(model_cfg, seq_len: int, *, entropy_model_cfg=N
   if entropy_model_cfg is not None:
     total += flops_for(entropy_model_cfg, seq_len, causal=True).forward
   return total
+
+
+def moma_flops(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
+  """Forward FLOPs per token of `moma.model.MoMaLM` (Lin et al. 2024, arXiv 2407.21770): the dense LM's layers
+  (shared GQA attention) with, per `model.moma`:
+    * an expert layer (`experts` non-empty, every `every`-th layer): capacity_factor SwiGLUs of width
+      `moma.d_ff` (or `model.d_ff`) per token (expert choice: E_m experts of a group take c N_m / E_m of its
+      N_m tokens each, before rounding the capacities up) and the router, 2 d E (all E logits are computed);
+    * a mixture-of-depths layer (`mod_layers`): a share p = ceil(mod_capacity L) / L of the tokens runs the
+      whole layer (projections, FFN, expert router: x p) and attends within those pL tokens (x p at
+      `attended_keys(pL)` keys), plus the depth router, 2 d, on every token (Raposo et al. 2024, sec. 3)."""
+  m = model_cfg
+  mm = m.moma
+  d, n, hd = int(m.d_model), int(m.n_layers), _head_dim(m)
+  h, kv, ff = int(m.n_heads), int(m.n_kv_heads), int(m.d_ff)
+  experts = tuple(int(e) for e in mm.experts)
+  expert_ff = int(mm.d_ff) or ff
+  mod_layers = {int(i) for i in mm.mod_layers}
+  window = int(m.get("window", 0) or 0)
+  c = dict(q=0.0, k=0.0, v=0.0, o=0.0, attention=0.0, mlp=0.0, router=0.0)
+  for i in range(n):
+    share, length = 1.0, seq_len
+    if i in mod_layers:
+      length = max(1, min(seq_len, math.ceil(float(mm.mod_capacity) * seq_len)))
+      share = length / seq_len
+      c["router"] += 2 * d
+    ctx = attended_keys(length, causal=causal, window=window)
+    c["q"] += share * 2 * d * h * hd
+    c["k"] += share * 2 * d * kv * hd
+    c["v"] += share * 2 * d * kv * hd
+    c["o"] += share * 2 * h * hd * d
+    c["attention"] += share * 2 * 2 * h * hd * ctx
+    if experts and (i + 1) % int(mm.every) == 0:
+      c["mlp"] += share * float(mm.capacity_factor) * 3 * 2 * d * expert_ff
+      c["router"] += share * 2 * d * sum(experts)
+    else:
+      c["mlp"] += share * 3 * 2 * d * ff
+  return FlopCount(**c, logits=2 * d * _require_vocab(m))
+
+
+register_flops("moma_lm", moma_flops)
+
+
+def mot_flops(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
+  """Forward FLOPs per token of `mot.model.MoTLM` / `mot.transfusion.TransfusionLM` (Liang et al. 2024, arXiv
+  2411.04996): a token goes through one modality's weights, so the layers cost the dense LM's (untied or
+  not). The Transfusion setting (`model.setting`) adds, on every position (as executed: the results are
+  selected per position), the patch projections in and out (2 x 2 d patch_dim) and the timestep MLP
+  (2 x 2 d^2, on a sinusoid of width d); its attention is counted causal as the dense LM's (the
+  bidirectional part within an image is a few keys per image query)."""
+  count = dense_lm_flops(model_cfg, seq_len, causal=causal)
+  if model_cfg.get("setting", "chameleon") != "transfusion":
+    return count
+  d = int(model_cfg.d_model)
+  return dataclasses.replace(count, patches=2 * 2 * d * int(model_cfg.patch_dim) + 2 * 2 * d * d)
+
+
+register_flops("mot", mot_flops)
 
 
 def flops_for(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
