@@ -1,0 +1,1 @@
+"""Config files of the mot package: `get_config(arg)` returning an ml_collections.ConfigDict."""
