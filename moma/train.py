@@ -1,0 +1,53 @@
+"""`python -m moma.train --config=moma/configs/tiny.py[:variant=dense|moe|moma|moma_mod] --workdir=DIR`
+
+Trains one of the models of the MoMa comparison (Lin et al. 2024, arXiv 2407.21770, table 2) on mixed-modal data
+in the Chameleon setting (image tokens from the VQ tokenizer) with the shared trainer (common/train): resume,
+SIGTERM and exit status 2 on bad input as every trainer. metrics.jsonl carries `nll` (cross-entropy without
+auxiliary losses), the per-modality losses of `common.train.mixed_modal_task` (`loss_text`, `loss_image`,
+`eval/loss_image`, ...) and the routing statistics the model sows, averaged over its routed layers
+(`moma.model.moma_loss_terms`): `moe/load_<e>` (each expert's share of the selected pairs), `moe/max_load_ratio`,
+`moe/fraction_dropped` (tokens no expert of their group took), `moe/router_entropy`, `moe/z_loss`, and with
+mixture-of-depths `mod/selected_fraction` and `mod/router_weight`.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
+
+from common.train.__main__ import cli  # pylint: disable=g-import-not-at-top
+
+
+def moma_loss(model, batch):
+  """Summed next-token cross-entropy over loss_mask plus the model's auxiliary losses (router z-loss, if
+  weighted) times the token count; as metric sums: `nll`, each modality's nll and loss, routing statistics."""
+  from common.train.mixed_modal_task import per_modality_nll, train_view
+  from moma.model import moma_loss_terms
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["modality"])
+  nll_sum, weight, sums = per_modality_nll(logits, batch)
+  aux, routing_sums = moma_loss_terms(model, weight)
+  sums.update(train_view(sums, weight))
+  sums.update(nll=nll_sum, **routing_sums)
+  return nll_sum + aux, weight, sums
+
+
+def make_task(cfg):
+  from common.train.mixed_modal_task import mixed_modal_task
+  from moma.model import build_moma_model
+  return mixed_modal_task(cfg, build_moma_model, loss_fn=moma_loss)
+
+
+def validate(cfg) -> None:
+  """data.* and model.* checks before the data is built (vocab_size 0, resolved from the data later, passes)."""
+  from common.config import require
+  from common.data.mixed_modal import validate_data_config
+  from moma.model import validate_moma_config
+  require(cfg.data.setting == "chameleon", "data.setting",
+          f"moma trains on discrete image tokens: 'chameleon', got '{cfg.data.setting}'")
+  validate_data_config(cfg.data)
+  probe = cfg.model.copy_and_resolve_references()
+  if int(probe.vocab_size) == 0:
+    probe.vocab_size = 128
+  validate_moma_config(probe)
+
+
+if __name__ == "__main__":
+  cli(make_task, validate)

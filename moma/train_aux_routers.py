@@ -1,0 +1,214 @@
+"""`python -m moma.train_aux_routers --workdir=RUN [--steps=N] [--batch_size=B] [--learning_rate=LR] [--hidden=H]
+[--eval_batches=N]`
+
+Trains the auxiliary routers of a finished `moma.train` run (moma/aux_routers.py; Lin et al. 2024, the section on
+inference) and measures the causal-inference gap. The run is read-only (`common.train.restore`) and frozen: on
+its training batches (from position 0, in the run's data order) the model's own expert-choice and MoD decisions
+are the BCE targets of the aux routers, which see only each token's router input. The routers are saved in
+RUN/aux_routers/checkpoints (rerunning resumes them; the run's checkpoints are never touched). Then, on the
+validation split, the loss of the model routed by expert choice over the batch (teacher-forced) is compared
+with the loss of the model routed by the aux routers token by token (causal), overall and per target modality,
+with the routers' BCE and accuracy against the expert-choice decisions; RUN/aux_routers/result.json holds it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
+
+DEFAULT_STEPS = 300
+DEFAULT_LEARNING_RATE = 3e-3
+PARTS = ("overall", "text", "image")
+
+
+def load_frozen_run(workdir: str):
+  """(run config, model with the newest parameters, its step) of a moma.train run; ConfigError naming
+  --workdir when it is not one."""
+  from common.train.restore import load_run_model, read_run_config
+  from moma.model import build_moma_model
+  cfg = read_run_config(workdir, "--workdir")
+  model, step = load_run_model(workdir, cfg, lambda: build_moma_model(cfg.model, seed=int(cfg.train.seed)),
+                               key="--workdir")
+  return cfg, model, step
+
+
+def make_data(cfg, batch_size: int):
+  from common.data.mixed_modal import MixedModalData
+  return MixedModalData(cfg.data, batch_size=batch_size, seed=int(cfg.train.seed))
+
+
+def _jnp_batch(batch: dict) -> dict:
+  import jax.numpy as jnp
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def train_routers(model, data, routers, *, steps: int, learning_rate: float, out_dir: str) -> list[dict]:
+  """Adam on the mean BCE over every routed decision of the real tokens of each training batch (the run's data
+  order from position 0); the main model only runs forward (frozen). Resumes from out_dir/checkpoints.
+  Returns the logged rows (step, bce, accuracy)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from common.train.checkpoint import Checkpointer
+  from moma import aux_routers
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(steps, 2),
+                                                learning_rate * 0.1)
+  optimizer = optax.adam(schedule)
+  nnx.pop(model, nnx.Intermediate)
+  model_def, model_state = nnx.split(model)
+  graphdef, params = nnx.split(routers, nnx.Param)
+  state = dict(params=params, opt_state=optimizer.init(params))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+  ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
+  start = 0
+  try:
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+      start, state, _ = restored
+
+    def loss_fn(params, model_state, batch):
+      frozen = nnx.merge(model_def, model_state)
+      inputs, decisions, masks = aux_routers.routing_targets(frozen, routers.layers, batch)
+      inputs = [jax.lax.stop_gradient(x) for x in inputs]
+      sums = aux_routers.routing_bce(nnx.merge(graphdef, params), inputs, decisions, batch["modality"], masks)
+      return sums["bce"] / jnp.maximum(sums["count"], 1.0), sums
+
+    @jax.jit
+    def step_fn(state, model_state, batch):
+      (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], model_state, batch)
+      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+      return dict(params=optax.apply_updates(state["params"], updates), opt_state=opt_state), sums
+
+    history = []
+    batch_size = data.train_batch(0)["inputs"].shape[0]
+    log_every = max(1, steps // 10)
+    for step in range(start, steps):
+      state, sums = step_fn(state, model_state, _jnp_batch(data.train_batch(step * batch_size)))
+      if (step + 1) % log_every == 0 or step + 1 == steps:
+        sums = jax.device_get(sums)
+        count = max(float(sums["count"]), 1.0)
+        row = dict(step=step + 1, bce=float(sums["bce"]) / count, accuracy=float(sums["correct"]) / count)
+        history.append(row)
+        print(f"aux routers step {step + 1}/{steps}: bce {row['bce']:.4f} accuracy {row['accuracy']:.3f}",
+              flush=True)
+    if steps > start:
+      ckpt.save(steps, state, dict(step=steps, data_position=steps * batch_size))
+  finally:
+    ckpt.close()
+  nnx.update(routers, state["params"])
+  return history
+
+
+def evaluate(model, routers, data, n_batches: int) -> dict:
+  """Validation: teacher-forced vs causal loss per part, aux BCE/accuracy against expert choice, the fraction of
+  tokens MoD layers let through causally, and the 'threshold' rule's gap and experts per token."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from common.train.mixed_modal_task import per_modality_nll
+  from moma import aux_routers
+
+  nnx.pop(model, nnx.Intermediate)
+  model_def, model_state = nnx.split(model)
+  routers_def, routers_state = nnx.split(routers)
+
+  @jax.jit
+  def one(model_state, routers_state, batch):
+    model, routers = nnx.merge(model_def, model_state), nnx.merge(routers_def, routers_state)
+    inputs, decisions, masks = aux_routers.routing_targets(model, routers.layers, batch)
+    out = aux_routers.routing_bce(routers, inputs, decisions, batch["modality"], masks)
+    routed = dict(teacher_forced=model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                       batch["modality"]))
+    nnx.pop(model, nnx.Intermediate)
+    for rule in aux_routers.RULES:
+      routed[rule], _, sums = aux_routers.causal_forward(model, routers, batch, rule=rule)
+      out.update({f"{rule}/{k}": v for k, v in sums.items()})
+    for name, logits in routed.items():
+      nll, weight, parts = per_modality_nll(logits, batch)
+      out[f"{name}/nll/overall"], out[f"{name}/weight/overall"] = nll, weight
+      for part in PARTS[1:]:
+        out[f"{name}/nll/{part}"] = parts.get(f"nll/{part}", jnp.zeros(()))
+        out[f"{name}/weight/{part}"] = parts.get(f"weight/{part}", jnp.zeros(()))
+    return out
+
+  totals: dict[str, float] = {}
+  for batch in data.eval_batches(n_batches):
+    for k, v in jax.device_get(one(model_state, routers_state, _jnp_batch(batch))).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  mean = lambda name, part: totals[f"{name}/nll/{part}"] / max(totals[f"{name}/weight/{part}"], 1.0)
+  result = {name: {part: mean(name, part) for part in PARTS} for name in ("teacher_forced", "top1", "threshold")}
+  result["causal"] = result.pop("top1")
+  result["gap"] = {p: result["causal"][p] - result["teacher_forced"][p] for p in PARTS}
+  count = max(totals["count"], 1.0)
+  result.update(bce=totals["bce"] / count, accuracy=totals["correct"] / count,
+                threshold_gap_overall=result["threshold"]["overall"] - result["teacher_forced"]["overall"],
+                mod_fraction=None, threshold_experts_per_token=None)
+  if totals["top1/mod_decisions"] > 0:
+    result["mod_fraction"] = totals["top1/mod_through"] / totals["top1/mod_decisions"]
+  if totals["threshold/expert_tokens"] > 0:
+    result["threshold_experts_per_token"] = totals["threshold/experts_used"] / totals["threshold/expert_tokens"]
+  return result
+
+
+def run(workdir: str, *, steps: int | None = None, batch_size: int = 0, learning_rate: float = DEFAULT_LEARNING_RATE,
+        hidden: int = 0, eval_batches: int = 0) -> dict:
+  """Trains (or resumes) the aux routers of the run in `workdir`, evaluates them, writes and returns the result."""
+  from flax import nnx
+  from common.config import ConfigError
+  from moma import aux_routers
+  steps = DEFAULT_STEPS if steps is None else steps
+  cfg, model, run_step = load_frozen_run(workdir)
+  batch_size = batch_size or int(cfg.train.batch_size)
+  eval_batches = eval_batches or int(cfg.eval.batches)
+  data = make_data(cfg, batch_size)
+  layers = aux_routers.routed_layers(model)
+  if not layers:
+    raise ConfigError(f"--workdir: the model of '{workdir}' routes nothing (a dense model): no aux routers to train")
+  out_dir = os.path.join(workdir, "aux_routers")
+  trained_on = os.path.join(out_dir, "run_step.json")
+  if os.path.exists(trained_on):
+    with open(trained_on) as f:
+      previous = json.load(f)["run_step"]
+    if previous != run_step:
+      raise ConfigError(f"--workdir: the aux routers in '{out_dir}' were trained on step {previous} of the run, "
+                        f"which is now at step {run_step}; move them away to train new ones")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(trained_on, "w") as f:
+    json.dump(dict(run_step=run_step), f)
+  hidden = hidden or aux_routers.default_hidden(int(cfg.model.d_model))
+  routers = aux_routers.AuxRouters(layers, int(cfg.model.d_model), hidden, rngs=nnx.Rngs(params=int(cfg.train.seed)))
+  history = train_routers(model, data, routers, steps=steps, learning_rate=learning_rate, out_dir=out_dir)
+  result = evaluate(model, routers, data, eval_batches)
+  result.update(run_step=run_step, steps=steps, eval_batches=eval_batches, batch_size=batch_size, hidden=hidden,
+                learning_rate=learning_rate, history=history,
+                layers=[dict(block=l.block, kind=l.kind, columns=l.n_columns) for l in layers])
+  with open(os.path.join(out_dir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m moma.train_aux_routers", description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, help="a finished moma.train run (read-only)")
+  p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+  p.add_argument("--batch_size", type=int, default=0, help="default: the run's train.batch_size")
+  p.add_argument("--learning_rate", type=float, default=DEFAULT_LEARNING_RATE)
+  p.add_argument("--hidden", type=int, default=0, help="hidden width of each aux router (default d_model / 4)")
+  p.add_argument("--eval_batches", type=int, default=0, help="validation batches (default: the run's eval.batches)")
+  a = p.parse_args(argv)
+  if a.steps < 0 or a.batch_size < 0 or a.hidden < 0 or a.eval_batches < 0 or a.learning_rate <= 0:
+    p.error("--steps, --batch_size, --hidden and --eval_batches must be >= 0, --learning_rate > 0")
+  result = run(a.workdir, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, hidden=a.hidden,
+               eval_batches=a.eval_batches)
+  print(json.dumps({k: result[k] for k in ("teacher_forced", "causal", "gap", "bce", "accuracy")}, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  from common.config import run_main
+  run_main(lambda: main(sys.argv[1:]))
