@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from common.models.hf_llama import mask_padded_vocab
+from common.nn.kv_cache import CACHE_AXES
 from common.sharding import batch_sharding, data_parallel_size, spec_for, state_shardings
 from common.tokenizers import Tokenizer
 
@@ -114,8 +115,7 @@ def _shard_caches(caches, mesh: Mesh | None):
   """Cache rows on the data axes and key/value heads on the tensor axis, as the activations they hold."""
   if mesh is None:
     return caches
-  names = dict(k=("batch", "length", "kv_heads", "head_dim"), v=("batch", "length", "kv_heads", "head_dim"),
-               positions=("batch", "length"), segment_ids=("batch", "length"), length=("batch",))
+  names = CACHE_AXES
 
   def constrain(cache):
     return cache._replace(**{

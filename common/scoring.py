@@ -1,10 +1,17 @@
-"""Log-likelihood scoring with the dense LM: continuations given prompts, perplexity, multiple choice.
+"""Log-likelihood scoring with the dense LM: continuations given prompts, perplexity, multiple choice, and
+LM-based similarity of texts (embeddings, cosine matrix, likelihood relevance).
 
 The log-probability of a continuation c given a prompt x is sum_t log p(c_t | x, c_<t), read off one
 forward pass over x + c (teacher forcing), as in the multiple-choice evaluations of GPT-3 (Brown et al.
 2020, Sec. 2.4), which also compare options by their length-normalised log-likelihood. Examples are sorted
 by length and batched with right padding (width a multiple of `WIDTH_BUCKET`); padding tokens carry
 segment id 0, so the real tokens never attend to them and their scores do not depend on the batch.
+
+Similarity: a text's embedding is the mean of the model's final hidden states over its tokens (padding
+masked out), compared by cosine, as sentence embeddings from mean-pooled states (Reimers & Gurevych 2019,
+Sec. 3), for the maximal-marginal-relevance exemplar selection of Ye et al. (2023); relevance of a text b
+to a context a is the mean per-token log p(b | a) - log p(b), the pointwise mutual information of the two
+texts under the model.
 """
 from __future__ import annotations
 
@@ -99,3 +106,67 @@ def choose(model: nnx.Module, prompt: Sequence[int], options: Sequence[Sequence[
                                vocab_size=vocab_size, mesh=mesh)
   values = [s.logprob / len(o) if length_normalize else s.logprob for s, o in zip(scored, options)]
   return int(np.argmax(values))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_hidden(graph: StaticGraph, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Mean final hidden state over each row's real tokens, f32 [batch, d_model]."""
+  model = nnx.merge(graph.graphdef, state)
+  hidden = model.hidden(tokens, None, segment_ids).astype(jnp.float32)  # [batch, width, d_model]
+  real = (segment_ids > 0).astype(jnp.float32)[..., None]
+  return jnp.sum(hidden * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+
+
+def embed_texts(model: nnx.Module, token_rows: Sequence[Sequence[int]], *, batch_size: int = 16,
+                mesh: Mesh | None = None) -> np.ndarray:
+  """f32 [len(token_rows), d_model]: each row's mask-aware mean-pooled final hidden states (`DenseLM.hidden`),
+  independent of its batch mates and of the padding."""
+  if any(not len(row) for row in token_rows):
+    raise ValueError("embed_texts needs at least one token in every row")
+  graph, state = split_for_jit(model, mesh)
+  order = sorted(range(len(token_rows)), key=lambda i: len(token_rows[i]))
+  out = np.zeros((len(token_rows), model.cfg.d_model), np.float32)
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    batch = padded_batch(len(chunk), mesh)
+    width = -(-max(len(token_rows[i]) for i in chunk) // WIDTH_BUCKET) * WIDTH_BUCKET
+    tokens, segment_ids = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
+    for r, i in enumerate(chunk):
+      tokens[r, :len(token_rows[i])], segment_ids[r, :len(token_rows[i])] = token_rows[i], 1
+    with under_mesh(mesh):
+      pooled = _mean_hidden(graph, state, put_batch(tokens, mesh), put_batch(segment_ids, mesh))
+    out[chunk] = np.asarray(jax.device_get(pooled))[:len(chunk)]
+  return out
+
+
+@jax.jit
+def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[n, m] cosine similarities of the rows of a [n, d] and b [m, d] (a zero row is similar to nothing)."""
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return unit(a.astype(jnp.float32)) @ unit(b.astype(jnp.float32)).T
+
+
+def similarity_matrix(model: nnx.Module, rows_a: Sequence[Sequence[int]], rows_b: Sequence[Sequence[int]] | None = None,
+                      *, batch_size: int = 16, mesh: Mesh | None = None) -> np.ndarray:
+  """f32 [len(rows_a), len(rows_b)] cosine similarity of the texts' embeddings (`embed_texts`); rows_b None:
+  rows_a against itself."""
+  a = embed_texts(model, rows_a, batch_size=batch_size, mesh=mesh)
+  b = a if rows_b is None else embed_texts(model, rows_b, batch_size=batch_size, mesh=mesh)
+  return np.asarray(cosine_similarity(a, b))
+
+
+def likelihood_relevance(model: nnx.Module, contexts: Sequence[Sequence[int]], texts: Sequence[Sequence[int]], *,
+                         start: Sequence[int], batch_size: int = 16, vocab_size: int = 0,
+                         mesh: Mesh | None = None) -> np.ndarray:
+  """f64 [len(texts)]: mean over text i's tokens of log p(t | start + context i) - log p(t | start), how much
+  the context makes the text more likely. `start` (e.g. BOS, or the document-start id a model was trained
+  with) opens both rows, so the unconditional score has a context too."""
+  if len(contexts) != len(texts):
+    raise ValueError(f"{len(contexts)} contexts but {len(texts)} texts")
+  if not len(start):
+    raise ValueError("start needs at least one id (e.g. BOS): the first text token needs a context")
+  prompts = [list(start) + list(c) for c in contexts] + [list(start)] * len(texts)
+  scored = score_continuations(model, prompts, list(texts) * 2, batch_size=batch_size, vocab_size=vocab_size,
+                               mesh=mesh)
+  n = len(texts)
+  return np.array([(scored[i].logprob - scored[n + i].logprob) / len(texts[i]) for i in range(n)])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common.nn.kv_cache import KVCache, decode_mask, write as write_cache
+from common.nn.kv_cache import KVCache, cache_mask, decode_mask, write as write_cache, writes_in_place
 from common.nn.linear import Linear
 from common.nn.norms import RMSNorm
 from common.nn.rope import apply_rope, rope_frequencies
@@ -35,10 +35,15 @@ def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array):
   k, v [batch, kv_len, kv_heads, head_dim] -> [batch, kv_heads, 1, kv_len, head_dim]. In this layout both
   attention products are plain batched matmuls (batch axes first, contraction last), which XLA:CPU runs
   without transposing its operands."""
+  heads_major = lambda x: x.transpose(0, 2, 1, 3)[:, :, None]
+  return _heads_major_queries(q, k.shape[2]), heads_major(k), heads_major(v)
+
+
+def _heads_major_queries(q: jax.Array, kv_heads: int) -> jax.Array:
+  """q [batch, q_len, heads, head_dim] -> [batch, kv_heads, group, q_len, head_dim], scaled by 1/sqrt(d)."""
   b, lq, h, d = q.shape
-  kv_heads = k.shape[2]
   q = q.reshape(b, lq, kv_heads, h // kv_heads, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-  return q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3)[:, :, None], v.transpose(0, 2, 1, 3)[:, :, None]
+  return q.transpose(0, 2, 3, 1, 4)
 
 
 def _attend(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -125,11 +130,22 @@ class Attention(nnx.Module):
   def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache,
              advance: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Incremental form of `__call__`: new tokens x [batch, new, d_model] at absolute `positions` attend to
-    the cached keys and to each other (`common.nn.kv_cache`); returns (output, cache with them appended)."""
+    the cached keys and to each other (`common.nn.kv_cache`); returns (output, cache with them appended).
+    Where it is exact (`writes_in_place`: a decode step, or a prefill into a full-attention cache) the new
+    keys are written first and the queries attend over the heads-major cache in place; otherwise (rows that
+    do not advance, a prompt longer than one step into a ring buffer) over the cache and the new keys
+    side by side."""
     q, k, v = self._qkv(x, positions)
-    mask = decode_mask(cache, positions, segment_ids, window=self.window)
-    keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-    values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
-    out = dot_product_attention(q, keys.astype(q.dtype), values.astype(v.dtype), mask)
-    cache = write_cache(cache, k, v, positions, segment_ids, advance)
+    qh = _heads_major_queries(q, self.n_kv_heads)
+    if writes_in_place(cache, x.shape[1], self.window, advance):
+      cache = write_cache(cache, k, v, positions, segment_ids)
+      mask = cache_mask(cache, positions, segment_ids, window=self.window)
+      keys, values = cache.k, cache.v  # [batch, kv_heads, slots, head_dim]
+    else:
+      mask = decode_mask(cache, positions, segment_ids, window=self.window)
+      keys = jnp.concatenate([cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype)], axis=2)
+      values = jnp.concatenate([cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype)], axis=2)
+      cache = write_cache(cache, k, v, positions, segment_ids, advance)
+    out = _attend(qh, keys[:, :, None].astype(q.dtype), values[:, :, None].astype(v.dtype), mask)
+    out = _tokens_major(out)
     return self.o(out.reshape(*out.shape[:2], -1)), cache

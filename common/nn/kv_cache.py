@@ -3,7 +3,9 @@
 One `KVCache` per attention layer, preallocated with static shapes so that a decode step is jit-compiled
 once. Every slot stores the absolute position and segment id of its key next to the key and value, and the
 mask of a decode step is built from those (same segment, key position <= query position, and within the
-window), so the cache never needs to be kept in order:
+window), so the cache never needs to be kept in order. Keys and values are stored heads-major, [batch,
+kv_heads, slots, head_dim], the layout in which both attention products are batched matmuls, so a decode
+step writes its new keys into their slots and attends over the cache where it lies, never copying it:
 
 - a full-attention layer gets `max_len` slots, written in order;
 - a windowed layer (Beltagy et al. 2020's sliding window, as in Mistral) gets a ring buffer of `window`
@@ -23,15 +25,20 @@ EMPTY = -1  # position of a slot that holds no key yet
 
 
 class KVCache(NamedTuple):
-  k: jax.Array            # [batch, slots, kv_heads, head_dim]
-  v: jax.Array            # [batch, slots, kv_heads, head_dim]
+  k: jax.Array            # [batch, kv_heads, slots, head_dim]
+  v: jax.Array            # [batch, kv_heads, slots, head_dim]
   positions: jax.Array    # int32 [batch, slots], EMPTY where unwritten
   segment_ids: jax.Array  # int32 [batch, slots]
   length: jax.Array       # int32 [batch], tokens written so far (slot of the next one: length mod slots)
 
   @property
   def slots(self) -> int:
-    return self.k.shape[1]
+    return self.k.shape[2]
+
+
+# Logical axes of each field (common.sharding), for placing caches on a mesh.
+CACHE_AXES = dict(k=("batch", "kv_heads", "length", "head_dim"), v=("batch", "kv_heads", "length", "head_dim"),
+                  positions=("batch", "length"), segment_ids=("batch", "length"), length=("batch",))
 
 
 def cache_slots(max_len: int, window: int) -> int:
@@ -42,16 +49,15 @@ def cache_slots(max_len: int, window: int) -> int:
 def init_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, *, window: int = 0,
                dtype=jnp.float32) -> KVCache:
   slots = cache_slots(max_len, window)
-  zeros = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
+  zeros = jnp.zeros((batch, kv_heads, slots, head_dim), dtype)
   return KVCache(zeros, zeros, jnp.full((batch, slots), EMPTY, jnp.int32), jnp.zeros((batch, slots), jnp.int32),
                  jnp.zeros((batch,), jnp.int32))
 
 
-def decode_mask(cache: KVCache, positions: jax.Array, segment_ids: jax.Array, *, window: int = 0) -> jax.Array:
-  """bool [batch, 1, new, slots + new]: what each of the `new` queries (at `positions`, [batch, new]) may see
-  among the cached keys followed by the new keys themselves, the same rule as `attention_mask`."""
-  key_pos = jnp.concatenate([cache.positions, positions], axis=1)
-  key_seg = jnp.concatenate([cache.segment_ids, segment_ids], axis=1)
+def _visible(key_pos: jax.Array, key_seg: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+             window: int) -> jax.Array:
+  """bool [batch, 1, new, keys]: the rule of `attention_mask` (same segment, causal, within the window) for
+  queries at `positions` [batch, new] and keys at key_pos [batch, keys], which may be in any order."""
   q_pos = positions[:, :, None]
   mask = (key_pos[:, None, :] != EMPTY) & (key_seg[:, None, :] == segment_ids[:, :, None])
   mask &= key_pos[:, None, :] <= q_pos
@@ -60,10 +66,30 @@ def decode_mask(cache: KVCache, positions: jax.Array, segment_ids: jax.Array, *,
   return mask[:, None]
 
 
+def decode_mask(cache: KVCache, positions: jax.Array, segment_ids: jax.Array, *, window: int = 0) -> jax.Array:
+  """bool [batch, 1, new, slots + new]: what each of the `new` queries (at `positions`, [batch, new]) may see
+  among the cached keys followed by the new keys themselves."""
+  return _visible(jnp.concatenate([cache.positions, positions], axis=1),
+                  jnp.concatenate([cache.segment_ids, segment_ids], axis=1), positions, segment_ids, window)
+
+
+def cache_mask(cache: KVCache, positions: jax.Array, segment_ids: jax.Array, *, window: int = 0) -> jax.Array:
+  """bool [batch, 1, new, slots]: what each new query may see in a cache its own keys are already written to."""
+  return _visible(cache.positions, cache.segment_ids, positions, segment_ids, window)
+
+
+def writes_in_place(cache: KVCache, new: int, window: int, advance: jax.Array | None) -> bool:
+  """Whether `new` tokens can be written before they attend: every row advances, and no new key overwrites a
+  slot that one of them still needs (one token: the slot it replaces holds a key that has just left the
+  window; several: a full-attention cache, sized for the whole sequence, has an empty slot for each)."""
+  return advance is None and new <= cache.slots and (new == 1 or not window)
+
+
 def write(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array,
           advance: jax.Array | None = None) -> KVCache:
-  """Appends `new` tokens (k, v [batch, new, kv_heads, head_dim]) to each row where `advance` (bool [batch],
-  default all). Only the last `slots` of them are kept: earlier ones would be overwritten within this call."""
+  """Appends `new` tokens (k, v [batch, new, kv_heads, head_dim], as projected) to each row where `advance`
+  (bool [batch], default all). Only the last `slots` of them are kept: earlier ones would be overwritten within
+  this call."""
   new = k.shape[1]
   keep = min(new, cache.slots)
   k, v, positions, segment_ids = (a[:, new - keep:] for a in (k, v, positions, segment_ids))
@@ -73,8 +99,10 @@ def write(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array, segm
     advance = jnp.ones(k.shape[:1], bool)
 
   def put(buf, val):
+    # Advanced indices split by the heads slice: buf[rows, :, slot] is [batch, keep, kv_heads, head_dim], as val.
+    index = (rows, slice(None), slot) if buf.ndim == 4 else (rows, slot)
     sel = advance.reshape(-1, *([1] * (val.ndim - 1)))
-    return buf.at[rows, slot].set(jnp.where(sel, val.astype(buf.dtype), buf[rows, slot]))
+    return buf.at[index].set(jnp.where(sel, val.astype(buf.dtype), buf[index]))
 
   return KVCache(put(cache.k, k), put(cache.v, v), put(cache.positions, positions),
                  put(cache.segment_ids, segment_ids), cache.length + jnp.where(advance, new, 0))

@@ -1,6 +1,7 @@
 """The shared checkpoint library: a saved name loads back with bit-identical parameters, its config, its
 tokenizer (same ids) and metadata, on one device or sharded on a mesh; listing shows only whole entries;
-existing names are never replaced silently; errors name the checkpoint."""
+existing names are never replaced silently; errors name the checkpoint; `publish` turns a LoRA SFT run into a
+plain dense entry with the run's logits."""
 from __future__ import annotations
 
 import base64
@@ -151,3 +152,44 @@ def test_missing_and_malformed_names_are_clear_errors(tmp_path, monkeypatch, cap
   assert exit_info.value.code == 2
   assert capsys.readouterr().err.strip().splitlines() == [
       f"error: hub checkpoint 'absent': not found in '{tmp_path}' (known: present)"]
+
+
+def test_publish_merges_a_lora_run_into_a_dense_entry_with_the_same_logits(tmp_path, monkeypatch, capsys):
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from common.nn.lora import LoRALinear, LoRAParam, apply_lora  # pylint: disable=g-import-not-at-top
+  from common.train.restore import load_run_model, read_run_config  # pylint: disable=g-import-not-at-top
+  from common.train.sft import main as sft_main  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[2])
+  run, root = tmp_path / "run", tmp_path / "hub"
+  assert sft_main(["--config=common/configs/sft_tiny.py:rank=2", f"--workdir={run}", "--config.model.d_model=32",
+                   "--config.model.n_layers=1", "--config.model.d_ff=48", "--config.data.num_examples=60",
+                   "--config.data.seq_len=96", "--config.train.batch_size=8", "--config.train.steps=2",
+                   "--config.train.warmup_steps=1", "--config.train.learning_rate=0.05",
+                   "--config.eval.every_steps=2", "--config.eval.batches=1", "--config.checkpoint.every_steps=2",
+                   "--config.checkpoint.async_save=false"]) == 0
+  with pytest.raises(ConfigError, match="--merge-lora"):
+    hub.publish(str(run), "sft-merged", root=root)
+  run_main_args = ["publish", f"--workdir={run}", "--name=sft-merged", "--merge-lora", f"--root={root}"]
+  with pytest.raises(SystemExit) as exit_info:
+    run_main(lambda: hub.main(run_main_args))
+  assert exit_info.value.code == 0 and "published" in capsys.readouterr().out
+
+  cfg = read_run_config(str(run), "--workdir")
+  def build():
+    return apply_lora(build_model(cfg.model, seed=0), 2, float(cfg.lora.alpha), tuple(cfg.lora.targets),
+                      rngs=nnx.Rngs(params=0))
+  lora_model, step = load_run_model(str(run), cfg, build, key="--workdir", trainable=LoRAParam)
+  assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(nnx.state(lora_model, LoRAParam))) > 0
+  _, merged, tokenizer, metadata = hub.load("sft-merged", root=root)
+  assert not any(isinstance(node, LoRALinear) for _, node in nnx.iter_graph(merged))
+  tokens = np.asarray([tokenizer.encode("Add: 12+30\nAnswer: 42")], np.int32)
+  np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(lora_model(tokens)), atol=1e-5)
+  assert metadata["step"] == step == 2 and metadata["lora_rank_merged"] == 2
+  assert metadata["eval"]["step"] == 2 and np.isfinite(metadata["eval"]["eval/loss"])
+
+  entry = (root / "sft-merged" / "entry.json").read_text()
+  with pytest.raises(SystemExit) as exit_info:
+    run_main(lambda: hub.main(run_main_args))
+  assert exit_info.value.code == 2
+  assert "'sft-merged': already exists" in capsys.readouterr().err
+  assert (root / "sft-merged" / "entry.json").read_text() == entry

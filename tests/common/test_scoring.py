@@ -1,5 +1,6 @@
 """common.scoring: continuation log-likelihoods against summing the model's log-softmax by hand, independence
-from batching and padding, perplexity, multiple choice, and the same scores on an 8-device mesh."""
+from batching and padding, perplexity, multiple choice, the same scores on an 8-device mesh; LM similarity:
+embeddings and cosine matrix against numpy on the model's hidden states, padding invariance, relevance."""
 import math
 
 import jax
@@ -10,7 +11,8 @@ from flax import nnx
 from common import sharding
 from common.configs.base import dense_model
 from common.models.dense_lm import DenseLM
-from common.scoring import choose, perplexity, score_continuations
+from common.scoring import (choose, embed_texts, likelihood_relevance, perplexity, score_continuations,
+                            similarity_matrix)
 
 VOCAB = 64
 WIDTH = 16  # longer than every row of these tests
@@ -98,3 +100,50 @@ def test_mesh_gives_the_scores_of_one_device(model):
   assert jax.tree.leaves(nnx.state(model))[0].sharding.num_devices == 1  # the model itself was not moved
   for a, b in zip(single, sharded):
     np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
+
+
+def _texts(seed=3):
+  rng = np.random.default_rng(seed)
+  return [[int(t) for t in rng.integers(1, VOCAB, n)] for n in (5, 1, 12, 7, 3, 9)]
+
+
+def _pooled_by_hand(model, row):
+  """Mean of the final hidden states of one unpadded row, in numpy."""
+  return np.asarray(model.hidden(np.asarray([row], np.int32)), np.float64)[0].mean(axis=0)
+
+
+def test_similarity_matrix_is_the_cosine_of_mean_pooled_hidden_states(model):
+  texts = _texts()
+  pooled = np.stack([_pooled_by_hand(model, row) for row in texts])
+  unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+  np.testing.assert_allclose(similarity_matrix(model, texts[:4], texts[2:], batch_size=3),
+                             unit[:4] @ unit[2:].T, atol=1e-5)
+  np.testing.assert_allclose(embed_texts(model, texts, batch_size=4), pooled, atol=1e-5)
+
+
+def test_an_embedding_does_not_depend_on_batch_mates_or_padding(model):
+  texts = _texts(4)
+  together = embed_texts(model, texts, batch_size=8)
+  for i, row in enumerate(texts):
+    alone = embed_texts(model, [row])[0]  # padded to its own width, no batch mates
+    np.testing.assert_allclose(together[i], alone, atol=1e-5)
+    mates = [texts[(i + 1) % len(texts)] * 3, row, [1] * 40]  # wider rows: more padding after it
+    np.testing.assert_allclose(embed_texts(model, mates)[1], alone, atol=1e-5)
+
+
+def test_identical_texts_have_similarity_one(model):
+  texts = _texts(5)
+  sims = similarity_matrix(model, texts + texts[:2])
+  np.testing.assert_allclose(np.diag(sims), 1.0, atol=1e-5)
+  np.testing.assert_allclose(sims[len(texts), 0], 1.0, atol=1e-5)
+  np.testing.assert_allclose(sims[len(texts) + 1, 1], 1.0, atol=1e-5)
+  assert sims.max() <= 1.0 + 1e-5
+
+
+def test_relevance_is_the_mean_gain_in_log_likelihood_from_the_context(model):
+  start, contexts, texts = [2], [[7, 8, 9], [40, 41]], [[3, 4], [5, 6, 10]]
+  relevance = likelihood_relevance(model, contexts, texts, start=start)
+  given = _by_hand(model, [start + c for c in contexts], texts)
+  plain = _by_hand(model, [start, start], texts)
+  expected = [(g.sum() - p.sum()) / len(t) for g, p, t in zip(given, plain, texts)]
+  np.testing.assert_allclose(relevance, expected, atol=1e-5)
