@@ -1,0 +1,63 @@
+"""A tiny MoT (or its dense baseline) on generated mixed-modal documents: 200 steps of 8 x 256 tokens, a minute
+or two on a laptop CPU (plus, on first use, about a minute to train the cached VQ image tokenizer).
+
+`--config=mot/configs/tiny.py[:ARGS]`, ARGS (comma-separated):
+- `setting=chameleon` (default: every modality as discrete tokens, next-token loss; Liang et al. 2024 sec.
+  3.1) or `setting=transfusion` (text tokens + diffusion over image patches; sec. 3.2);
+- `modalities=text+image` (default) or `text+image+audio` (Chameleon only; the speech setting, sec. 3.1);
+- `model=mot` (default: weights untied per modality) or `model=dense` (the baseline of the same shapes, so
+  the same FLOPs per token: the common dense LM for Chameleon, the MoT code with one weight set for
+  Transfusion).
+
+`eval.sample_images`: scenes captioned greedily at every eval, written to DIR/samples.txt (0 turns it off).
+"""
+from __future__ import annotations
+
+from common.config import config_args
+from common.configs.base import base_config
+from common.data.mixed_modal import mixed_modal_data_config
+from mot.configs.common import mot_model
+
+SETTINGS = ("chameleon", "transfusion")
+MODELS = ("mot", "dense")
+MODALITY_SETS = ("text+image", "text+image+audio")
+
+
+def parse_args(arg, **defaults) -> dict[str, str]:
+  """The arguments shared by the MoT configs (`setting`, `modalities`, `model`) plus `defaults`."""
+  a = config_args(arg, dict(setting="chameleon", modalities="text+image", model="mot", **defaults))
+  if a["setting"] not in SETTINGS:
+    raise ValueError(f"setting={a['setting']!r}: expected one of {', '.join(SETTINGS)}")
+  if a["model"] not in MODELS:
+    raise ValueError(f"model={a['model']!r}: expected one of {', '.join(MODELS)}")
+  if a["modalities"] not in MODALITY_SETS:
+    raise ValueError(f"modalities={a['modalities']!r}: expected one of {', '.join(MODALITY_SETS)}")
+  if a["setting"] == "transfusion" and a["modalities"] != "text+image":
+    raise ValueError(f"modalities={a['modalities']!r}: the transfusion setting is text+image only")
+  return a
+
+
+def apply_args(c, a: dict[str, str]) -> None:
+  """Sets data.setting / data.modalities and the model keys that follow from them and from `model`."""
+  modalities = tuple(a["modalities"].split("+"))
+  c.data.update(setting=a["setting"], modalities=modalities)
+  c.model.update(setting=a["setting"], n_modalities=len(modalities))
+  if a["setting"] == "transfusion":
+    patch, side = int(c.data.patch_size), int(c.data.image_size)
+    c.model.update(patch_dim=patch * patch * 3, patches_per_image=(side // patch) ** 2)
+    c.model.untied = a["model"] == "mot"
+  elif a["model"] == "dense":
+    c.model.name = "dense_lm"
+
+
+def get_config(arg=None):
+  a = parse_args(arg)
+  c = base_config()
+  c.data = mixed_modal_data_config()
+  c.data.update(seq_len=256, n_train_docs=2000, n_eval_docs=200)
+  c.model = mot_model(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192)
+  apply_args(c, a)
+  c.train.update(steps=200, batch_size=8, warmup_steps=20, learning_rate=3e-3)
+  c.eval.update(every_steps=100, batches=4, sample_images=2)
+  c.checkpoint.every_steps = 100
+  return c

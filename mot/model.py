@@ -1,0 +1,201 @@
+"""Mixture-of-Transformers (Liang et al. 2024, arXiv 2411.04996): a transformer whose non-embedding weights
+are untied per modality, over one global self-attention.
+
+Sec. 2.2 / Algorithm 1 of the paper: for every layer and modality m, its own query, key, value and output
+projections, QK-norm scales, the two RMSNorms and the SwiGLU FFN; the tokens of each modality go through
+their modality's weights only, then one causal self-attention runs over the whole mixed sequence. Embeddings,
+the final norm and the output projection are shared (as in `common.models.dense_lm`). Each token uses one
+modality's weights, so a MoT layer costs the FLOPs of a dense layer of the same shape.
+
+Implementation: the residual stream lives in modality-sorted rows (`common.nn.modality_routing`), sorted
+once per forward pass; each block's untied products are grouped matmuls on those rows (q, k and v fused into
+one, gate and up into one), and only the attention moves rows back to sequence order (q, k, v out, its output
+back in). With one modality group (`model.untied=False`, or one modality) there is no sorting and every
+product is the dense one: the dense baseline of the same code.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from common.config import ConfigError, require
+from common.kernels.grouped_matmul.ops import IMPLS as GROUPED_IMPLS
+from common.models.dense_lm import DTYPES, DenseLM, validate_model_config
+from common.nn import Embed, Linear, RMSNorm
+from common.nn.attention import blockwise_causal_attention, dot_product_attention
+from common.nn.modality_routing import (ModalityGroups, ModalityLinear, ModalityRMSNorm, from_groups,
+                                        group_by_modality, grouped_linear, to_groups)
+from common.nn.rope import apply_rope, rope_frequencies
+
+SETTINGS = ("chameleon", "transfusion")
+
+
+def n_weight_groups(m) -> int:
+  """Modality weight sets of a config: `model.n_modalities` when untied, 1 for the dense baseline."""
+  return int(m.n_modalities) if bool(m.untied) else 1
+
+
+def validate_mot_config(m) -> None:
+  """Checks model.* of the MoT models once, naming the offending key."""
+  validate_model_config(m)
+  require(int(m.n_modalities) >= 1, "model.n_modalities", f"must be >= 1, got {m.n_modalities}")
+  require(m.setting in SETTINGS, "model.setting", f"must be one of {SETTINGS}, got '{m.setting}'")
+  require(m.grouped_impl in GROUPED_IMPLS, "model.grouped_impl",
+          f"must be one of {GROUPED_IMPLS}, got '{m.grouped_impl}'")
+  require(int(m.window) == 0, "model.window", "MoT attention is global (Liang et al. 2024, sec. 2.2): must be 0")
+
+
+class AttentionInputs(NamedTuple):
+  """What the global attention of every block needs, in sequence order ([batch, length] each)."""
+  positions: jax.Array
+  segment_ids: jax.Array
+  mask: jax.Array | None  # bool [batch, 1, length, length]; None = causal within segments (blockwise)
+
+
+class MoTBlock(nnx.Module):
+  """One pre-norm layer with modality-untied weights over modality-sorted rows [N, d_model]."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    groups = n_weight_groups(cfg)
+    d, h, kv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+    hd = cfg.head_dim or d // h
+    out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+    self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
+    self.attn_norm = ModalityRMSNorm(groups, d, eps=cfg.norm_eps, dtype=dtype)
+    self.q = ModalityLinear(groups, d, (h, hd), axes=("embed", "heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.k = ModalityLinear(groups, d, (kv, hd), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.v = ModalityLinear(groups, d, (kv, hd), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.o = ModalityLinear(groups, h * hd, d, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
+                            init_scale=out_scale)
+    qk_norm = bool(cfg.get("qk_norm", False))
+    self.q_norm = ModalityRMSNorm(groups, hd, eps=cfg.norm_eps, dtype=dtype, axes=("head_dim",)) if qk_norm else None
+    self.k_norm = ModalityRMSNorm(groups, hd, eps=cfg.norm_eps, dtype=dtype, axes=("head_dim",)) if qk_norm else None
+    self.ffn_norm = ModalityRMSNorm(groups, d, eps=cfg.norm_eps, dtype=dtype)
+    self.gate = ModalityLinear(groups, d, cfg.d_ff, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.up = ModalityLinear(groups, d, cfg.d_ff, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.down = ModalityLinear(groups, cfg.d_ff, d, axes=("mlp", "embed"), rngs=rngs, dtype=dtype,
+                               init_scale=out_scale)
+    self.rope = (hd, float(cfg.rope_theta))
+    self.impl = cfg.grouped_impl
+
+  def _attention(self, rows: jax.Array, groups: ModalityGroups | None, ctx: AttentionInputs) -> jax.Array:
+    """Untied q/k/v on the sorted rows, global attention in sequence order, untied output projection."""
+    batch_shape = ctx.positions.shape
+    h, kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+    qkv_w = jnp.concatenate([self.q.weight(), self.k.weight(), self.v.weight()], axis=-1)
+    qkv = grouped_linear(self.attn_norm(rows, groups), qkv_w, groups, impl=self.impl)  # [N, (h + 2kv) hd]
+    q, k, v = jnp.split(qkv.reshape(-1, h + 2 * kv, hd), (h, h + kv), axis=1)
+    if self.q_norm is not None:  # QK-norm per head, with each row's modality's scale
+      q, k = self.q_norm(q, groups), self.k_norm(k, groups)
+    qkv = jnp.concatenate([q, k, v], axis=1)
+    qkv = from_groups(qkv, groups, batch_shape) if groups is not None else qkv.reshape(*batch_shape, -1, hd)
+    q, k, v = jnp.split(qkv, (h, h + kv), axis=2)  # [batch, length, heads, head_dim]
+    inv_freq = rope_frequencies(*self.rope)
+    q, k = apply_rope(q, ctx.positions, inv_freq), apply_rope(k, ctx.positions, inv_freq)
+    if ctx.mask is None:
+      out = blockwise_causal_attention(q, k, v, ctx.segment_ids)
+    else:
+      out = dot_product_attention(q, k, v, ctx.mask)
+    out = out.reshape(*batch_shape, h * hd)
+    out = to_groups(out, groups) if groups is not None else out.reshape(-1, h * hd)
+    return self.o(out, groups, impl=self.impl)
+
+  def _ffn(self, rows: jax.Array, groups: ModalityGroups | None) -> jax.Array:
+    gate_up_w = jnp.concatenate([self.gate.weight(), self.up.weight()], axis=-1)
+    gate, up = jnp.split(grouped_linear(self.ffn_norm(rows, groups), gate_up_w, groups, impl=self.impl), 2, axis=-1)
+    return self.down(jax.nn.silu(gate) * up, groups, impl=self.impl)
+
+  def __call__(self, rows: jax.Array, groups: ModalityGroups | None, ctx: AttentionInputs) -> jax.Array:
+    rows = rows + self._attention(rows, groups, ctx)
+    return rows + self._ffn(rows, groups)
+
+
+class MoTTransformer(nnx.Module):
+  """The layer stack of both settings: input vectors [batch, length, d_model] and each position's modality
+  -> final-normed hidden states [batch, length, d_model]. The rows are sorted by modality once on the way
+  in and put back once on the way out."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dtype = DTYPES[cfg.dtype]
+    self.n_groups = n_weight_groups(cfg)
+    self.blocks = nnx.List([MoTBlock(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+    self.remat = bool(cfg.get("remat", False))
+
+  def __call__(self, x: jax.Array, modality: jax.Array, ctx: AttentionInputs) -> jax.Array:
+    batch_shape, d = x.shape[:2], x.shape[-1]
+    groups = group_by_modality(modality, self.n_groups) if self.n_groups > 1 else None
+    rows = to_groups(x, groups) if groups is not None else x.reshape(-1, d)
+    for block in self.blocks:
+      if self.remat:
+        rows = nnx.remat(lambda blk, r: blk(r, groups, ctx))(block, rows)
+      else:
+        rows = block(rows, groups, ctx)
+    x = from_groups(rows, groups, batch_shape) if groups is not None else rows.reshape(*batch_shape, d)
+    return self.final_norm(x)
+
+
+def default_positions(tokens: jax.Array, positions, segment_ids, modality):
+  """The contract's optional inputs: positions 0..L-1, one segment, all text."""
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  if segment_ids is None:
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+  if modality is None:
+    modality = jnp.zeros(tokens.shape, jnp.int32)
+  return positions, segment_ids, modality
+
+
+class MoTLM(nnx.Module):
+  """The Chameleon setting (Liang et al. 2024, sec. 3.1): discrete tokens of every modality, next-token
+  prediction over all of them. `model(inputs, positions, segment_ids, modality) -> logits f32 [B, L, V]`;
+  `modality` [B, L] selects the weights each position goes through."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    validate_mot_config(cfg)
+    self.cfg = cfg
+    dtype = DTYPES[cfg.dtype]
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype)
+    self.transformer = MoTTransformer(cfg, rngs=rngs)
+    self.lm_head = None if cfg.tie_embeddings else Linear(
+        cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=dtype)
+
+  def hidden(self, tokens, positions=None, segment_ids=None, modality=None) -> jax.Array:
+    positions, segment_ids, modality = default_positions(tokens, positions, segment_ids, modality)
+    return self.transformer(self.embed(tokens), modality, AttentionInputs(positions, segment_ids, None))
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    out = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, modality=None) -> jax.Array:
+    return self.logits(self.hidden(tokens, positions, segment_ids, modality))
+
+
+class _DenseWithModality(DenseLM):
+  """`common.models.DenseLM` with the mixed-modal calling convention (the modality is ignored)."""
+
+  def __call__(self, tokens, positions=None, segment_ids=None, modality=None) -> jax.Array:
+    return super().__call__(tokens, positions, segment_ids)
+
+
+def build_mot_model(model_cfg, seed: int) -> nnx.Module:
+  """The model of `model.name` ('mot' | 'dense_lm') and `model.setting` ('chameleon' | 'transfusion').
+  Chameleon: `MoTLM`, or the common dense LM as the baseline. Transfusion: `mot.transfusion.TransfusionLM`,
+  whose dense baseline is `model.untied=False` (the same code with one weight group)."""
+  rngs = nnx.Rngs(params=seed)
+  name, setting = model_cfg.name, model_cfg.get("setting", "chameleon")
+  if name not in ("mot", "dense_lm"):
+    raise ConfigError(f"config key 'model.name': unknown model '{name}' (known: mot, dense_lm)")
+  if setting == "transfusion":
+    require(name == "mot", "model.name", "the Transfusion setting's dense baseline is model.name='mot' with "
+            "model.untied=False (the same wrapper, FLOP count included, with one weight group)")
+    from mot.transfusion import TransfusionLM  # the Transfusion wrapper builds on this module
+    return TransfusionLM(model_cfg, rngs=rngs)
+  if name == "dense_lm":
+    return _DenseWithModality(model_cfg, rngs=rngs)
+  return MoTLM(model_cfg, rngs=rngs)

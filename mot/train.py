@@ -1,0 +1,100 @@
+"""`python -m mot.train --config=mot/configs/tiny.py[:setting=chameleon|transfusion,modalities=text+image+audio,
+model=mot|dense] --workdir=DIR [--config.K=V ...]`
+
+Trains a Mixture-of-Transformers (Liang et al. 2024, arXiv 2411.04996) or its dense baseline on mixed-modal
+documents (`common.data.mixed_modal`) with the shared loop: resume, SIGTERM -> 143, exit 2 on bad input.
+metrics.jsonl carries the loss of each modality (`eval/loss_text`, `eval/loss_image`, `eval/loss_audio`: mean
+nats per target token of that modality; in the Transfusion setting `eval/loss_image` is the diffusion
+noise-prediction MSE per image patch, sec. 3.2 of the paper), and DIR/samples.txt greedy captions of a few
+generated scenes at every eval.
+
+FLOPs per token (MFU, the reproduce's x-axis): a MoT layer multiplies each token by its own modality's
+weights only, so it costs a dense layer of the same shapes (sec. 2.2); the count is the dense LM's of
+`common.flops`, plus, for Transfusion, the patch and timestep projections every position goes through.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
+
+from common.config import require  # pylint: disable=g-import-not-at-top
+
+SAMPLE_SEED = 4242  # the scenes captioned in the eval log (fixed, so captions can be compared across evals)
+
+
+def validate(cfg) -> None:
+  """Cheap checks of model.* against data.* (before any data or tokenizer is built), naming the key."""
+  from common.data.mixed_modal import validate_data_config
+  from common.train.lm_task import validate_model_early
+  validate_data_config(cfg.data)
+  m, d = cfg.model, cfg.data
+  require(m.get("name") in ("mot", "dense_lm"), "model.name", f"must be 'mot' or 'dense_lm', got '{m.get('name')}'")
+  require(m.get("setting") == d.setting, "model.setting", f"'{m.get('setting')}' differs from data.setting "
+          f"'{d.setting}'")
+  if m.name == "mot" and m.untied:
+    require(int(m.n_modalities) == len(d.modalities), "model.n_modalities",
+            f"{m.n_modalities} weight sets for the {len(d.modalities)} modalities of data.modalities")
+  if d.setting == "transfusion":
+    require(m.name == "mot", "model.name", "the Transfusion setting needs 'mot' (model.untied=False: dense)")
+    require(int(m.patch_dim) == 3 * int(d.patch_size) ** 2, "model.patch_dim",
+            f"must be 3 x data.patch_size^2 = {3 * int(d.patch_size) ** 2}, got {m.patch_dim}")
+    require(int(m.patches_per_image) == (int(d.image_size) // int(d.patch_size)) ** 2, "model.patches_per_image",
+            f"must be (data.image_size / data.patch_size)^2, got {m.patches_per_image}")
+  validate_model_early(cfg)
+
+
+def transfusion_summary(sums: dict) -> dict:
+  """Eval values of the Transfusion loss sums: `loss_text` (nats per text target) and `loss_image` (noise MSE
+  per image patch, without the loss weight lambda)."""
+  out = {}
+  if sums.get("weight/text", 0.0) > 0:
+    out["loss_text"] = sums["nll/text"] / sums["weight/text"]
+  if sums.get("weight/image", 0.0) > 0:
+    out["loss_image"] = sums["mse/image"] / sums["weight/image"]
+  return out
+
+
+def caption_samples(cfg, data):
+  """model -> {scene caption: generated caption} for `eval.sample_images` fixed scenes (None when 0)."""
+  n = int(cfg.eval.get("sample_images", 0))
+  if n <= 0 or "image" not in cfg.data.modalities:
+    return None
+  from common.data.mixed_modal import scenes
+  image_size = int(cfg.data.image_size)
+  sampled = scenes.sample_scenes(n, SAMPLE_SEED, image_size)
+  images = scenes.render_batch(sampled, image_size)
+
+  def samples(model):
+    from mot.evaluate import generate_captions
+    texts = generate_captions(model, data.vocab, images, image_tokenizer=data.image_tokenizer,
+                              patch_size=int(cfg.data.patch_size))
+    return {f"[image: {scenes.caption(s)}] -> ": t for s, t in zip(sampled, texts)}
+
+  return samples
+
+
+def make_task(cfg):
+  """The Task of the shared loop (`common.train.mixed_modal_task`) for `mot.model.build_mot_model`."""
+  import dataclasses
+  from common.flops import training_flops_per_token
+  from common.train.mixed_modal_task import mixed_modal_task
+  from mot.model import build_mot_model
+  from mot.transfusion import transfusion_loss
+  validate(cfg)
+  transfusion = cfg.data.setting == "transfusion"
+  task = mixed_modal_task(cfg, build_mot_model, loss_fn=transfusion_loss if transfusion else None,
+                          flops_per_token=training_flops_per_token)
+  task = dataclasses.replace(task, eval_samples=caption_samples(cfg, task.data))
+  if transfusion:
+    task = dataclasses.replace(task, eval_summary=transfusion_summary)
+  return task
+
+
+def cli() -> None:
+  from common.train.__main__ import cli as common_cli
+  common_cli(make_task, validate)
+
+
+if __name__ == "__main__":
+  cli()

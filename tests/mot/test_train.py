@@ -1,0 +1,103 @@
+"""`python -m mot.train`: tiny Chameleon (with a VQ tokenizer trained here for two steps) and Transfusion runs
+through the trainer's command line, per-modality eval losses and eval captions in the workdir, exact resume,
+config checks naming the key, and bad input -> one line on stderr and exit status 2."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError
+from common.train.__main__ import main
+from mot import train as mot_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "mot", "configs", "tiny.py")
+
+
+def _small(cache_dir, steps: int, *extra: str) -> list[str]:
+  """Flags of a run of a few steps on a few generated documents."""
+  return [f"--config.train.steps={steps}", "--config.train.warmup_steps=1", "--config.eval.every_steps=2",
+          "--config.checkpoint.every_steps=2", "--config.log.every_steps=1", "--config.eval.batches=1",
+          "--config.data.n_train_docs=48", "--config.data.n_eval_docs=12", "--config.data.seq_len=160",
+          "--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.d_ff=64",
+          "--config.eval.sample_images=0", f"--config.data.cache_dir={cache_dir}", "--config.log.progress=lines",
+          *extra]
+
+
+def _train(args: list[str]) -> int:
+  return main(args, mot_train.make_task, mot_train.validate)
+
+
+def _rows(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+  """A VQ tokenizer run of two steps (its codes are poor, but any tokenizer makes valid documents)."""
+  workdir = str(tmp_path_factory.mktemp("vq"))
+  from common.train.vq_task import validate_vq_task_config, vq_task
+  args = [f"--config={ROOT}/mot/configs/image_tokenizer.py", f"--workdir={workdir}", "--config.train.steps=2",
+          "--config.train.batch_size=8", "--config.model.channels=8", "--config.data.n_train_images=16",
+          "--config.data.n_eval_images=8", "--config.checkpoint.every_steps=2", "--config.eval.every_steps=2",
+          "--config.log.progress=lines"]
+  assert main(args, vq_task, validate_vq_task_config) == 0
+  return workdir
+
+
+def test_chameleon_reports_each_modality_and_captions(tmp_path, vq_run):
+  workdir = tmp_path / "run"
+  args = [f"--config={TINY}", f"--workdir={workdir}",
+          *_small(tmp_path / "cache", 2, f"--config.data.image_tokenizer={vq_run}", "--config.eval.sample_images=1")]
+  assert _train(args) == 0
+  final = [r for r in _rows(workdir) if "eval/loss" in r][-1]
+  assert final["step"] == 2
+  for m in ("text", "image"):
+    assert 0 < final[f"eval/loss_{m}"] < 20
+  train_row = [r for r in _rows(workdir) if "loss" in r][-1]
+  assert train_row["tokens_per_sec"] > 0 and train_row["mfu"] > 0
+  samples = (workdir / "samples.txt").read_text()
+  assert "=== step 2" in samples and "[image: a " in samples
+
+
+def test_transfusion_resumes_exactly(tmp_path):
+  """Four steps straight, then the same run cut back to its step-2 checkpoint and rerun: the same numbers."""
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  args = [f"--config={TINY}:setting=transfusion", *_small(tmp_path / "cache", 4)]
+  assert _train(args + [f"--workdir={straight}"]) == 0
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  assert _train(args + [f"--workdir={resumed}"]) == 0
+  keys = ("loss", "eval/loss", "eval/loss_text", "eval/loss_image")
+  at_4 = [{k: v for r in _rows(d) if r["step"] == 4 for k, v in r.items() if k in keys} for d in (straight, resumed)]
+  assert set(at_4[0]) == set(keys)
+  for k in keys:
+    np.testing.assert_allclose(at_4[1][k], at_4[0][k], rtol=1e-5, err_msg=k)
+
+
+def test_validate_names_the_key():
+  from common.config import load
+  cfg = load(f"{TINY}:setting=transfusion")
+  cfg.model.patch_dim = 12
+  with pytest.raises(ConfigError, match="model.patch_dim"):
+    mot_train.validate(cfg)
+  cfg = load(f"{TINY}:modalities=text+image+audio")
+  cfg.model.n_modalities = 2
+  with pytest.raises(ConfigError, match="model.n_modalities"):
+    mot_train.validate(cfg)
+  with pytest.raises(ConfigError, match="transfusion setting is text\\+image only"):
+    load(f"{TINY}:setting=transfusion,modalities=text+image+audio")
+
+
+def test_cli_bad_key_exits_2(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "mot.train", f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
+                         "--config.model.no_such_key=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith("error: unknown config key 'model.no_such_key'")
+  assert not (tmp_path / "w").exists()
