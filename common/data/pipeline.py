@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from common.data import DataError, corpus, packing, tasks, vocab as vocab_lib, with_defaults
+from common.data.epochs import EpochOrder
 
 CACHE_VERSION = 1
 _ROW_KEYS = ("targets", "segment_ids", "positions")
@@ -130,7 +131,7 @@ class LMData:
     self.eval_bytes = int(self._eval["num_bytes"])
     if self.num_train_rows == 0:
       raise DataError(f"data.source={data_cfg.source!r} produced no training text")
-    self._perms: dict[int, np.ndarray] = {}
+    self._order = EpochOrder(self.num_train_rows, self.seed)
     self._vocab = None
 
   @property
@@ -140,25 +141,9 @@ class LMData:
       self._vocab = vocab_lib.get_vocabulary(self.data_cfg)
     return self._vocab
 
-  def _perm(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      if len(self._perms) >= 2:  # a batch touches at most a few epochs; keep memory O(rows)
-        self._perms.pop(min(self._perms))
-      rng = np.random.default_rng((self.seed % 2**63, epoch))
-      self._perms[epoch] = rng.permutation(self.num_train_rows)
-    return self._perms[epoch]
-
   def train_rows_at(self, position: int, count: int) -> np.ndarray:
     """Indices of packed train rows position .. position+count-1 of the infinite epoch stream."""
-    if position < 0:
-      raise ValueError(f"data position must be >= 0, got {position}")
-    idx = np.arange(position, position + count, dtype=np.int64)
-    epochs, offsets = np.divmod(idx, self.num_train_rows)
-    rows = np.empty(count, np.int64)
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      rows[sel] = self._perm(int(epoch))[offsets[sel]]
-    return rows
+    return self._order.rows_at(position, count)
 
   @staticmethod
   def _batch(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:

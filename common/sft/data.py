@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from common.data import DataError
+from common.data.epochs import EpochOrder
 from common.data.jsonl import jsonl_objects
 from common.tokenizers import Llama3Tokenizer, Tokenizer
 
@@ -190,20 +191,10 @@ class SFTData:
     self.seq_len = int(train_rows["targets"].shape[1])
     if self.num_train_rows == 0:
       raise DataError("config key 'data.sft_path': no training example left after the eval split")
-    self._perms: dict[int, np.ndarray] = {}
-
-  def _perm(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      if len(self._perms) >= 2:
-        self._perms.pop(min(self._perms))
-      self._perms[epoch] = np.random.default_rng((self.seed % 2**63, epoch)).permutation(self.num_train_rows)
-    return self._perms[epoch]
+    self._order = EpochOrder(self.num_train_rows, self.seed)
 
   def train_batch(self, position: int) -> dict[str, np.ndarray]:
-    if position < 0:
-      raise ValueError(f"data position must be >= 0, got {position}")
-    epochs, offsets = np.divmod(np.arange(position, position + self.batch_size), self.num_train_rows)
-    rows = np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
+    rows = self._order.rows_at(position, self.batch_size)
     return {k: v[rows] for k, v in self._train.items()}
 
   def eval_batches(self, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:

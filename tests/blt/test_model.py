@@ -10,6 +10,7 @@ from blt.model import BLT, blt_model
 from blt.patcher import patch
 from common.configs.base import dense_model
 from common.models.dense_lm import DenseLM
+from tests.mesh_invariance import assert_train_step_mesh_invariant
 
 LENGTH, MAX_PATCHES = 24, 24
 
@@ -150,13 +151,8 @@ def test_one_training_step_is_the_same_on_every_mesh(monkeypatch):
   """blt.train's task, one step of the shared train step on 1 device and on data 2 x fsdp 2 x tensor 2:
   the mesh changes placement only, never the loss or the updated parameters (beyond float rounding)."""
   import common.data
-  import jax
   from blt import train as blt_train
   from blt.configs.tiny import get_config
-  from common import sharding
-  from common.train.loop import init_train_state
-  from common.train.optim import learning_rate_schedule, make_optimizer
-  from common.train.step import init_state, make_train_step
   cfg = get_config("patcher=space")
   cfg.model.update(d_local=32, n_heads_local=2, n_heads_cross=2, local_window=8, d_global=64, n_heads_global=2,
                    hash_n_max=4, hash_table_size=64, n_layers_decoder=1, n_layers_global=1)
@@ -166,25 +162,4 @@ def test_one_training_step_is_the_same_on_every_mesh(monkeypatch):
   monkeypatch.setattr(common.data, "LMData", _PackedRows)
   task = blt_train.make_task(cfg)
   batch = task.data.train_batch(0)
-  optimizer, schedule = make_optimizer(cfg.train), learning_rate_schedule(cfg.train)
-  one = sharding.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  graphdef, _, state1 = init_train_state(task, optimizer, one)
-  results = []
-  for mesh in (one, sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))):
-    # The same initial parameters, placed on this mesh by the rule table; the optimizer state follows them.
-    params = jax.device_put(state1["params"], sharding.state_shardings(state1["params"], mesh))
-    state = jax.jit(lambda p: init_state(p, optimizer))(params)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
-    step = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule),
-                   in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None))
-    new_state, metrics = step(state, jax.device_put(batch, batch_shardings))
-    if mesh.size > 1:  # guards against a rule table that silently replicates everything
-      assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state["params"]))
-    results.append((jax.device_get(metrics), jax.tree.map(np.asarray, new_state["params"])))
-  (ref_metrics, ref_params), (metrics, params) = results
-  assert np.isfinite(ref_metrics["loss"]) and ref_metrics["loss"] > 0
-  for key in ("loss", "grad_norm"):
-    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert_train_step_mesh_invariant(task, cfg.train, batch)

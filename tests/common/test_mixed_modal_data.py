@@ -10,20 +10,7 @@ import pytest
 from common.data import DataError
 from common.data.mixed_modal import AUDIO, IMAGE, TEXT, MixedModalData, MixedVocab, audio, documents, scenes
 from common.data.mixed_modal import mixed_modal_data_config
-
-
-class PatchColourTokenizer:
-  """Stand-in image tokenizer: each 4x4 patch's mean colour, 4 levels per channel -> one of 64 codes."""
-  codebook_size = 64
-
-  def __init__(self, image_size):
-    self.tokens_per_image = (image_size // 4) ** 2
-
-  def encode(self, images):
-    n, h, w, _ = images.shape
-    means = images.reshape(n, h // 4, 4, w // 4, 4, 3).mean((2, 4))
-    levels = np.clip(np.floor((means + 1) * 2), 0, 3).astype(np.int32)
-    return (levels[..., 0] * 16 + levels[..., 1] * 4 + levels[..., 2]).reshape(n, -1)
+from tests.patch_colour_tokenizer import PatchColourTokenizer
 
 
 SIZE = 16

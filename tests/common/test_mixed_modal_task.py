@@ -13,20 +13,7 @@ from common.data.mixed_modal import AUDIO, IMAGE, TEXT, mixed_modal_data_config
 from common.models import build_model
 from common.train.loop import train
 from common.train.mixed_modal_task import mixed_modal_task, modality_summary, per_modality_nll, train_view
-
-
-class PatchColourTokenizer:
-  """Stand-in image tokenizer: each 4x4 patch's mean colour, 4 levels per channel -> one of 64 codes."""
-  codebook_size = 64
-
-  def __init__(self, image_size):
-    self.tokens_per_image = (image_size // 4) ** 2
-
-  def encode(self, images):
-    n, h, w, _ = images.shape
-    means = images.reshape(n, h // 4, 4, w // 4, 4, 3).mean((2, 4))
-    levels = np.clip(np.floor((means + 1) * 2), 0, 3).astype(np.int32)
-    return (levels[..., 0] * 16 + levels[..., 1] * 4 + levels[..., 2]).reshape(n, -1)
+from tests.patch_colour_tokenizer import PatchColourTokenizer
 
 
 def _tiny_batch():

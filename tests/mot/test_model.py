@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from common.models.dense_lm import DenseLM
+from tests.mesh_invariance import assert_train_step_mesh_invariant
 from common.nn.modality_routing import (ModalityLinear, from_groups, group_by_modality, per_row, to_groups)
 from mot.configs.common import mot_model
 from mot.model import MoTLM, build_mot_model
@@ -273,11 +274,8 @@ def test_transfusion_loss_is_text_nll_plus_lambda_times_noise_mse(transfusion):
 def test_one_mot_training_step_is_the_same_on_every_mesh():
   """The shared train step of an untied 3-modality MoT on 1 device and on data 2 x fsdp 2 x tensor 2:
   placement only, never the loss or the updated parameters (beyond float rounding)."""
-  from common import sharding
   from common.configs.base import base_config
-  from common.train.loop import Task, init_train_state
-  from common.train.optim import learning_rate_schedule, make_optimizer
-  from common.train.step import init_state, make_train_step
+  from common.train.loop import Task
   cfg = base_config()
   cfg.model = mot_model(**dict(SHAPES, n_layers=1), n_modalities=3)  # one layer: compiling 8 devices is slow
   cfg.train.update(batch_size=8, warmup_steps=1)
@@ -294,27 +292,7 @@ def test_one_mot_training_step_is_the_same_on_every_mesh():
 
   task = Task(build_model=lambda: build_mot_model(cfg.model, seed=0), loss_fn=loss_fn, data=None,
               train_flops_per_example=1.0, units_per_example=L)
-  optimizer, schedule = make_optimizer(cfg.train), learning_rate_schedule(cfg.train)
-  one = sharding.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  graphdef, _, state1 = init_train_state(task, optimizer, one)
-  results = []
-  for mesh in (one, sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))):
-    params = jax.device_put(state1["params"], sharding.state_shardings(state1["params"], mesh))
-    state = jax.jit(lambda p: init_state(p, optimizer))(params)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
-    step = jax.jit(make_train_step(graphdef, loss_fn, optimizer, schedule),
-                   in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None))
-    new_state, metrics = step(state, jax.device_put(batch, batch_shardings))
-    if mesh.size > 1:
-      assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state["params"]))
-    results.append((jax.device_get(metrics), jax.tree.map(np.asarray, new_state["params"])))
-  (ref_metrics, ref_params), (metrics, params) = results
-  assert np.isfinite(ref_metrics["loss"]) and ref_metrics["loss"] > 0
-  for key in ("loss", "grad_norm"):
-    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert_train_step_mesh_invariant(task, cfg.train, batch)
 
 
 # ------------------------------------------------------------------------------------------ FLOPs

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from common.data import DEFAULT_CACHE_DIR, DataError, corpus
+from common.data.epochs import EpochOrder
 from common.data.mixed_modal import audio, documents, scenes
 from common.data.mixed_modal.vocab import IMAGE, MODALITIES, MixedVocab
 
@@ -360,7 +361,7 @@ class MixedModalData:
     self.num_eval_rows = int(self._eval["targets"].shape[0])
     if self.num_train_rows == 0 or self.num_eval_rows == 0:
       raise DataError(f"data.source={c.source!r} produced no documents for a split")
-    self._perms: dict[int, np.ndarray] = {}
+    self._order = EpochOrder(self.num_train_rows, self.seed)
 
   def _load(self, c) -> tuple[dict, dict]:
     key = cache_key(c, _fingerprints(c, self.image_tokenizer, self.audio_tokenizer))
@@ -379,20 +380,10 @@ class MixedModalData:
         out.append({k: z[k] for k in z.files})
     return out[0], out[1]
 
-  def _perm(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      if len(self._perms) >= 2:
-        self._perms.pop(min(self._perms))
-      self._perms[epoch] = np.random.default_rng((self.seed % 2**63, epoch)).permutation(self.num_train_rows)
-    return self._perms[epoch]
-
   def train_rows_at(self, position: int, count: int) -> np.ndarray:
     """Row indices position .. position+count-1 of the stream of epochs, each a permutation by
     rng((seed, epoch))."""
-    if position < 0:
-      raise ValueError(f"data position must be >= 0, got {position}")
-    epochs, offsets = np.divmod(np.arange(position, position + count, dtype=np.int64), self.num_train_rows)
-    return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
+    return self._order.rows_at(position, count)
 
   def train_batch(self, position: int) -> dict[str, np.ndarray]:
     return documents.make_batch(self._train, self.train_rows_at(position, self.batch_size), self.vocab,
