@@ -122,7 +122,7 @@ def _synthetic_batch(key, batch: int, seq_len: int, vocab: int) -> dict:
 
 
 def _next_token_loss(model, batch):
-  """The LM objective as `common.train.step` wants it; `common.train.lm_task` is not imported because its
+  """The LM objective as `common.train.step` wants it; `common.tasks.lm` is not imported because its
   trainer imports need tensorboard, which the GPU machine lacks."""
   import jax.numpy as jnp
   import optax

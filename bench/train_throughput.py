@@ -18,7 +18,7 @@ import numpy as np
 
 from common import config as config_lib, sharding
 from common.flops import machine_peak_flops, training_flops_per_token
-from common.train.lm_task import lm_task
+from common.tasks.lm import lm_task
 from common.train.optim import learning_rate_schedule, make_optimizer
 from common.train.loop import init_train_state
 from common.train.step import make_train_step

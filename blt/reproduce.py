@@ -179,7 +179,7 @@ def make_task(cfg):
   if cfg.model.name == "blt":
     from blt.train import make_task as blt_task
     return blt_task(cfg)
-  from common.train.lm_task import lm_task
+  from common.tasks.lm import lm_task
   return lm_task(cfg)
 
 

@@ -245,7 +245,7 @@ def make_task(cfg):
   """The Task the shared loop trains (common.train.loop.Task)."""
   from common.data import LMData
   from common.flops import training_flops_per_token
-  from common.train.loop import Task
+  from common.tasks.base import Task
   validate_blt_config(cfg)
   seq_len = int(cfg.data.seq_len)
   data = add_patching_inputs(cfg, LMData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed))

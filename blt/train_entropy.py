@@ -17,7 +17,7 @@ from common.config import require  # pylint: disable=g-import-not-at-top
 
 def validate_entropy_config(cfg) -> None:
   """The dense LM's checks, plus what makes it an entropy model for BLT: bytes in, a dense LM."""
-  from common.train.lm_task import validate_model_early
+  from common.tasks.lm import validate_model_early
   require(cfg.model.get("name") == "dense_lm", "model.name",
           f"the entropy model is the common dense LM ('dense_lm'), got '{cfg.model.get('name')}'")
   require(cfg.data.vocab == "byte", "data.vocab", f"the entropy model reads bytes; must be 'byte', got '{cfg.data.vocab}'")
@@ -26,7 +26,7 @@ def validate_entropy_config(cfg) -> None:
 
 def cli() -> None:
   from common.train.__main__ import cli as common_cli
-  from common.train.lm_task import lm_task
+  from common.tasks.lm import lm_task
   common_cli(lm_task, validate_entropy_config)
 
 

@@ -21,6 +21,11 @@ class ConfigError(ValueError):
   """Bad user input: a config key, a value, a path. Entry points exit with status 2."""
 
 
+class DataError(ValueError):
+  """Bad data configuration (missing path, unknown name); the message names the config key. Defined here, the
+  lowest floor, so that `run_main` reports it like a ConfigError; `common.data` re-exports it."""
+
+
 def _load_module(path: str):
   if not os.path.isfile(path):
     raise ConfigError(f"--config: no such config file '{path}'")
@@ -206,7 +211,6 @@ def require(condition: bool, key: str, message: str) -> None:
 
 def run_main(main: Callable[[], int | None]) -> None:
   """Runs an entry point; user errors become one line on stderr and exit status 2."""
-  from common.data import DataError  # local: keeps `import common.config` light
   try:
     code = main()
   except (ConfigError, DataError, FileNotFoundError) as e:

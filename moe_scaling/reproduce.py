@@ -65,7 +65,7 @@ def train_and_score(family: str, d_model: int, seed: int, a) -> dict:
     if row.get("scoring") == scoring:
       return row
   from common.flops import param_count, training_flops_per_token
-  from common.train.lm_task import lm_task
+  from common.tasks.lm import lm_task
   from common.train.loop import train
   from moe_scaling import evaluate
   cfg = run_config(family, d_model, seed, a)

@@ -3,7 +3,7 @@
 Trains one of the models of the MoMa comparison (Lin et al. 2024, arXiv 2407.21770, table 2) on mixed-modal data
 in the Chameleon setting (image tokens from the VQ tokenizer) with the shared trainer (common/train): resume,
 SIGTERM and exit status 2 on bad input as every trainer. metrics.jsonl carries `nll` (cross-entropy without
-auxiliary losses), the per-modality losses of `common.train.mixed_modal_task` (`loss_text`, `loss_image`,
+auxiliary losses), the per-modality losses of `common.tasks.mixed_modal` (`loss_text`, `loss_image`,
 `eval/loss_image`, ...) and the routing statistics the model sows, averaged over its routed layers
 (`moma.model.moma_loss_terms`): `moe/load_<e>` (each expert's share of the selected pairs), `moe/max_load_ratio`,
 `moe/fraction_dropped` (tokens no expert of their group took), `moe/router_entropy`, `moe/z_loss`, and with
@@ -19,7 +19,7 @@ from common.train.__main__ import cli  # pylint: disable=g-import-not-at-top
 def moma_loss(model, batch):
   """Summed next-token cross-entropy over loss_mask plus the model's auxiliary losses (router z-loss, if
   weighted) times the token count; as metric sums: `nll`, each modality's nll and loss, routing statistics."""
-  from common.train.mixed_modal_task import per_modality_nll, train_view
+  from common.tasks.mixed_modal import per_modality_nll, train_view
   from moma.model import moma_loss_terms
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["modality"])
   nll_sum, weight, sums = per_modality_nll(logits, batch)
@@ -30,9 +30,10 @@ def moma_loss(model, batch):
 
 
 def make_task(cfg):
-  from common.train.mixed_modal_task import mixed_modal_task
+  from common.recipes import image_tokenizer
+  from common.tasks.mixed_modal import mixed_modal_task
   from moma.model import build_moma_model
-  return mixed_modal_task(cfg, build_moma_model, loss_fn=moma_loss)
+  return mixed_modal_task(cfg, build_moma_model, loss_fn=moma_loss, image_tokenizer=image_tokenizer.for_data(cfg.data))
 
 
 def validate(cfg) -> None:

@@ -37,7 +37,9 @@ def load_frozen_run(workdir: str):
 
 def make_data(cfg, batch_size: int):
   from common.data.mixed_modal import MixedModalData
-  return MixedModalData(cfg.data, batch_size=batch_size, seed=int(cfg.train.seed))
+  from common.recipes import image_tokenizer
+  return MixedModalData(cfg.data, batch_size=batch_size, seed=int(cfg.train.seed),
+                        image_tokenizer=image_tokenizer.for_data(cfg.data))
 
 
 def _jnp_batch(batch: dict) -> dict:
@@ -110,7 +112,7 @@ def evaluate(model, routers, data, n_batches: int) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from common.train.mixed_modal_task import per_modality_nll
+  from common.tasks.mixed_modal import per_modality_nll
   from moma import aux_routers
 
   nnx.pop(model, nnx.Intermediate)

@@ -26,7 +26,7 @@ SAMPLE_SEED = 4242  # the scenes captioned in the eval log (fixed, so captions c
 def validate(cfg) -> None:
   """Cheap checks of model.* against data.* (before any data or tokenizer is built), naming the key."""
   from common.data.mixed_modal import validate_data_config
-  from common.train.lm_task import validate_model_early
+  from common.tasks.lm import validate_model_early
   validate_data_config(cfg.data)
   m, d = cfg.model, cfg.data
   require(m.get("name") in ("mot", "dense_lm"), "model.name", f"must be 'mot' or 'dense_lm', got '{m.get('name')}'")
@@ -75,16 +75,17 @@ def caption_samples(cfg, data):
 
 
 def make_task(cfg):
-  """The Task of the shared loop (`common.train.mixed_modal_task`) for `mot.model.build_mot_model`."""
+  """The Task of the shared loop (`common.tasks.mixed_modal`) for `mot.model.build_mot_model`."""
   import dataclasses
   from common.flops import training_flops_per_token
-  from common.train.mixed_modal_task import mixed_modal_task
+  from common.recipes import image_tokenizer
+  from common.tasks.mixed_modal import mixed_modal_task
   from mot.model import build_mot_model
   from mot.transfusion import transfusion_loss
   validate(cfg)
   transfusion = cfg.data.setting == "transfusion"
   task = mixed_modal_task(cfg, build_mot_model, loss_fn=transfusion_loss if transfusion else None,
-                          flops_per_token=training_flops_per_token)
+                          flops_per_token=training_flops_per_token, image_tokenizer=image_tokenizer.for_data(cfg.data))
   task = dataclasses.replace(task, eval_samples=caption_samples(cfg, task.data))
   if transfusion:
     task = dataclasses.replace(task, eval_summary=transfusion_summary)

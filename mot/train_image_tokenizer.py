@@ -2,7 +2,7 @@
 
 Trains the VQ image tokenizer of the Chameleon setting (`common.models.vq_autoencoder`) with the shared trainer
 (resume, SIGTERM, exit 2 on bad input). Its workdir is what `data.image_tokenizer` of the mixed-modal trainers
-names; they read it with `common.models.vq_autoencoder.load_image_tokenizer`.
+names; they read it with `common.recipes.image_tokenizer.load_image_tokenizer`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/tra
 
 def cli() -> None:
   from common.train.__main__ import cli as common_cli
-  from common.train.vq_task import validate_vq_task_config, vq_task
+  from common.tasks.vq import validate_vq_task_config, vq_task
   common_cli(vq_task, validate_vq_task_config)
 
 

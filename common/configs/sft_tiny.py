@@ -5,7 +5,7 @@ import ml_collections
 
 from common.config import config_args
 from common.configs.base import base_config, dense_model
-from common.sft.data import default_sft_data_config
+from common.data.sft import default_sft_data_config
 
 
 def get_config(arg=None):

@@ -1,5 +1,5 @@
 """`tiny-base`: the 3.7 M-parameter dense LM that the fine-tuning papers' small-scale reproductions start from
-(`python -m common.models.pretrain_base`): the embedded corpus mixed with generated instruction-style text,
+(`python -m common.recipes.pretrain_base`): the embedded corpus mixed with generated instruction-style text,
 1,000 steps of 16 x 256 tokens, sized to stay under 40 minutes on 2 idle CPU cores.
 
 Tokenizer: a 2,048-piece SentencePiece model trained on the corpus (seconds). It holds 2.73 bytes of held-out

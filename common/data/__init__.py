@@ -10,9 +10,9 @@ import os
 
 import ml_collections
 
+from common.config import DataError
 
-class DataError(ValueError):
-  """Bad data configuration (missing path, unknown name); the message names the config key."""
+
 
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "meta_papers_jax", "data")

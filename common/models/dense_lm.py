@@ -19,7 +19,7 @@ from common.nn import Block, Embed, Linear, RMSNorm
 from common.nn.kv_cache import KVCache, decode_blocks, init_caches
 from common.nn.moe import MoE, MoESettings
 from common.kernels.grouped_matmul.ops import IMPLS as GROUPED_IMPLS
-from common.nn.moe.layer import MODES, ROUTINGS, SECOND_POLICIES
+from common.nn.moe.forward import MODES, ROUTINGS, SECOND_POLICIES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

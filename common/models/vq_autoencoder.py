@@ -13,29 +13,20 @@ learns from its own loss and the encoder is held near the codes by the commitmen
 unit sphere (`unit_norm`), and unused codes are pulled towards the data (`code_pull_loss`); without the pull
 the tiny run on scenes used 7% of the codes per eval batch instead of 70%.
 
-`ImageTokenizer` is the trained model seen as a tokenizer (`encode`, `decode`); `load_image_tokenizer(DIR)` reads
-a `mot.train_image_tokenizer` run; `default_image_tokenizer(cache_dir, image_size)` trains the tiny config once
-and caches it.
+`ImageTokenizer` is the trained model seen as a tokenizer (`encode`, `decode`). Reading a trained run and the
+default tokenizer trained on first use are in `common.recipes.image_tokenizer` (they run the trainer).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
-import io
-import json
 import math
-import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common.config import ConfigError, require
+from common.config import require
 from common.nn import Linear
 
 # The `model.*` section of a VQ autoencoder run (mot/configs/image_tokenizer.py starts from it).
@@ -256,59 +247,3 @@ class ImageTokenizer:
     grid = codes.astype(np.int32).reshape(-1, self.grid, self.grid)
     images = self._chunked(self._decode, grid, np.float32)
     return images.reshape(codes.shape[0], self.image_size, self.image_size, 3)
-
-
-IMAGE_TOKENIZER_KEY = "data.image_tokenizer"
-
-
-def load_image_tokenizer(workdir: str, key: str = IMAGE_TOKENIZER_KEY) -> ImageTokenizer:
-  """The tokenizer of a `mot.train_image_tokenizer` run: DIR/config.json and the newest readable checkpoint.
-  A missing or foreign run is a ConfigError naming `key` and the path."""
-  from common.train.restore import load_run_model, read_run_config
-  cfg = read_run_config(workdir, key)
-  if cfg.get("model", {}).get("name") != "vq_autoencoder":
-    raise ConfigError(f"config key '{key}': '{workdir}' is not a VQ autoencoder run "
-                      f"(model.name '{cfg.get('model', {}).get('name')}', expected 'vq_autoencoder')")
-  model, _ = load_run_model(workdir, cfg, lambda: build_vq_model(cfg.model, int(cfg.train.seed)), key=key)
-  return ImageTokenizer(model, cfg.model, int(cfg.data.image_size))
-
-
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "meta_papers_jax", "image_tokenizer")
-
-
-def tiny_tokenizer_config(image_size: int):
-  """The run `default_image_tokenizer` trains (mot/configs/image_tokenizer.py at its defaults)."""
-  from common.train.vq_task import vq_config
-  cfg = vq_config(image_size)
-  cfg.log.progress = "lines"
-  return cfg
-
-
-def default_image_tokenizer(cache_dir: str = "", image_size: int = 32) -> ImageTokenizer:
-  """The tiny tokenizer trained on generated scenes, from `cache_dir` (default ~/.cache/meta_papers_jax/
-  image_tokenizer): the run is keyed by a hash of its config, trained in this process on first use (on one
-  device, about a minute on a laptop CPU, one note on stderr) and read back afterwards. A file lock makes
-  concurrent first uses train once."""
-  from common.train.loop import EXIT_PREEMPTED, train
-  from common.train.vq_task import vq_task
-  cfg = tiny_tokenizer_config(int(image_size))
-  digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-  root = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
-  workdir = os.path.join(root, f"vq_tiny_{image_size}px_{digest}")
-  done = os.path.join(workdir, "trained")
-  os.makedirs(root, exist_ok=True)
-  with open(workdir + ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.exists(done):
-      print(f"[image tokenizer] training the tiny VQ tokenizer once into {workdir} "
-            f"({cfg.train.steps} steps, about a minute)", file=sys.stderr, flush=True)
-      start = time.time()
-      with contextlib.redirect_stdout(io.StringIO()):
-        code = train(cfg, workdir, vq_task(cfg), devices=jax.local_devices()[:1])
-      if code == EXIT_PREEMPTED:  # SIGTERM: the run is saved; the next start resumes it
-        raise SystemExit(code)
-      if code != 0:
-        raise RuntimeError(f"training the default image tokenizer into '{workdir}' stopped with status {code}")
-      with open(done, "w") as f:
-        f.write(f"{time.time() - start:.1f}s\n")
-  return load_image_tokenizer(workdir, key="data.cache_dir")

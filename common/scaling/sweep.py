@@ -28,7 +28,7 @@ from common.scaling import commands, families  # pylint: disable=g-import-not-at
 
 RUN_INFO = "scaling.json"   # in each run's workdir: what the planner intended (family, size, budget, ...)
 SWEEP_INFO = "sweep.json"   # in the sweep folder: the plan and the (budget, size) pairs left out
-DEFAULT_TASK = "common.train.lm_task:lm_task"
+DEFAULT_TASK = "common.tasks.lm:lm_task"
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ def main(argv, make_task=None, validate=None) -> int:
     raise ConfigError("missing --workdir=DIR")
   distributed.initialize(flags)
   from common import sharding
-  from common.train.lm_task import lm_task, validate_model_early
+  from common.tasks.lm import lm_task, validate_model_early
   from common.train.loop import train, validate_loop_config
   # Cheap checks first, so that bad input fails before the data cache is built (which logs to stderr).
   validate_loop_config(cfg, sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes))

@@ -8,16 +8,14 @@ step is skipped, `train.nan_policy='skip'`); bad input raises ConfigError before
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,28 +25,10 @@ from common.flops import peak_flops_per_device
 from common.train.checkpoint import Checkpointer
 from common.train.metrics import MetricsWriter, Progress
 from common.train.optim import learning_rate_schedule, make_optimizer, only_trainable
-from common.train.step import LossFn, init_state, make_eval_step, make_train_step
+from common.tasks.base import Task
+from common.train.step import init_state, make_eval_step, make_train_step
 
 EXIT_PREEMPTED = 143
-
-
-@dataclasses.dataclass
-class Task:
-  """What a paper package hands the loop."""
-  build_model: Callable[[], nnx.Module]  # deterministic in cfg.train.seed
-  loss_fn: LossFn
-  data: Any  # .train_batch(position) -> dict of [batch, ...] arrays; .eval_batches(n) -> iterator
-  train_flops_per_example: float  # analytic training FLOPs of one batch row (common.flops)
-  units_per_example: int  # tokens (or bytes) in one batch row, for the throughput figure
-  throughput_key: str = "tokens_per_sec"
-  # Summed eval metrics {'loss': nats sum, 'weight': tokens, ...} -> reported values (without 'eval/').
-  eval_summary: Callable[[dict], dict] | None = None
-  # model -> {prompt: generated text}, run at every eval (on every process: the model is sharded), written
-  # to DIR/samples.txt and shown in the log, so a run can be read as well as plotted.
-  eval_samples: Callable[[nnx.Module], dict[str, str]] | None = None
-  # nnx filter of the parameters the optimizer updates (None: all); the others get no optimizer state and
-  # stay bit-identical (LoRA: common.nn.lora.LoRAParam).
-  trainable: Any = None
 
 
 def validate_loop_config(cfg, mesh) -> None:

@@ -14,12 +14,12 @@ from common.train.__main__ import cli, main as train_main  # pylint: disable=g-i
 
 
 def make_task(cfg):
-  from common.sft.task import sft_task  # pylint: disable=g-import-not-at-top
+  from common.tasks.sft import sft_task  # pylint: disable=g-import-not-at-top
   return sft_task(cfg)
 
 
 def validate(cfg) -> None:
-  from common.sft.task import validate_sft_config  # pylint: disable=g-import-not-at-top
+  from common.tasks.sft import validate_sft_config  # pylint: disable=g-import-not-at-top
   validate_sft_config(cfg)
 
 

@@ -15,8 +15,7 @@ import optax
 from flax import nnx
 
 from common.nn.training_rng import training_rng
-
-LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+from common.tasks.base import LossFn
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> dict[str, Any]:

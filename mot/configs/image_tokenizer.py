@@ -5,7 +5,7 @@ of 32 dims, 8x8 tokens per 32x32 scene image, 400 steps of 64 images (about a mi
 `python -m mot.train_image_tokenizer --config=mot/configs/image_tokenizer.py[:image_size=64] --workdir=DIR`
 """
 from common.config import config_args
-from common.train.vq_task import vq_config
+from common.tasks.vq import vq_config
 
 
 def get_config(arg=None):

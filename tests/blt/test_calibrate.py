@@ -16,7 +16,7 @@ from blt.patcher import patch
 from blt.train import PatchingData
 from common import config as config_lib
 from common.data import LMData
-from common.train.lm_task import lm_task
+from common.tasks.lm import lm_task
 from common.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

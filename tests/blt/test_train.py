@@ -17,7 +17,7 @@ from blt.entropy import load_entropy_model, next_byte_entropies
 from blt.patcher import patch
 from common.config import ConfigError
 from common.data import LMData
-from common.train.lm_task import lm_task, next_token_loss
+from common.tasks.lm import lm_task, next_token_loss
 from common.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from common import hub
+from common.hub.__main__ import main as hub_main, publish
 from common.config import ConfigError, run_main
 from common.configs.base import dense_model
 from common.models import build_model
@@ -105,11 +106,11 @@ def test_listing_shows_only_complete_entries(tmp_path, capsys):
   (tmp_path / ".partial-beta").mkdir()  # a save that died part-way
   (tmp_path / "stray").mkdir()          # not an entry
   assert hub.list_checkpoints(tmp_path) == ["alpha", "zeta"]
-  assert hub.main(["list", f"--root={tmp_path}"]) == 0
+  assert hub_main(["list", f"--root={tmp_path}"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert [line.split()[0] for line in lines[2:]] == ["alpha", "zeta"]
   assert lines[2].split()[1] == f"{sum(a.size for a in _params(model)):,}"
-  assert hub.main(["show", "alpha", f"--root={tmp_path}"]) == 0
+  assert hub_main(["show", "alpha", f"--root={tmp_path}"]) == 0
   assert '"d_model": 32' in capsys.readouterr().out
 
 
@@ -148,7 +149,7 @@ def test_missing_and_malformed_names_are_clear_errors(tmp_path, monkeypatch, cap
   with pytest.raises(ConfigError, match="hub name '../up'"):
     hub.save("../up", cfg, model)
   with pytest.raises(SystemExit) as exit_info:
-    run_main(lambda: hub.main(["show", "absent"]))
+    run_main(lambda: hub_main(["show", "absent"]))
   assert exit_info.value.code == 2
   assert capsys.readouterr().err.strip().splitlines() == [
       f"error: hub checkpoint 'absent': not found in '{tmp_path}' (known: present)"]
@@ -168,10 +169,10 @@ def test_publish_merges_a_lora_run_into_a_dense_entry_with_the_same_logits(tmp_p
                    "--config.eval.every_steps=2", "--config.eval.batches=1", "--config.checkpoint.every_steps=2",
                    "--config.checkpoint.async_save=false"]) == 0
   with pytest.raises(ConfigError, match="--merge-lora"):
-    hub.publish(str(run), "sft-merged", root=root)
+    publish(str(run), "sft-merged", root=root)
   run_main_args = ["publish", f"--workdir={run}", "--name=sft-merged", "--merge-lora", f"--root={root}"]
   with pytest.raises(SystemExit) as exit_info:
-    run_main(lambda: hub.main(run_main_args))
+    run_main(lambda: hub_main(run_main_args))
   assert exit_info.value.code == 0 and "published" in capsys.readouterr().out
 
   cfg = read_run_config(str(run), "--workdir")
@@ -189,7 +190,7 @@ def test_publish_merges_a_lora_run_into_a_dense_entry_with_the_same_logits(tmp_p
 
   entry = (root / "sft-merged" / "entry.json").read_text()
   with pytest.raises(SystemExit) as exit_info:
-    run_main(lambda: hub.main(run_main_args))
+    run_main(lambda: hub_main(run_main_args))
   assert exit_info.value.code == 2
   assert "'sft-merged': already exists" in capsys.readouterr().err
   assert (root / "sft-merged" / "entry.json").read_text() == entry

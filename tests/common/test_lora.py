@@ -11,7 +11,7 @@ from common.configs.base import base_config, dense_model
 from common.models.dense_lm import DenseLM
 from common.nn.linear import Linear
 from common.nn.lora import LoRALinear, LoRAParam, adapter_count, apply_lora, merge_lora
-from common.sft.task import lora_loss
+from common.tasks.sft import lora_loss
 from common.train.optim import learning_rate_schedule, make_optimizer
 from common.train.step import init_state, make_train_step
 

@@ -12,7 +12,7 @@ from common.configs.base import base_config, dense_model
 from common.data.mixed_modal import AUDIO, IMAGE, TEXT, mixed_modal_data_config
 from common.models import build_model
 from common.train.loop import train
-from common.train.mixed_modal_task import mixed_modal_task, modality_summary, per_modality_nll, train_view
+from common.tasks.mixed_modal import mixed_modal_task, modality_summary, per_modality_nll, train_view
 from tests.patch_colour_tokenizer import PatchColourTokenizer
 
 

@@ -1,4 +1,4 @@
-"""`python -m common.models.pretrain_base`: a few-step run registers a hub entry whose parameters are the run's
+"""`python -m common.recipes.pretrain_base`: a few-step run registers a hub entry whose parameters are the run's
 (same logits), with its tokenizer and the measured quality; a second run never replaces the entry without
 --overwrite (exit 2, one line); the generated instruction text is deterministic, of every kind, and its
 held-out questions are never training prompts."""
@@ -13,7 +13,7 @@ import pytest
 from common import hub
 from common.config import run_main
 from common.models import build_model
-from common.models.pretrain_base import (KINDS, example_kind, instruction_examples, main, split_held_out)
+from common.recipes.pretrain_base import (KINDS, example_kind, instruction_examples, main, split_held_out)
 from common.train.restore import load_run_model, read_run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -18,9 +18,9 @@ from common.config import ConfigError
 from common.configs.base import dense_model
 from common.data import DataError
 from common.models.dense_lm import DenseLM
-from common.sft.data import SFTData, generate_examples, pack_examples, read_jsonl, tokenize_example
+from common.data.sft import SFTData, generate_examples, pack_examples, read_jsonl, tokenize_example
 from common.tokenizers import ByteTokenizer, Llama3Tokenizer
-from common.train.lm_task import next_token_loss
+from common.tasks.lm import next_token_loss
 from common.train.sft import main as sft_main
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

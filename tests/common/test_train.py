@@ -19,7 +19,7 @@ from common import sharding
 from common.configs.base import base_config, dense_model
 from common.models import build_model
 from common.train.checkpoint import Checkpointer
-from common.train.lm_task import next_token_loss
+from common.tasks.lm import next_token_loss
 from common.train.loop import Task, init_train_state, train
 from common.train.optim import make_optimizer
 from common.train.step import init_state

@@ -7,7 +7,7 @@ from flax import nnx
 
 from common import flops
 from common.models import DenseLM
-from common.train.lm_task import next_token_loss
+from common.tasks.lm import next_token_loss
 from moe_scaling import data, evaluate
 from moe_scaling.configs.tiny import get_config
 from moe_scaling.reproduce import summarize

@@ -12,7 +12,7 @@ import pytest
 from common.configs.base import base_config
 from common.models import build_model
 from common.nn.moe import parallel
-from common.train.lm_task import next_token_loss
+from common.tasks.lm import next_token_loss
 from common.train.loop import Task, init_train_state, train
 from common.train.step import make_eval_step, make_train_step
 from moe_scaling.model import model_config

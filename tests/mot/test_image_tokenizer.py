@@ -1,4 +1,4 @@
-"""The VQ image tokenizer (common.models.vq_autoencoder, common.train.vq_task, mot.train_image_tokenizer)."""
+"""The VQ image tokenizer (common.models.vq_autoencoder, common.tasks.vq, mot.train_image_tokenizer)."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from common.config import ConfigError
-from common.models.vq_autoencoder import (MODEL_DEFAULTS, ImageTokenizer, build_vq_model, load_image_tokenizer,
-                                          vq_loss_terms)
-from common.train.vq_task import ImageData, vq_config, vq_task
+from common.models.vq_autoencoder import MODEL_DEFAULTS, ImageTokenizer, build_vq_model, vq_loss_terms
+from common.recipes.image_tokenizer import load_image_tokenizer
+from common.tasks.vq import ImageData, vq_config, vq_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 16

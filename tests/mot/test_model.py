@@ -275,7 +275,7 @@ def test_one_mot_training_step_is_the_same_on_every_mesh():
   """The shared train step of an untied 3-modality MoT on 1 device and on data 2 x fsdp 2 x tensor 2:
   placement only, never the loss or the updated parameters (beyond float rounding)."""
   from common.configs.base import base_config
-  from common.train.loop import Task
+  from common.tasks.base import Task
   cfg = base_config()
   cfg.model = mot_model(**dict(SHAPES, n_layers=1), n_modalities=3)  # one layer: compiling 8 devices is slow
   cfg.train.update(batch_size=8, warmup_steps=1)

@@ -41,7 +41,7 @@ def _rows(workdir) -> list[dict]:
 def vq_run(tmp_path_factory):
   """A VQ tokenizer run of two steps (its codes are poor, but any tokenizer makes valid documents)."""
   workdir = str(tmp_path_factory.mktemp("vq"))
-  from common.train.vq_task import validate_vq_task_config, vq_task
+  from common.tasks.vq import validate_vq_task_config, vq_task
   args = [f"--config={ROOT}/mot/configs/image_tokenizer.py", f"--workdir={workdir}", "--config.train.steps=2",
           "--config.train.batch_size=8", "--config.model.channels=8", "--config.data.n_train_images=16",
           "--config.data.n_eval_images=8", "--config.checkpoint.every_steps=2", "--config.eval.every_steps=2",

@@ -320,15 +320,15 @@ def cache_key(c, fingerprints: dict[str, str]) -> str:
   return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _resolve_image_tokenizer(c, injected):
+def _check_image_tokenizer(c, given):
+  """Discrete image tokens need a tokenizer from the caller (common.recipes.image_tokenizer.for_data reads
+  data.image_tokenizer or trains the default); the data never trains one."""
   if c.setting != "chameleon" or "image" not in c.modalities:
     return None
-  if injected is not None:
-    return injected
-  from common.models import vq_autoencoder  # pylint: disable=g-import-not-at-top  (lazy: needs the model)
-  if c.image_tokenizer:
-    return vq_autoencoder.load_image_tokenizer(c.image_tokenizer)
-  return vq_autoencoder.default_image_tokenizer(c.cache_dir, c.image_size)
+  if given is None:
+    raise DataError("data.image_tokenizer: the chameleon setting with images needs an image tokenizer; build "
+                    "it with common.recipes.image_tokenizer.for_data(cfg.data) and pass image_tokenizer=")
+  return given
 
 
 def _resolve_audio_tokenizer(c, injected):
@@ -347,7 +347,7 @@ class MixedModalData:
     c = self.data_cfg = ml_collections.ConfigDict(mixed_modal_data_config().to_dict() | dict(data_cfg))
     validate_data_config(c)
     self.batch_size, self.seed, self.seq_len, self.setting = int(batch_size), int(seed), int(c.seq_len), c.setting
-    self.image_tokenizer = _resolve_image_tokenizer(c, image_tokenizer)
+    self.image_tokenizer = _check_image_tokenizer(c, image_tokenizer)
     self.audio_tokenizer = _resolve_audio_tokenizer(c, audio_tokenizer)
     image_codebook = (self.image_tokenizer.codebook_size if self.image_tokenizer is not None
                       else int("image" in c.modalities))  # transfusion: one placeholder id

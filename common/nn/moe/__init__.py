@@ -10,7 +10,8 @@ Language Modeling with Mixtures of Experts" (arXiv 2112.10684); expert choice, Z
 """
 from common.nn.moe.aux import moe_loss_terms, summarize_aux
 from common.nn.moe.experts import Experts, run_batched, run_grouped
-from common.nn.moe.layer import MoE, MoESettings, moe_forward, pop_moe_aux
+from common.nn.moe.forward import MoESettings, moe_forward
+from common.nn.moe.layer import MoE, pop_moe_aux
 from common.nn.moe.router import Router, balance_loss, entropy, z_loss
 from common.nn.moe.routing import (Assignment, Dispatch, assign_expert_choice, assign_token_choice,
                                    dispatch_from_assignment, expert_capacity, token_capacity)

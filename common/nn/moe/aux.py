@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from common.nn.moe.layer import pop_moe_aux
+
 SCALARS = ("balance_loss", "z_loss", "router_entropy", "fraction_dropped")
 MAX_PER_EXPERT_METRICS = 16  # per-expert load lines are written only for this many experts or fewer
 
@@ -18,7 +20,6 @@ def moe_loss_terms(model, weight: jax.Array) -> tuple[jax.Array, dict]:
   (averaged over layers) times `weight`, so that dividing by the total weight gives the per-token objective,
   and each statistic times `weight` (reported as its mean). Pops what the layers sowed; zero and {} for a
   model without MoE layers."""
-  from common.nn.moe.layer import pop_moe_aux
   auxes = pop_moe_aux(model)
   if not auxes:
     return jnp.zeros((), jnp.float32), {}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from common.sharding import RULES
-from common.nn.moe.layer import MoESettings, moe_forward
+from common.nn.moe.forward import MoESettings, moe_forward
 
 EXPERT_AXIS = "expert"
 

@@ -3,8 +3,8 @@ package's output (a pretrained base, an SFT model) is another's input by name.
 
     common.hub.save("tiny-base", model_cfg, model, tokenizer=tok, metadata={"eval/loss": 2.1})
     model_cfg, model, tokenizer, metadata = common.hub.load("tiny-base", mesh=mesh)
-    python -m common.hub list | show NAME [--root=DIR]
-    python -m common.hub publish --workdir=RUN --name=NAME [--merge-lora] [--root=DIR]
+    python -m common.hub list | show NAME [--root=DIR]           (common/hub/__main__.py)
+    python -m common.hub publish --workdir=RUN --name=NAME [--merge_lora] [--root=DIR]
 
 The library is a folder, `root`, `$META_PAPERS_HUB`, or ~/.cache/meta_papers_jax/hub, in that order of
 precedence; any etils path works (gs://bucket/hub included). One entry is a folder:
@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import re
-import sys
 import tempfile
 from typing import Any, Callable
 
@@ -33,7 +32,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from common.config import ConfigError, run_main
+from common.config import ConfigError
 from common.tokenizers import (ByteTokenizer, Llama3Tokenizer, SentencePieceTokenizer, Tokenizer,
                                load_tokenizer)
 
@@ -233,109 +232,7 @@ def describe(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]
   return entry
 
 
-# --- publishing a training run ----------------------------------------------------------------------
-
-
-def _run_tokenizer(cfg) -> Tokenizer | None:
-  """The tokenizer a run of `common.train` (data.vocab) or `common.train.sft` (its hub base's, else
-  data.tokenizer) trained with."""
-  base = cfg.model.get("init_from", "")
-  if base:
-    folder = _entry(base, None)
-    return _read_tokenizer(json.loads((folder / ENTRY_FILE).read_text()).get("tokenizer"), folder / TOKENIZER_DIR)
-  if "tokenizer" in cfg.data:
-    return load_tokenizer(cfg.data.tokenizer, cfg.data.get("tokenizer_path", ""))
-  if cfg.data.get("vocab") == "spm":
-    return load_tokenizer("spm", cfg.data.spm_model)
-  return ByteTokenizer() if cfg.data.get("vocab", "byte") == "byte" else None
-
-
-def _last_eval(workdir: str) -> dict[str, float]:
-  """The newest eval line of DIR/metrics.jsonl (step and `eval/*` values), or {}."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-  return {k: v for k, v in evals[-1].items() if k == "step" or k.startswith("eval/")} if evals else {}
-
-
-def publish(workdir: str, name: str, *, merge_lora: bool = False, root: str | os.PathLike | None = None
-            ) -> epath.Path:
-  """Registers the newest checkpoint of a training run (common.train, or common.train.sft, full or LoRA) as
-  library entry `name`: a plain dense model, LoRA adapters folded into the base weights (`merge_lora`, needed
-  for a LoRA run), its tokenizer, and metadata naming the run, the step and the run's last eval metrics. The
-  run is read, never changed (common.train.restore); an existing name is never replaced."""
-  from common.models import build_model  # pylint: disable=g-import-not-at-top
-  from common.nn import lora  # pylint: disable=g-import-not-at-top
-  from common.train.restore import load_run_model, read_run_config  # pylint: disable=g-import-not-at-top
-  _check_name(name)
-  if (hub_root(root) / name).exists():
-    raise ConfigError(f"hub checkpoint '{name}': already exists in '{hub_root(root)}' (publish never replaces "
-                      "an entry; choose another --name)")
-  cfg = read_run_config(workdir, "--workdir")
-  rank = int(cfg.get("lora", {}).get("rank", 0))
-  if rank and not merge_lora:
-    raise ConfigError(f"--workdir '{workdir}': the run trained LoRA adapters (rank {rank}); pass --merge-lora to "
-                      "fold them into the base weights")
-
-  def build():
-    model = build_model(cfg.model, seed=0)
-    if rank:
-      lora.apply_lora(model, rank, float(cfg.lora.alpha), tuple(cfg.lora.targets), rngs=nnx.Rngs(params=0))
-    return model
-
-  model, step = load_run_model(workdir, cfg, build, key="--workdir", trainable=lora.LoRAParam if rank else None)
-  if rank:
-    lora.merge_lora(model)
-  model_cfg = ml_collections.ConfigDict({k: v for k, v in cfg.model.to_dict().items() if k != "init_from"})
-  metadata = {"source_run": os.path.abspath(workdir), "step": step, "base": cfg.model.get("init_from", ""),
-              "lora_rank_merged": rank, "eval": _last_eval(workdir)}
-  return save(name, model_cfg, model, tokenizer=_run_tokenizer(cfg), metadata=metadata, root=root)
-
-
-# --- command line ------------------------------------------------------------------------------------
-
-USAGE = ("usage: python -m common.hub list [--root=DIR] | show NAME [--root=DIR] | "
-         "publish --workdir=RUN --name=NAME [--merge-lora] [--root=DIR]")
-
-
-def _table(root) -> str:
-  rows = [("name", "params", "d_model", "layers", "vocab", "tokenizer", "created")]
-  for name in list_checkpoints(root):
-    entry = describe(name, root)
-    m = entry["model_config"]
-    rows.append((name, f"{entry['num_params']:,}", str(m.get("d_model", "")), str(m.get("n_layers", "")),
-                 str(m.get("vocab_size", "")), (entry.get("tokenizer") or {}).get("kind", "-"), entry["created"]))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-
-
-def main(argv: list[str]) -> int:
-  flags = {a[2:].partition("=")[0]: a.partition("=")[2] for a in argv if a.startswith("--")}
-  words = [a for a in argv if not a.startswith("--")]
-  allowed = {"root", "workdir", "name", "merge-lora"} if words[:1] == ["publish"] else {"root"}
-  unknown = sorted(set(flags) - allowed)
-  if unknown:
-    raise ConfigError(f"unknown flag '--{unknown[0]}' ({USAGE})")
-  root = flags.get("root") or None
-  if words == ["publish"]:
-    for flag in ("workdir", "name"):
-      if not flags.get(flag):
-        raise ConfigError(f"publish: missing --{flag}=... ({USAGE})")
-    folder = publish(flags["workdir"], flags["name"], merge_lora="merge-lora" in flags, root=root)
-    print(f"published {flags['workdir']} as '{flags['name']}' at {folder}")
-    return 0
-  if words == ["list"]:
-    print(f"# {hub_root(root)}")
-    print(_table(root) if list_checkpoints(root) else "(no checkpoints)")
-    return 0
-  if len(words) == 2 and words[0] == "show":
-    print(json.dumps(describe(words[1], root), indent=2))
-    return 0
-  raise ConfigError(USAGE)
-
-
-if __name__ == "__main__":
-  run_main(lambda: main(sys.argv[1:]))
+def entry_tokenizer(name: str, root: str | os.PathLike | None = None) -> Tokenizer | None:
+  """The tokenizer stored with entry `name` (None if it has none), without reading its parameters."""
+  folder = _entry(name, root)
+  return _read_tokenizer(json.loads((folder / ENTRY_FILE).read_text()).get("tokenizer"), folder / TOKENIZER_DIR)

@@ -19,7 +19,7 @@ from common.config import require
 from common.data import DataError
 from common.models.vq_autoencoder import (MODEL_DEFAULTS, build_vq_model, code_pull_loss, code_statistics,
                                           forward_flops_per_image, psnr, validate_vq_config, vq_loss_terms)
-from common.train.loop import Task
+from common.tasks.base import Task
 
 SOURCES = ("scenes", "files")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")

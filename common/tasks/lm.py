@@ -11,7 +11,7 @@ from common.data import LMData
 from common.flops import training_flops_per_token
 from common.nn.moe import moe_loss_terms
 from common.models import build_model, padded_vocab_size, validate_model_config
-from common.train.loop import Task
+from common.tasks.base import Task
 
 
 def next_token_loss(model, batch):

@@ -1,5 +1,5 @@
 """Supervised fine-tuning on the common trainer: the base model (a hub checkpoint or a random dense LM), optional
-LoRA adapters (`common.nn.lora`), packed SFT rows (`common.sft.data`), loss on response tokens only.
+LoRA adapters (`common.nn.lora`), packed SFT rows (`common.data.sft`), loss on response tokens only.
 
 With `lora.rank > 0` only the adapters learn: the task's `trainable` filter (`LoRAParam`) gives the optimizer the
 adapters alone (`common.train.optim.only_trainable`: no moments and no weight decay for the base, which stays
@@ -16,11 +16,11 @@ from common.config import ConfigError, require
 from common.flops import flops_for
 from common.models import build_model, padded_vocab_size
 from common.nn.lora import DEFAULT_TARGETS, LoRAParam, apply_lora, frozen_base
-from common.sft.data import OVERLONG_POLICIES, SFTData, generate_examples, pack_examples, read_jsonl, \
+from common.data.sft import OVERLONG_POLICIES, SFTData, generate_examples, pack_examples, read_jsonl, \
     split_examples, tokenize_example
 from common.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
-from common.train.lm_task import next_token_loss, validate_model_early
-from common.train.loop import Task
+from common.tasks.lm import next_token_loss, validate_model_early
+from common.tasks.base import Task
 
 LORA_TARGETS = (*DEFAULT_TARGETS, "lm_head")
 

@@ -17,8 +17,8 @@ from common.data.mixed_modal import MODALITIES, MixedModalData
 from common.flops import training_flops_per_token
 from common.models import DenseLM
 from common.nn.moe import moe_loss_terms
-from common.train.lm_task import resolve_vocab_size
-from common.train.loop import Task
+from common.tasks.lm import resolve_vocab_size
+from common.tasks.base import Task
 
 
 def per_modality_nll(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:

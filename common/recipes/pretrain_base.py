@@ -1,7 +1,7 @@
 """`tiny-base`: pretrain the dense LM on the embedded corpus plus generated instruction-style text, measure
 its quality, and register it in the checkpoint library (common.hub).
 
-    python -m common.models.pretrain_base [--config=common/configs/tiny_base.py[:steps=N,...]]
+    python -m common.recipes.pretrain_base [--config=common/configs/tiny_base.py[:steps=N,...]]
         [--workdir=runs/tiny-base] [--name=tiny-base] [--hub_root=DIR] [--overwrite] [--config.KEY=VALUE ...]
 
 The fine-tuning papers reproduced here start from a pretrained model whose instruction-following is then
@@ -28,7 +28,7 @@ import numpy as np
 
 from common import hub
 from common.config import ConfigError, parse_argv, require, run_main
-from common.sft.data import SFTData, generate_examples
+from common.data.sft import SFTData, generate_examples
 
 DEFAULT_CONFIG = "common/configs/tiny_base.py"
 DEFAULT_WORKDIR = "runs/tiny-base"
@@ -98,7 +98,7 @@ def _example(rng, kind: str) -> dict[str, str]:
 def instruction_examples(n: int, seed: int) -> list[dict[str, str]]:
   """`n` prompt/response examples, a pure function of `seed`, the kinds of `KINDS` in equal shares:
   question answering over a short document, true/false statements about it, one-sentence summaries,
-  two-digit arithmetic, and the instruction tasks of `common.sft.data.generate_examples` (addition,
+  two-digit arithmetic, and the instruction tasks of `common.data.sft.generate_examples` (addition,
   reversal, copying, sorting)."""
   rng = np.random.default_rng(seed)
   return [dict(_example(rng, KINDS[int(rng.integers(len(KINDS)))])) for _ in range(n)]
@@ -207,7 +207,7 @@ def prepare_tokenizer(cfg, workdir: str):
 def corpus_quality(model, data: MixedData) -> dict[str, float]:
   """Mean next-token loss over every held-out corpus token, its perplexity, and bits per byte of text."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from common.train.lm_task import next_token_loss  # pylint: disable=g-import-not-at-top
+  from common.tasks.lm import next_token_loss  # pylint: disable=g-import-not-at-top
   from common.train.step import make_eval_step  # pylint: disable=g-import-not-at-top
   graphdef, params = nnx.split(model, nnx.Param)
   loss_sums = jax.jit(make_eval_step(graphdef, next_token_loss))
@@ -254,7 +254,7 @@ def instruction_quality(model, tokenizer, held_out: list[dict], *, max_answer_to
 
 
 def validate(cfg) -> None:
-  from common.train.lm_task import validate_model_early  # pylint: disable=g-import-not-at-top
+  from common.tasks.lm import validate_model_early  # pylint: disable=g-import-not-at-top
   validate_model_early(cfg)
   p = cfg.pretrain
   require(0.0 <= float(p.instruction_fraction) <= 1.0, "pretrain.instruction_fraction",
@@ -285,7 +285,7 @@ def build_data(cfg, tokenizer) -> tuple[MixedData, list[dict]]:
 def make_task(cfg, data: MixedData):
   from common.flops import training_flops_per_token  # pylint: disable=g-import-not-at-top
   from common.models import build_model, padded_vocab_size  # pylint: disable=g-import-not-at-top
-  from common.train.lm_task import next_token_loss  # pylint: disable=g-import-not-at-top
+  from common.tasks.lm import next_token_loss  # pylint: disable=g-import-not-at-top
   from common.train.loop import Task  # pylint: disable=g-import-not-at-top
   if cfg.model.vocab_size == 0:
     cfg.model.vocab_size = padded_vocab_size(data.vocab_size)

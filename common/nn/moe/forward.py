@@ -1,0 +1,176 @@
+"""The mixture-of-experts feed-forward computation as a pure function (`moe_forward`) of its settings and
+parameters: token choice (top-k, capacity or dropless) and expert choice. `layer.MoE` is the module around it;
+`parallel.py` runs it expert-parallel.
+
+Tokens are routed in `num_groups` groups of equal size (GShard's groups, Lepikhin et al. 2020, sec. 2.2):
+capacity, the balancing loss and every statistic are per group, then averaged over groups. The grouping is a
+model hyperparameter, not a property of the mesh, so a model computes the same numbers on any mesh; under a
+mesh with an `expert` axis the expert-parallel path (`parallel.py`) needs `num_groups` to be a multiple of the
+number of token shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from common.kernels.grouped_matmul import IMPLS as GROUPED_IMPLS
+from common.nn.moe import experts as experts_lib
+from common.nn.moe import router as router_lib
+from common.nn.moe import routing
+
+ROUTINGS = ("token_choice", "expert_choice")
+MODES = ("capacity", "dropless")
+SECOND_POLICIES = ("all", "sampling")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESettings:
+  """Static hyperparameters of an MoE layer (hashable: they select code paths, never traced)."""
+  n_experts: int
+  top_k: int = 2
+  routing: str = "token_choice"     # 'token_choice' | 'expert_choice'
+  mode: str = "capacity"            # token choice: 'capacity' (GShard/fairseq) | 'dropless' (grouped matmul)
+  capacity_factor: float = 1.0      # token choice: slots = cf * k * ceil(S/E); expert choice: cf * S / E
+  second_policy: str = "all"        # 'all' | 'sampling' (needs an rng)
+  num_groups: int = 1
+  router_noise: float = 0.0         # std of Gaussian noise on the logits (needs an rng)
+  balance_weight: float = 0.01      # Artetxe et al. 2021 / fairseq default
+  z_loss_weight: float = 0.0
+  grouped_impl: str = "auto"        # dropless: grouped-matmul implementation (common.kernels.grouped_matmul)
+
+  def __post_init__(self):
+    if self.n_experts < 1:
+      raise ValueError(f"n_experts must be >= 1, got {self.n_experts}")
+    if self.routing not in ROUTINGS:
+      raise ValueError(f"routing must be one of {ROUTINGS}, got '{self.routing}'")
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got '{self.mode}'")
+    if self.routing == "token_choice" and not 1 <= self.top_k <= self.n_experts:
+      raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+    if self.second_policy not in SECOND_POLICIES:
+      raise ValueError(f"second_policy must be one of {SECOND_POLICIES}, got '{self.second_policy}'")
+    if self.grouped_impl not in GROUPED_IMPLS:
+      raise ValueError(f"grouped_impl must be one of {GROUPED_IMPLS}, got '{self.grouped_impl}'")
+    if self.capacity_factor <= 0 or self.num_groups < 1:
+      raise ValueError("capacity_factor must be > 0 and num_groups >= 1")
+
+
+# ------------------------------------------------------------------------------------ the pure forward
+
+def _group_keys(rng, n_groups: int, group_offset):
+  """One key per group from its global index, so that sharded and unsharded runs draw the same noise."""
+  if rng is None:
+    return None
+  return jax.vmap(lambda g: jax.random.fold_in(rng, g))(group_offset + jnp.arange(n_groups))
+
+
+def _gather_slots(x: jax.Array, dispatch: routing.Dispatch) -> jax.Array:
+  """x [G, S, d] -> expert buffers [G, E, C, d] (zeros in empty slots)."""
+  x_pad = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+  return jax.vmap(lambda xp, st: xp[st])(x_pad, dispatch.slot_token)
+
+
+def _scatter_slots(out: jax.Array, dispatch: routing.Dispatch, n_tokens: int) -> jax.Array:
+  """Expert outputs [G, E, C, d] weighted by their gates and summed back onto tokens -> [G, S, d] f32."""
+  def one(o, st, sg):
+    acc = jnp.promote_types(o.dtype, sg.dtype)
+    weighted = o.reshape(-1, o.shape[-1]).astype(acc) * sg.reshape(-1, 1)
+    return jnp.zeros((n_tokens + 1, o.shape[-1]), acc).at[st.reshape(-1)].add(weighted)[:n_tokens]
+  return jax.vmap(one)(out, dispatch.slot_token, dispatch.slot_gate)
+
+
+def _run_slots(x, dispatch, gate_up, down, expert_axis):
+  """Buffers through the experts; under shard_map the buffers travel to the experts' owners and back
+  with two all-to-alls over `expert_axis` (GShard sec. 3.2)."""
+  buffers = _gather_slots(x, dispatch)  # [G, E, C, d]
+  g, e, c, d = buffers.shape
+  buffers = buffers.transpose(1, 0, 2, 3).reshape(e, g * c, d)
+  if expert_axis is not None:
+    buffers = jax.lax.all_to_all(buffers, expert_axis, 0, 1, tiled=True)  # [E_local, shards * G * C, d]
+  out = experts_lib.run_batched(buffers, gate_up, down)
+  if expert_axis is not None:
+    out = jax.lax.all_to_all(out, expert_axis, 1, 0, tiled=True)  # [E, G * C, d]
+  out = out.reshape(e, g, c, d).transpose(1, 0, 2, 3)
+  return _scatter_slots(out, dispatch, x.shape[1])
+
+
+def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, expert_axis, impl="auto"):
+  """Every assignment executed: rows sorted by expert, a grouped matmul (`impl`), rows unsorted and gated. Under
+  shard_map the tokens of all shards of `expert_axis` are gathered, each shard runs its own experts' rows,
+  and a reduce-scatter returns each token's sum to its shard (no capacity, hence no fixed-size all-to-all)."""
+  g, s, d = x.shape
+  k = assign.expert.shape[-1]
+  rows, expert, gate = x.reshape(g * s, d), assign.expert.reshape(-1), assign.gate.reshape(g * s, k)
+  local_expert = expert
+  if expert_axis is not None:
+    rows = jax.lax.all_gather(rows, expert_axis, tiled=True)
+    expert = jax.lax.all_gather(expert, expert_axis, tiled=True)
+    gate = jax.lax.all_gather(gate, expert_axis, tiled=True)
+    first = jax.lax.axis_index(expert_axis) * gate_up.shape[0]
+    local_expert = (expert - first) % n_experts  # this shard's experts first, in order
+  order = jnp.argsort(local_expert, stable=True)
+  group_sizes = jnp.bincount(local_expert, length=n_experts)[:gate_up.shape[0]].astype(jnp.int32)
+  out = experts_lib.run_grouped(rows[order // k], gate_up, down, group_sizes, impl=impl)
+  out = out[jnp.argsort(order)].reshape(-1, k, d).astype(jnp.promote_types(out.dtype, gate.dtype))
+  y = jnp.sum(out * gate[..., None], axis=1)
+  if expert_axis is not None:
+    y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
+  return y.reshape(g, s, d)
+
+
+def moe_forward(settings: MoESettings, params: dict, x: jax.Array, rng: jax.Array | None = None, *,
+                group_offset=0, expert_axis: str | None = None) -> tuple[jax.Array, dict]:
+  """x [G, S, d] -> (y [G, S, d] in x.dtype, aux). `params`: router [d, E], gate_up, down (the local shard of
+  experts when `expert_axis` names the shard_map axis they are split over). aux holds per-group means:
+  aux_loss (weighted, to be added to the objective), balance_loss, z_loss, router_entropy,
+  fraction_dropped and expert_load [E] (share of routed assignments per expert)."""
+  st = settings
+  n_groups, n_tokens, _ = x.shape
+  keys = _group_keys(rng, n_groups, group_offset)
+  router_dtype = jnp.promote_types(x.dtype, jnp.float32)  # f32 (f64 in x64 tests), never bf16
+  logits = jnp.einsum("gsd,de->gse", x.astype(router_dtype), params["router"].astype(router_dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+  routed_logits = logits
+  if keys is not None and st.router_noise > 0:
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), logits.shape[1:], logits.dtype))(keys)
+    routed_logits = logits + st.router_noise * noise
+  probs = jax.nn.softmax(routed_logits, axis=-1)
+  sample_keys = None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  e = st.n_experts
+
+  if st.routing == "expert_choice":
+    capacity = routing.expert_capacity(n_tokens, e, st.capacity_factor)
+    dispatch = jax.vmap(lambda p: routing.assign_expert_choice(p, capacity))(probs)
+    y = _run_slots(x, dispatch, params["gate_up"], params["down"], expert_axis)
+    taken = jax.vmap(lambda t: jnp.zeros(n_tokens + 1, bool).at[t.reshape(-1)].set(True)[:n_tokens])(
+        dispatch.slot_token)
+    balance = jnp.zeros(())
+    dropped = 1.0 - jnp.mean(taken.astype(jnp.float32))
+    load = jnp.full((e,), 1.0 / e)
+  else:
+    capacity = routing.token_capacity(n_tokens, e, st.top_k, st.capacity_factor) if st.mode == "capacity" else None
+    assign_fn = lambda p, key: routing.assign_token_choice(p, st.top_k, capacity, second_policy=st.second_policy,
+                                                            rng=key)
+    assign = jax.vmap(assign_fn)(probs, sample_keys) if sample_keys is not None else \
+        jax.vmap(lambda p: assign_fn(p, None))(probs)
+    if st.mode == "capacity":
+      dispatch = jax.vmap(lambda a: routing.dispatch_from_assignment(a, e, capacity))(assign)
+      y = _run_slots(x, dispatch, params["gate_up"], params["down"], expert_axis)
+    else:
+      y = _run_dropless(x, assign, params["gate_up"], params["down"], e, expert_axis, st.grouped_impl)
+    balance = jnp.mean(jax.vmap(router_lib.balance_loss)(probs, assign.expert[..., 0]))
+    active = assign.active
+    n_active = jnp.maximum(jnp.sum(active, axis=(1, 2)), 1)
+    dropped = jnp.mean(1.0 - jnp.sum(assign.kept, axis=(1, 2)) / n_active)
+    routed = jax.nn.one_hot(assign.expert, e, dtype=jnp.float32) * active[..., None]
+    load = jnp.mean(jnp.sum(routed, axis=(1, 2)) / n_active[:, None], axis=0)
+
+  z = jnp.mean(jax.vmap(router_lib.z_loss)(logits))
+  aux = dict(
+      aux_loss=st.balance_weight * balance + st.z_loss_weight * z,
+      balance_loss=balance, z_loss=z,
+      router_entropy=jnp.mean(jax.vmap(router_lib.entropy)(probs)),
+      fraction_dropped=dropped, expert_load=load)
+  return y.astype(x.dtype), aux

@@ -1,0 +1,255 @@
+"""The reproduce harness every paper's `python -m <paper>.reproduce` runs on (ARCHITECTURE.md, the top floor).
+
+A paper's reproduce.py declares its comparison as data, `Arm`s (a trainer config, a label, the paper's figure),
+and subclasses `Study` for what differs: which arms its flags select, the config of one run, what is scored
+after training, and the table of its headline metric. The harness does the rest the same way for every paper:
+
+- each (arm, seed) is a workdir of the shared trainer, OUT/runs/<arm>_s<seed>: a finished and scored run is
+  read back from its record (rescored when the scoring flags changed), a partial one resumes from its newest
+  checkpoint (`common.train.loop.train`), a new one trains;
+- `--seeds N` (default 3, `--quick` 1) repeats every arm with train.seed 0..N-1, figures are the mean with a 95%
+  t-interval (`common.scaling.intervals`);
+- OUT/results.md (tables with the paper's figure in a column beside ours), OUT/results.json (what
+  notebooks/<paper>.ipynb reads) and a plot against training FLOPs;
+- `--emit_commands` prints one trainer command per run (for a cluster) instead of training.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from common.config import load
+from common.scaling.intervals import t_interval
+from common.scaling.runs import finished
+from common.train.loop import train
+
+RECORD = "reproduce.json"  # a scored run's record, beside its metrics.jsonl
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One model of the comparison; `extra` is copied into each of its records (the keys a summary groups by)."""
+  name: str     # runs live in OUT/runs/<name>_s<seed>
+  label: str    # its row in the tables
+  config: str   # 'path.py[:arg=value,...]' of its trainer config
+  trainer: str  # the module whose `python -m` trains it (for --emit_commands)
+  paper: str = ""  # the paper's figure for this arm's headline metric
+  extra: dict = dataclasses.field(default_factory=dict)
+
+
+def interval(values: Sequence[float]) -> tuple[float, float, int]:
+  """(mean, 95% half-width, count) over the finite values; NaNs where there are none."""
+  finite = [float(v) for v in values if not math.isnan(v)]
+  if not finite:
+    return math.nan, math.nan, 0
+  return (*t_interval(finite), len(finite))
+
+
+def table(header: Sequence[str], rows: Sequence[tuple[Sequence[Any], str]], paper: str = "paper") -> list[str]:
+  """Markdown lines of a table whose last column is the paper's figure beside ours: rows are (cells, paper)."""
+  lines = ["| " + " | ".join([*header, paper]) + " |", "|" + "---|" * (len(header) + 1)]
+  return lines + ["| " + " | ".join(str(c) for c in [*cells, figure or "-"]) + " |" for cells, figure in rows]
+
+
+def mean_curves(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(flops, values) of curve `key` averaged over `records` (seeds) on the eval points they all have."""
+  curves = [r["curves"][key] for r in records]
+  n = min(len(c["values"]) for c in curves)
+  if n == 0:
+    return np.zeros(0), np.zeros(0)
+  return np.mean([c["flops"][:n] for c in curves], axis=0), np.mean([c["values"][:n] for c in curves], axis=0)
+
+
+def plot_curves(panels: dict[str, dict[str, list[dict]]], path: str, ylabel: str, target: str = "") -> str:
+  """Eval metric against training FLOPs: one panel per title, one line per label (the mean over its records'
+  `curves[key]`, given as {title: {label: (records, key)}}); the final value of line `target` dotted (the
+  value the others are matched against)."""
+  cols = min(3, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig = Figure(figsize=(4.8 * cols, 3.6 * rows))
+  for i, (title, lines) in enumerate(panels.items()):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    for j, (label, (records, key)) in enumerate(lines.items()):
+      flops, values = mean_curves(records, key)
+      if not len(values):
+        continue
+      ax.plot(flops, values, "o-", ms=3, color=f"C{j}", label=label)
+      if label == target:
+        ax.axhline(values[-1], color=f"C{j}", ls=":", lw=1)
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def config_diff(base: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """`--config.KEY=VALUE` flags that turn `base` into `cfg` (the trainer's own override syntax)."""
+  flags = []
+  for key, value in cfg.items():
+    name = prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      flags += config_diff(base.get(key, ml_collections.ConfigDict()), value, name + ".")
+    elif base.get(key) != value:
+      text = value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, (tuple, list)) \
+          else repr(value)
+      flags.append(f"--config.{name}={text}")
+  return flags
+
+
+def trainer_command(arm: Arm, cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """The shell command that trains (or resumes) one run with the package's own trainer."""
+  path, sep, arg = arm.config.partition(":")
+  path = os.path.relpath(path) if os.path.abspath(path).startswith(os.getcwd() + os.sep) else path
+  argv = ["python", "-m", arm.trainer, f"--config={path}{sep}{arg}", f"--workdir={workdir}",
+          *config_diff(load(arm.config), cfg)]
+  return " ".join(shlex.quote(a) for a in argv)
+
+
+class Study:
+  """One paper's comparison. Subclasses set the class attributes and override `arms`, `score` and `report`
+  (and `config`, `prepare`, `scoring`, `plot` where the defaults do not fit)."""
+  prog = ""     # e.g. 'blt.reproduce'
+  out = ""      # the default output folder
+  plot_name = "loss_vs_flops.png"
+
+  def __init__(self, args: argparse.Namespace):
+    self.args = args
+
+  @classmethod
+  def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+    """The paper's own flags (the harness adds --out, --seeds, --quick, --emit_commands, --cache_dir, --set)."""
+
+  def check(self) -> str:
+    """A message naming the bad flag, or '' when the flags are usable."""
+    return ""
+
+  def log(self, msg: str) -> None:
+    print(f"[{self.prog}] {msg}", flush=True)
+
+  def prepare(self) -> None:
+    """Shared artefacts the arms need (a tokenizer, an entropy model, a classifier), made once per OUT."""
+
+  def arms(self) -> list[Arm]:
+    raise NotImplementedError
+
+  def config(self, arm: Arm, seed: int) -> ml_collections.ConfigDict:
+    """The trainer config of one run: the arm's config file, --set overrides, the seed and the cache."""
+    cfg = load(arm.config, [tuple(item.split("=", 1)) for item in self.args.set])
+    cfg.train.seed = seed
+    cfg.log.progress = "lines"
+    if self.args.cache_dir:
+      cfg.data.cache_dir = self.args.cache_dir
+    return cfg
+
+  def make_task(self, cfg):
+    raise NotImplementedError
+
+  def scoring(self) -> dict:
+    """The flags a run's scores depend on; a record made with other values is rescored (not retrained)."""
+    return {}
+
+  def score(self, arm: Arm, cfg, task, workdir: str) -> dict:
+    """What one trained run contributes to the study (curves, final metrics, generation scores)."""
+    raise NotImplementedError
+
+  def report(self, records: list[dict]) -> tuple[str, dict]:
+    """(markdown of results.md, the summary stored in results.json) of all runs."""
+    raise NotImplementedError
+
+  def plot(self, records: list[dict], path: str) -> str:
+    raise NotImplementedError
+
+
+def workdir_of(out: str, arm: Arm, seed: int) -> str:
+  return os.path.join(out, "runs", f"{arm.name}_s{seed}")
+
+
+def read_record(workdir: str, scoring: dict) -> dict | None:
+  """The record of a finished run scored with `scoring`, else None."""
+  path = os.path.join(workdir, RECORD)
+  if not (os.path.exists(path) and finished(workdir)):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  return record if record.get("scoring") == scoring else None
+
+
+def run_one(study: Study, arm: Arm, seed: int) -> dict:
+  """Skips (a scored run), resumes (a partial one) or trains one run through the shared trainer; its record."""
+  workdir, scoring = workdir_of(study.args.out, arm, seed), study.scoring()
+  record = read_record(workdir, scoring)
+  if record is not None:
+    return record
+  cfg = study.config(arm, seed)
+  task = study.make_task(cfg)
+  start = time.time()
+  if not finished(workdir):
+    study.log(f"{arm.label} seed {seed}: {cfg.train.steps} steps -> {workdir}")
+    status = train(cfg, workdir, task)
+    if status != 0:
+      raise SystemExit(f"[{study.prog}] {arm.label} seed {seed} stopped with status {status}; rerun to resume "
+                       f"({workdir})")
+  record = dict(name=arm.name, label=arm.label, seed=seed, paper=arm.paper, **arm.extra,
+                **study.score(arm, cfg, task, workdir), scoring=scoring)
+  record["wall_s"] = time.time() - start
+  with open(os.path.join(workdir, RECORD), "w") as f:
+    json.dump(record, f, indent=1)
+  return record
+
+
+def parser(study: type[Study], doc: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog=f"python -m {study.prog}", description=doc.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", default=study.out, help="output folder: results.md, results.json, the plot, runs/")
+  p.add_argument("--seeds", type=int, default=0, help="seeds per arm (default 3; --quick: 1)")
+  p.add_argument("--quick", action="store_true", help="tiny models, a few steps each: a smoke run")
+  p.add_argument("--emit_commands", action="store_true",
+                 help="print one trainer command per run (for a cluster) instead of training")
+  p.add_argument("--cache_dir", default="", help="data cache of every run (default: data.cache_dir of its config)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override of every run (repeatable), e.g. --set=model.d_model=128")
+  study.add_flags(p)
+  return p
+
+
+def main(study_cls: type[Study], doc: str, argv: Sequence[str] | None = None) -> int:
+  """`python -m <paper>.reproduce`: parse, train or resume every run, then write the tables, JSON and plot."""
+  p = parser(study_cls, doc)
+  a = p.parse_args(argv)
+  a.seeds = a.seeds or (1 if a.quick else 3)
+  study = study_cls(a)
+  error = ("--seeds must be >= 1" if a.seeds < 1 else
+           next((f"--set={s}: expected KEY=VALUE" for s in a.set if "=" not in s), "") or study.check())
+  if error:
+    p.error(error)
+  os.makedirs(a.out, exist_ok=True)
+  study.prepare()
+  runs = [(arm, seed) for seed in range(a.seeds) for arm in study.arms()]
+  if a.emit_commands:
+    for arm, seed in runs:
+      print(trainer_command(arm, study.config(arm, seed), workdir_of(a.out, arm, seed)), flush=True)
+    return 0
+  records = [run_one(study, arm, seed) for arm, seed in runs]
+  text, summary = study.report(records)
+  with open(os.path.join(a.out, "results.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(a.out, "results.json"), "w") as f:
+    json.dump(dict(command=" ".join(["python", "-m", study.prog, *(sys.argv[1:] if argv is None else argv)]),
+                   args=vars(a), table=text, summary=summary, runs=records), f, indent=1)
+  study.plot(records, os.path.join(a.out, study.plot_name))
+  print(text, flush=True)
+  study.log(f"wrote {a.out}/results.md, results.json, {study.plot_name}")
+  return 0
+
