@@ -60,7 +60,7 @@ def _owner(name: str) -> str | None:
 
 def _imports(module: str) -> set[str]:
   """Project modules `module` imports anywhere in its body. `from pkg import sub` counts as importing `pkg.sub`
-  when that is a module; importing a package's own ancestors (which Python runs first anyway) is not counted."""
+  when that is a module, else `pkg` itself (a name taken from a package's __init__, its own ancestors included)."""
   path = MODULES[module]
   is_package = path.endswith("__init__.py")
   out = set()
@@ -77,7 +77,7 @@ def _imports(module: str) -> set[str]:
       names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
     for name in names:
       target = _owner(name)
-      if target and target != module and not module.startswith(target + "."):
+      if target and target != module:
         out.add(target)
   return out
 

@@ -168,9 +168,9 @@ def test_publish_merges_a_lora_run_into_a_dense_entry_with_the_same_logits(tmp_p
                    "--config.train.warmup_steps=1", "--config.train.learning_rate=0.05",
                    "--config.eval.every_steps=2", "--config.eval.batches=1", "--config.checkpoint.every_steps=2",
                    "--config.checkpoint.async_save=false"]) == 0
-  with pytest.raises(ConfigError, match="--merge-lora"):
+  with pytest.raises(ConfigError, match="--merge_lora"):
     publish(str(run), "sft-merged", root=root)
-  run_main_args = ["publish", f"--workdir={run}", "--name=sft-merged", "--merge-lora", f"--root={root}"]
+  run_main_args = ["publish", f"--workdir={run}", "--name=sft-merged", "--merge_lora", f"--root={root}"]
   with pytest.raises(SystemExit) as exit_info:
     run_main(lambda: hub_main(run_main_args))
   assert exit_info.value.code == 0 and "published" in capsys.readouterr().out
