@@ -18,7 +18,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import argparse
 import importlib.util
 import json
 import time
@@ -28,8 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blt.train import make_task, resolve_max_patches, seqio_to_blt
+from blt.data import seqio_to_blt
+from blt.train import make_task, resolve, resolve_max_patches
 from blt.patcher import patch
+from common.cli import ArgumentParser
+from common.config import run_main
 from common import config as config_lib, sharding
 from common.flops import blt_flops, machine_peak_flops
 from common.train.loop import init_train_state
@@ -88,7 +90,7 @@ def _dot_outputs(outputs, cotangents):
 def time_parts(cfg, task, steps: int) -> dict[str, float]:
   """Median seconds of the forward+backward of each part of the BLT, and of one AdamW update of all
   parameters (and of the hash tables alone), on one batch of the benchmark's data."""
-  m, p = cfg.model, cfg.model.patching
+  p = cfg.model.patching
   seq_len = int(cfg.data.seq_len)
   max_patches = resolve_max_patches(p, seq_len)
   model = task.build_model()
@@ -156,13 +158,13 @@ def time_entropy_kernel(steps: int) -> dict | None:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = ArgumentParser(prog="python -m bench.blt_throughput", description=__doc__)
   ap.add_argument("--config", default="blt/configs/bench.py")
   ap.add_argument("--steps", type=int, default=6)
   ap.add_argument("--parts", action="store_true", help="also time each part of the model and the optimizer")
   ap.add_argument("--out", default="bench/results/blt_throughput.json")
   args = ap.parse_args()
-  cfg = config_lib.load(args.config)
+  cfg = resolve(config_lib.load(args.config))
   task = make_task(cfg)
   peak = machine_peak_flops(cache=False)  # measured now, under the same load as the step
   calibrated = machine_peak_flops()  # the cached calibration (an idle machine, when it was first measured)
@@ -203,4 +205,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -8,7 +8,6 @@ The op reads the logits once, so the logits' bytes over the time is its effectiv
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -17,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from bench.timing import median_seconds
+from common.cli import ArgumentParser
+from common.config import run_main
 from common.kernels.entropy_patching import entropy_patching
 
 RULES = (("global", False, 0), ("monotonic, max 8", True, 8))
@@ -36,7 +37,7 @@ def time_op(logits: jax.Array, impl: str, *, monotonic: bool, max_patch_length: 
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m bench.entropy_patching", description=__doc__)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--length", type=int, default=2048)
   p.add_argument("--vocab", type=int, default=260)
@@ -69,4 +70,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

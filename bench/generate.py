@@ -20,7 +20,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import argparse
 import functools
 import json
 
@@ -30,6 +29,8 @@ import numpy as np
 from flax import nnx
 
 from bench.timing import median_seconds
+from common.cli import ArgumentParser
+from common.config import run_main
 from common import config as config_lib
 from common.generate import StaticGraph, generate_ids
 from common.models import build_model, padded_vocab_size
@@ -67,7 +68,7 @@ def uncached_greedy(model: nnx.Module, prompts: np.ndarray, new_tokens: int) -> 
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m bench.generate", description=__doc__)
   p.add_argument("--config", default="common/configs/dense_bench.py")
   p.add_argument("--batches", default="1,16")
   p.add_argument("--prompt", type=int, default=128)
@@ -111,4 +112,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -1,7 +1,7 @@
 """The checks that need a GPU, in one run of a few minutes on a lent H100.
 
     python bench/gpu_check.py            # on the GPU; writes $OUT/gpu_check.json when OUT is set
-    python bench/gpu_check.py --cpu-smoke  # tiny sizes, kernels interpreted, on this CPU: that it runs
+    python bench/gpu_check.py --cpu_smoke  # tiny sizes, kernels interpreted, on this CPU: that it runs
     python bench/gpu_check.py --parts=entropy_patching,dense_mfu   # a subset
 
 (a) the entropy-patching Pallas kernel compiled (Triton) against the jnp reference at awkward shapes, and
@@ -10,7 +10,7 @@
     accelerator's bf16 peak in `common.flops`. Each part runs in its own try/except, so one failure does
     not hide the others; results are printed as they come and the JSON is rewritten after every part.
 Imports are inside the parts: the GPU machine lacks seqio, tensorflow and sentencepiece, and only part (c)
-needs ml_collections.
+needs ml_collections (so flags are parsed by plain argparse, not `common.cli`).
 """
 from __future__ import annotations
 
@@ -197,8 +197,9 @@ PARTS = (("entropy_patching", check_entropy_kernel), ("grouped_matmul", check_gr
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, kernels interpreted")
+  p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--cpu_smoke", action="store_true", help="tiny sizes on the CPU, kernels interpreted")
   p.add_argument("--out", default="", help="JSON path (default: $OUT/gpu_check.json when OUT is set)")
   p.add_argument("--parts", default=",".join(name for name, _ in PARTS), help="comma-separated parts to run")
   args = p.parse_args()

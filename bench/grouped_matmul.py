@@ -17,7 +17,6 @@ The Pallas kernel in interpret mode is no speed figure, so it is not timed here;
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -27,6 +26,8 @@ import numpy as np
 from flax import nnx
 
 from bench.timing import ffn_grad_step, median_seconds
+from common.cli import ArgumentParser
+from common.config import run_main
 from common.kernels.grouped_matmul import grouped_matmul, reference
 from common.nn import SwiGLU
 from common.nn.moe import MoE, MoESettings
@@ -64,7 +65,7 @@ def modality_grad_step(layer: ModalityExperts, modality: jax.Array):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m bench.grouped_matmul", description=__doc__)
   p.add_argument("--tokens", type=int, default=8192)
   p.add_argument("--d_model", type=int, default=512)
   p.add_argument("--d_ff", type=int, default=2048)
@@ -124,4 +125,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

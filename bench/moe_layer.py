@@ -7,7 +7,6 @@ the ratios and writes bench/results/moe_layer.json. Target on a CPU: ratio <= 1.
 runs `common.kernels.grouped_matmul` ('auto': row tiles of one dense product each on CPU, the Pallas kernel
 on GPU; `model.moe.grouped_impl` forces one); the implementations are compared in `bench.grouped_matmul`.
 """
-import argparse
 import json
 import os
 
@@ -15,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from common.cli import ArgumentParser
+from common.config import run_main
 from common.nn import SwiGLU
 from bench.timing import ffn_grad_step, median_seconds
 from common.nn.moe import MoE, MoESettings
@@ -27,7 +28,7 @@ def time_fwd_bwd(module, x, repeats: int) -> float:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m bench.moe_layer", description=__doc__)
   p.add_argument("--tokens", type=int, default=8192)
   p.add_argument("--d_model", type=int, default=512)
   p.add_argument("--d_ff", type=int, default=2048)
@@ -57,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -16,7 +16,6 @@ Prints the tables and writes bench/results/mot_step.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -27,14 +26,16 @@ import optax
 from flax import nnx
 
 from bench.timing import median_seconds
+from common.cli import ArgumentParser
+from common.config import run_main
 from common.configs.base import base_config
 from common.flops import training_flops_per_token
 from common.models.dense_lm import DenseLM
 from common.nn.modality_routing import from_groups, group_by_modality, grouped_linear, to_groups
 from common.train.optim import learning_rate_schedule, make_optimizer
 from common.train.step import init_state, make_train_step
-from mot.configs.common import mot_model
-from mot.model import build_mot_model
+from mot.configs.base import mot_model
+from mot.train import build_mot_model
 
 MIX = (0.5, 0.35, 0.15)  # text, image, audio
 
@@ -128,7 +129,7 @@ def ffn_formulations(modality: jax.Array, d: int, f: int, n_modalities: int) -> 
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m bench.mot_step", description=__doc__)
   p.add_argument("--d_model", type=int, default=512)
   p.add_argument("--n_layers", type=int, default=8)
   p.add_argument("--n_heads", type=int, default=8)
@@ -213,4 +214,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

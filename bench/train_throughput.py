@@ -9,16 +9,17 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import argparse
 import json
 import time
 
 import jax
 import numpy as np
 
+from common.cli import ArgumentParser
+from common.config import run_main
 from common import config as config_lib, sharding
 from common.flops import machine_peak_flops, training_flops_per_token
-from common.tasks.lm import lm_task
+from common.tasks.lm import lm_task, resolve
 from common.train.optim import learning_rate_schedule, make_optimizer
 from common.train.loop import init_train_state
 from common.train.step import make_train_step
@@ -51,12 +52,12 @@ def time_steps(cfg, task, devices, steps: int) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m bench.train_throughput", description=__doc__)
   p.add_argument("--config", default="common/configs/dense_bench.py")
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--out", default="bench/results/train_throughput.json")
   args = p.parse_args()
-  cfg = config_lib.load(args.config)
+  cfg = resolve(config_lib.load(args.config))
   task = lm_task(cfg)
   peak = machine_peak_flops(cache=False)
   tokens = cfg.train.batch_size * cfg.data.seq_len
@@ -80,4 +81,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -1,8 +1,8 @@
 """Choosing the entropy threshold θ for a target mean patch size (Pagnoni et al. 2024, Sec. 2.3 and Sec. 4:
 the paper sets θ so that entropy patches average a chosen size, e.g. 6 or 8 bytes, to match BPE's).
 
-    python -m blt.calibrate --entropy-model=DIR --target-patch-size=6 [--monotonic] [--max-patch-length=N]
-        [--sample-bytes=N]
+    python -m blt.calibrate --entropy_model=DIR --target_patch_size=6 [--monotonic] [--max_patch_length=N]
+        [--sample_bytes=N]
 
 prints θ, the mean bytes per patch it gives on a sample of the entropy model's training corpus, and the config
 override to pass to `blt.train`.
@@ -14,7 +14,6 @@ max-length splits), so bisection on θ converges to the target up to the step th
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 
@@ -22,7 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blt.data import PatchingData
+from blt.entropy import EntropyScorer, load_entropy_model
 from blt.patcher import patch
+from common.cli import ArgumentParser
+from common.config import ConfigError, run_main
 
 DEFAULT_SAMPLE_BYTES = 65_536
 
@@ -76,28 +79,24 @@ def calibrate_threshold(entropies, target_patch_size: float, *, monotonic: bool 
 
 def sample_patching_inputs(data, sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> dict[str, np.ndarray]:
   """`entropies`, `segment_ids`, `positions` [rows, length] of the first training rows (data positions 0, 1,
-  ...; about `sample_bytes` bytes) of a `blt.train.PatchingData` with an entropy scorer."""
+  ...; about `sample_bytes` bytes) of a `blt.data.PatchingData` with an entropy scorer."""
   rows = max(1, sample_bytes // data.seq_len)
   batches = [data.train_batch(position) for position in range(0, rows, data.batch_size)]
   return {k: np.concatenate([b[k] for b in batches])[:rows] for k in ("entropies", "segment_ids", "positions")}
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m blt.calibrate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--entropy-model", required=True, help="workdir of `python -m blt.train_entropy`")
-  parser.add_argument("--target-patch-size", type=float, required=True, help="mean bytes per patch")
+  parser = ArgumentParser(prog="python -m blt.calibrate", description=__doc__)
+  parser.add_argument("--entropy_model", required=True, help="workdir of `python -m blt.train_entropy`")
+  parser.add_argument("--target_patch_size", type=float, required=True, help="mean bytes per patch")
   parser.add_argument("--monotonic", action="store_true", help="the monotonic rule H(t) - H(t-1) > θ")
-  parser.add_argument("--max-patch-length", type=int, default=0, help="as model.patching.max_patch_length")
-  parser.add_argument("--sample-bytes", type=int, default=DEFAULT_SAMPLE_BYTES,
+  parser.add_argument("--max_patch_length", type=int, default=0, help="as model.patching.max_patch_length")
+  parser.add_argument("--sample_bytes", type=int, default=DEFAULT_SAMPLE_BYTES,
                       help="bytes of the training corpus to calibrate on")
   args = parser.parse_args(argv)
-  from blt.entropy import EntropyScorer, load_entropy_model
-  from blt.train import PatchingData
-  from common.config import ConfigError
   from common.data import DataError, LMData
   if args.target_patch_size < 1:
-    print(f"error: --target-patch-size={args.target_patch_size} must be >= 1", file=sys.stderr)
+    print(f"error: --target_patch_size={args.target_patch_size} must be >= 1", file=sys.stderr)
     return 2
   try:
     model, cfg = load_entropy_model(args.entropy_model)
@@ -120,4 +119,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run_main(main)

@@ -7,7 +7,7 @@ given bytes <= t, which is what `blt.patcher.entropy_starts` expects.
 
 The entropy model is the common dense LM trained on the byte corpus by `python -m blt.train_entropy` (Sec. 2.3:
 a small byte LM with a sliding attention window). It reads seqio ByteVocabulary ids (byte + 3, BOS/PAD 0,
-EOS 1), so BLT ids are mapped back with `blt.train.blt_to_seqio` before it runs (`EntropyScorer`); its entropy
+EOS 1), so BLT ids are mapped back with `blt.data.blt_to_seqio` before it runs (`EntropyScorer`); its entropy
 is over its whole output vocabulary, the byte ids and the few special ones.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from blt.train import blt_to_seqio
+from blt.data import blt_to_seqio
 from common.config import ConfigError
 
 ENTROPY_MODEL_KEY = "model.patching.entropy_model"
@@ -53,7 +53,10 @@ class EntropyScorer:
   serves every batch of a shape and the BLT train step never holds them."""
 
   def __init__(self, entropy_model: nnx.Module):
-    graphdef, self.state = nnx.split(entropy_model)
+    graphdef, state = nnx.split(entropy_model)
+    # Uncommitted copies (a loaded model sits on one device): the data pipeline calls the scorer inside the
+    # training loop's mesh, where arguments committed elsewhere are refused.
+    self.state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
 
     def entropies(state, byte_ids, positions, segment_ids):
       model = nnx.merge(graphdef, state)

@@ -1,4 +1,4 @@
-"""`python -m blt.generate --workdir=DIR --prompt="..." [--max-bytes=N] [--temperature=T] [--seed=S]`
+"""`python -m blt.generate --workdir=DIR --prompt="..." [--max_bytes=N] [--temperature=T] [--seed=S]`
 
 Incremental byte-by-byte generation with a BLT (Pagnoni et al. 2024, Sec. 3 and Sec. 2.3), every stage with
 its own cache (`common.nn.kv_cache`):
@@ -28,11 +28,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from blt.data import BOS, EOS, blt_to_seqio
 from blt.entropy import entropy_from_logits, load_entropy_model
 from blt.model import BLT
 from blt.patcher import is_space_like
-from blt.train import BOS, EOS, blt_to_seqio
+from common.cli import ArgumentParser
 from common.config import ConfigError
+from common.generate import Sampling, sample_tokens, until_stop_id
 from common.nn.kv_cache import decode_blocks, init_caches
 
 ONLINE_METHODS = ("static", "space", "entropy", "entropy_monotonic")
@@ -211,8 +213,9 @@ class Generator:
 
   def run(self, prompt_ids: np.ndarray, n_new: int, *, temperature: float = 0.0, seed: int = 0,
           stop_at_eos: bool = False) -> Generation:
-    """Feeds prompt_ids [batch, prompt] (all rows the same length), then generates `n_new` ids per row:
-    greedy for temperature 0, else sampled from softmax(logits / temperature). With `stop_at_eos`, a row
+    """Feeds prompt_ids [batch, prompt] (all rows the same length), then generates `n_new` ids per row,
+    chosen by the shared `common.generate.sample_tokens`: greedy for temperature 0, else sampled from
+    softmax(logits / temperature). With `stop_at_eos`, a row
     that emits EOS is padded with EOS, and generation stops once all rows have."""
     prompt_ids = np.asarray(prompt_ids, np.int32)
     batch, n_prompt = prompt_ids.shape
@@ -238,11 +241,8 @@ class Generator:
       logits_out.append(np.asarray(logits))
       starts_out.append(starts)
       if t + 1 >= n_prompt:
-        if temperature > 0:
-          key, sub = jax.random.split(key)
-          nxt = np.asarray(jax.random.categorical(sub, logits / temperature, axis=-1))
-        else:
-          nxt = logits_out[-1].argmax(-1)
+        key, sub = jax.random.split(key)
+        nxt = np.asarray(sample_tokens(logits, sub, Sampling(temperature)))
         if stop_at_eos:  # a finished row keeps emitting EOS; the loop ends when every row has finished
           nxt = np.where(done, EOS, nxt)
           done |= nxt == EOS
@@ -280,8 +280,7 @@ def generate_samples(model: BLT, cfg, prompts: list[str], n_bytes: int, *, entro
     gen = generator.run(np.array([encoded[i] for i in rows]), n_bytes, temperature=temperature, seed=seed,
                         stop_at_eos=True)
     for i, ids in zip(rows, gen.byte_ids[:, length:]):
-      ids = ids[:np.argmax(ids == EOS)] if (ids == EOS).any() else ids
-      out[i] = bytes(int(b) for b in ids if b < 256).decode("utf-8", errors="replace")
+      out[i] = bytes(b for b in until_stop_id(ids, [EOS]) if b < 256).decode("utf-8", errors="replace")
   return out
 
 
@@ -298,24 +297,18 @@ def load_blt(workdir: str) -> tuple[BLT, ml_collections.ConfigDict]:
   return model, cfg
 
 
-FLAGS = {"workdir": str, "prompt": str, "max-bytes": int, "temperature": float, "seed": int}
-
-
 def parse_flags(argv: list[str]) -> dict:
-  """--name=value flags of the command (module docstring); bad input is a ConfigError naming the flag."""
-  flags = {"prompt": "", "max-bytes": 200, "temperature": 0.0, "seed": 0}
-  for token in argv:
-    name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
-    if not eq or name not in FLAGS:
-      raise ConfigError(f"expected --flag=value with flag in {', '.join('--' + f for f in FLAGS)}, got '{token}'")
-    try:
-      flags[name] = FLAGS[name](value)
-    except ValueError:
-      raise ConfigError(f"--{name}: expected {FLAGS[name].__name__}, got '{value}'") from None
-  if not flags.get("workdir"):
-    raise ConfigError("missing --workdir=DIR")
-  if flags["max-bytes"] <= 0:
-    raise ConfigError(f"--max-bytes: must be positive, got {flags['max-bytes']}")
+  """The command's flags (module docstring); bad input is a ConfigError naming the flag."""
+  p = ArgumentParser(prog="python -m blt.generate", description="Continues a prompt byte by byte with a "
+                     "trained BLT, every stage cached (greedy, or sampled at --temperature).")
+  p.add_argument("--workdir", required=True, help="a `python -m blt.train` run")
+  p.add_argument("--prompt", default="", help="the text to continue")
+  p.add_argument("--max_bytes", type=int, default=200, help="bytes to generate")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--seed", type=int, default=0, help="of the sampling")
+  flags = vars(p.parse_args(argv))
+  if flags["max_bytes"] <= 0:
+    raise ConfigError(f"--max_bytes: must be positive, got {flags['max_bytes']}")
   if flags["temperature"] < 0:
     raise ConfigError(f"--temperature: must be >= 0 (0 = greedy), got {flags['temperature']}")
   return flags
@@ -324,7 +317,7 @@ def parse_flags(argv: list[str]) -> dict:
 def main(argv: list[str]) -> int:
   flags = parse_flags(argv)
   model, cfg = load_blt(flags["workdir"])
-  [text] = generate_samples(model, cfg, [flags["prompt"]], flags["max-bytes"], temperature=flags["temperature"],
+  [text] = generate_samples(model, cfg, [flags["prompt"]], flags["max_bytes"], temperature=flags["temperature"],
                             seed=flags["seed"])
   print(flags["prompt"] + text)
   return 0

@@ -27,8 +27,7 @@ import ml_collections
 from flax import nnx
 
 from blt.hash_embed import HashNGramEmbed
-from common.configs.base import dense_model
-from common.nn import Block, Embed, Linear, RMSNorm, dot_product_attention
+from common.nn import DTYPES, Block, BlockSpec, Embed, Linear, RMSNorm, dot_product_attention
 from common.nn.kv_cache import KVCache, decode_blocks
 
 VOCAB_SIZE = 260  # 256 byte values + BOS, EOS, PAD, BOE
@@ -40,14 +39,23 @@ def blt_model(**overrides) -> ml_collections.ConfigDict:
       name="blt", vocab_size=VOCAB_SIZE, d_local=64, n_heads_local=4, local_window=64, d_ff_local=0,
       n_layers_encoder=1, n_layers_decoder=2, n_heads_cross=4,
       d_global=128, n_layers_global=2, n_heads_global=4, d_ff_global=0,
-      hash_n_min=3, hash_n_max=8, hash_table_size=4096, norm_eps=1e-5, rope_theta=10000.0))
+      hash_n_min=3, hash_n_max=8, hash_table_size=4096, norm_eps=1e-5, rope_theta=10000.0,
+      dtype="float32"))  # compute dtype (common.nn.DTYPES); parameters stay f32
   m.update(overrides)
   return m
 
 
-def _block_cfg(d_model, n_heads, n_layers, d_ff, window, m):
-  return dense_model(d_model=d_model, n_heads=n_heads, n_kv_heads=n_heads, n_layers=n_layers,
-                     d_ff=d_ff or 4 * d_model, window=window, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
+def compute_dtype(m):
+  """The compute dtype of `model.dtype` (configs written before the key existed: f32)."""
+  return DTYPES[m.get("dtype", "float32")]
+
+
+def _block_spec(d_model, n_heads, n_layers, d_ff, window, m) -> BlockSpec:
+  """A stack's block: multi-head attention (as many key/value heads as query heads), SwiGLU of d_ff (0 =
+  4 d_model)."""
+  return BlockSpec(d_model=int(d_model), n_heads=int(n_heads), n_kv_heads=int(n_heads), d_ff=int(d_ff) or 4 * int(d_model),
+                   n_layers=int(n_layers), window=int(window), norm_eps=float(m.norm_eps),
+                   rope_theta=float(m.rope_theta), dtype=compute_dtype(m))
 
 
 def patch_documents(patch_ids: jax.Array, segment_ids: jax.Array, max_patches: int) -> tuple[jax.Array, jax.Array]:
@@ -91,13 +99,13 @@ class CrossAttention(nnx.Module):
   """Pre-norm multi-head cross-attention, queries [batch, q_len, d_q] over keys/values [batch, kv_len, d_kv]
   (no RoPE, Sec. 3.2.2); rows whose mask is empty return 0, so the residual passes through unchanged."""
 
-  def __init__(self, d_q: int, d_kv: int, n_heads: int, *, rngs: nnx.Rngs, eps: float = 1e-5):
+  def __init__(self, d_q: int, d_kv: int, n_heads: int, *, rngs: nnx.Rngs, eps: float = 1e-5, dtype=jnp.float32):
     head_dim = d_q // n_heads
-    self.q_norm, self.kv_norm = RMSNorm(d_q, eps=eps), RMSNorm(d_kv, eps=eps)
-    self.wq = Linear(d_q, (n_heads, head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs)
-    self.wk = Linear(d_kv, (n_heads, head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs)
-    self.wv = Linear(d_kv, (n_heads, head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs)
-    self.wo = Linear(n_heads * head_dim, d_q, axes=("heads", "embed"), rngs=rngs)
+    self.q_norm, self.kv_norm = RMSNorm(d_q, eps=eps, dtype=dtype), RMSNorm(d_kv, eps=eps, dtype=dtype)
+    self.wq = Linear(d_q, (n_heads, head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.wk = Linear(d_kv, (n_heads, head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.wv = Linear(d_kv, (n_heads, head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.wo = Linear(n_heads * head_dim, d_q, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, queries: jax.Array, keys_values: jax.Array, mask: jax.Array | None = None, *,
                key_owner: jax.Array | None = None) -> jax.Array:
@@ -122,13 +130,14 @@ class LocalEncoder(nnx.Module):
   attends only to the bytes of its own patch."""
 
   def __init__(self, m, *, rngs: nnx.Rngs):
-    self.embed = Embed(m.vocab_size, m.d_local, rngs=rngs)
+    dtype = compute_dtype(m)
+    self.embed = Embed(m.vocab_size, m.d_local, rngs=rngs, dtype=dtype)
     self.hash_embed = HashNGramEmbed(m.d_local, n_min=m.hash_n_min, n_max=m.hash_n_max,
-                                     table_size=m.hash_table_size, rngs=rngs)
-    cfg = _block_cfg(m.d_local, m.n_heads_local, m.n_layers_encoder, m.d_ff_local, m.local_window, m)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(m.n_layers_encoder)])
-    self.cross = CrossAttention(m.d_local, m.d_local, m.n_heads_cross, rngs=rngs, eps=m.norm_eps)
-    self.to_global = Linear(m.d_local, m.d_global, axes=("embed", None), rngs=rngs)
+                                     table_size=m.hash_table_size, rngs=rngs, dtype=dtype)
+    spec = _block_spec(m.d_local, m.n_heads_local, m.n_layers_encoder, m.d_ff_local, m.local_window, m)
+    self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(m.n_layers_encoder)])
+    self.cross = CrossAttention(m.d_local, m.d_local, m.n_heads_cross, rngs=rngs, eps=m.norm_eps, dtype=dtype)
+    self.to_global = Linear(m.d_local, m.d_global, axes=("embed", None), rngs=rngs, dtype=dtype)
 
   def __call__(self, byte_ids, patch_ids, max_patches: int, positions, segment_ids):
     h = self.embed(byte_ids) + self.hash_embed(byte_ids, segment_ids)
@@ -154,9 +163,9 @@ class GlobalTransformer(nnx.Module):
   """Causal transformer over patch representations [batch, max_patches, d_global] (Sec. 3.1)."""
 
   def __init__(self, m, *, rngs: nnx.Rngs):
-    cfg = _block_cfg(m.d_global, m.n_heads_global, m.n_layers_global, m.d_ff_global, 0, m)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(m.n_layers_global)])
-    self.norm = RMSNorm(m.d_global, eps=m.norm_eps)
+    spec = _block_spec(m.d_global, m.n_heads_global, m.n_layers_global, m.d_ff_global, 0, m)
+    self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(m.n_layers_global)])
+    self.norm = RMSNorm(m.d_global, eps=m.norm_eps, dtype=spec.dtype)
 
   def __call__(self, patches: jax.Array, patch_segment_ids: jax.Array | None = None,
                patch_positions: jax.Array | None = None) -> jax.Array:
@@ -184,12 +193,12 @@ class LocalDecoder(nnx.Module):
   windowed causal self-attention block."""
 
   def __init__(self, m, *, rngs: nnx.Rngs):
-    cfg = _block_cfg(m.d_local, m.n_heads_local, m.n_layers_decoder, m.d_ff_local, m.local_window, m)
-    self.cross = nnx.List([CrossAttention(m.d_local, m.d_global, m.n_heads_cross, rngs=rngs, eps=m.norm_eps)
-                           for _ in range(m.n_layers_decoder)])
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(m.n_layers_decoder)])
-    self.norm = RMSNorm(m.d_local, eps=m.norm_eps)
-    self.lm_head = Linear(m.d_local, m.vocab_size, axes=("embed", "vocab"), rngs=rngs)
+    spec = _block_spec(m.d_local, m.n_heads_local, m.n_layers_decoder, m.d_ff_local, m.local_window, m)
+    self.cross = nnx.List([CrossAttention(m.d_local, m.d_global, m.n_heads_cross, rngs=rngs, eps=m.norm_eps,
+                                          dtype=spec.dtype) for _ in range(m.n_layers_decoder)])
+    self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(m.n_layers_decoder)])
+    self.norm = RMSNorm(m.d_local, eps=m.norm_eps, dtype=spec.dtype)
+    self.lm_head = Linear(m.d_local, m.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=spec.dtype)
 
   def __call__(self, h, global_out, patch_ids, positions, segment_ids, patch_segment_ids=None):
     max_patches = global_out.shape[1]

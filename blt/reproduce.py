@@ -20,31 +20,37 @@ bpb = total nats / (ln 2 x bytes of that text), so a BPE model and a byte model 
 (end-of-document predictions included for all). Inference FLOPs per byte: the forward of the model (and of the
 entropy model, for entropy patching) per held-out byte, BLT patch size taken from its final eval.
 
-Writes OUT/results.md (table), OUT/results.json and OUT/bpb_vs_flops.png (every eval of every run, bpb against
-the training FLOPs spent so far). With --seeds N each run is repeated with seeds 0..N-1 and figures are the
-mean with a 95% t-interval (common.scaling.intervals). Rerunning skips finished runs and resumes interrupted
-ones (each run is a workdir of the shared trainer under OUT/runs/).
+Runs on the shared harness (common.reproduce): OUT/results.md, OUT/results.json (read by notebooks/blt.ipynb)
+and OUT/bpb_vs_flops.png (bpb against the training FLOPs spent so far); --seeds N (default 3) repeats each
+run with seeds 0..N-1, figures are the mean with a 95% t-interval; finished runs are skipped, interrupted ones
+resume; --emit_commands prints the trainer commands (the entropy arms' once the entropy model exists).
 
 Time: measured, `--budget=2e12` (1 seed) took 58 minutes of wall time and about 1,150 CPU-seconds (all
 processes) on the 2-core CPU while it was shared with other jobs (load average ~15). Steps and evals scale
-linearly with the budget, so the default (DEFAULT_BUDGET = 6e12, 3x) is estimated at 30-55 minutes on an idle
-2-core CPU (3 x those CPU-seconds spread over one to two busy cores); it has not been run. `--quick` is a smoke
-run (tiny models, a few steps each).
+linearly with the budget, so the default (DEFAULT_BUDGET = 6e12, 3x) is estimated at 30-55 minutes per seed on an
+idle 2-core CPU (3 x those CPU-seconds spread over one to two busy cores); it has not been run. `--quick` is a
+smoke run (tiny models, a few steps each).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
-import time
 
+import ml_collections
+import sentencepiece as spm
+from flax import nnx
+
+from blt import calibrate, entropy
+from blt import data as blt_data
+from blt import train as blt_train
+from common import reproduce
+from common.data import LMData, corpus, train_tokenizer
+from common.flops import blt_inference_flops_per_byte, flops_for, training_flops_per_token
 from common.scaling.runs import finished, format_pm, read_metrics
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common.tasks import lm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "configs", "reproduce.py")
@@ -54,27 +60,15 @@ QUICK_BUDGET = 2e9
 EVALS_PER_RUN = 4
 PATCH_SAMPLE_ROWS = 64
 ARMS = ("byte", "bpe", "space", "entropy")
+# The paper's finding for each arm (fig. 1, sec. 5: FLOP-controlled scaling up to 8B parameters).
+PAPER = {"byte": "byte-level transformers trail BPE at equal FLOPs",
+         "bpe": "the reference (Llama 2/3 BPE)",
+         "space": "BLT-Space: near BPE, behind BLT-Entropy",
+         "entropy": "BLT-Entropy matches BPE; larger patches cut inference FLOPs (up to 50%)"}
 # --quick: a few steps of a tiny entropy model (blt/configs/entropy_tiny.py keys, common trainer schedule).
 QUICK_ENTROPY_OVERRIDES = ("train.steps=4", "train.warmup_steps=1", "eval.every_steps=4", "eval.batches=1",
                            "checkpoint.every_steps=4", "log.every_steps=2", "data.seq_len=64",
                            "data.max_train_bytes=60000", "data.max_eval_bytes=6000")
-
-
-def _log(msg: str) -> None:
-  print(f"[blt.reproduce] {msg}", flush=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One arm at one seed: `label` names it in tables, `arm` picks the config, `target` the entropy patch size."""
-  label: str
-  arm: str
-  seed: int
-  target: float = 0.0
-
-  @property
-  def name(self) -> str:
-    return f"{self.label.replace(' ', '').replace('=', '')}_s{self.seed}"
 
 
 def steps_for_budget(budget: float, flops_per_step: float) -> int:
@@ -82,23 +76,44 @@ def steps_for_budget(budget: float, flops_per_step: float) -> int:
   return max(1, round(budget / flops_per_step))
 
 
+def arm_list(arms: list[str], entropy_sizes: list[float], config_args: dict[str, str]) -> list[reproduce.Arm]:
+  """The runs' arms: one per name in `arms`, entropy once per target patch size. `config_args` are the
+  blt/configs/reproduce.py arguments shared by all (scale) or of one arm (bpe: spm_model, seq_len; entropy:
+  entropy_model, threshold_<size>)."""
+  out = []
+  for arm in arms:
+    for size in entropy_sizes if arm == "entropy" else [None]:
+      label = arm if size is None else f"entropy P={size:g}"
+      args = dict(arm=arm, scale=config_args["scale"])
+      if arm == "bpe":
+        args.update(spm_model=config_args["spm_model"], seq_len=config_args["bpe_seq_len"])
+      if arm == "entropy":
+        args.update(entropy_model=config_args["entropy_model"], threshold=config_args.get(f"threshold_{size:g}", 0.0))
+      trainer = "common.train" if arm in ("byte", "bpe") else "blt.train"
+      out.append(reproduce.Arm(label.replace(" ", "").replace("=", ""), label,
+                               CONFIG + ":" + ",".join(f"{k}={v}" for k, v in args.items()), trainer, PAPER[arm],
+                               dict(arm=arm, target_patch_size=size)))
+  return out
+
+
+def make_task(cfg):
+  """The BLT's task, or the dense LM's on its resolved config (model.vocab_size from the vocabulary)."""
+  return blt_train.make_task(blt_train.resolve(cfg)) if cfg.model.name == "blt" else lm.lm_task(lm.resolve(cfg))
+
+
 # ------------------------------------------------------------------------------------- shared artefacts
 
 
 def tokenizer(out: str, vocab_size: int, data_cfg) -> str:
   """The BPE vocabulary of the `bpe` arm, trained once on the same training files as the LMs."""
-  from common.data import train_tokenizer
   path = os.path.join(out, "tokenizer", f"bpe{vocab_size}.model")
   if not os.path.exists(path):
-    _log(f"training a {vocab_size}-piece BPE tokenizer -> {path}")
     train_tokenizer.train(path, vocab_size=vocab_size, max_bytes=int(data_cfg.max_train_bytes))
   return path
 
 
 def tokens_per_byte(spm_model: str, data_cfg) -> float:
   """Tokens (EOS included, as packed) per text byte of the training documents, to size BPE rows."""
-  import sentencepiece as spm
-  from common.data import corpus
   sp = spm.SentencePieceProcessor(model_file=spm_model)
   root, rels = corpus.list_documents(data_cfg, "train")
   tokens = n_bytes = 0
@@ -109,25 +124,11 @@ def tokens_per_byte(spm_model: str, data_cfg) -> float:
   return tokens / n_bytes
 
 
-def entropy_model(out: str, quick: bool, cache_dir: str) -> str:
-  """Trains the entropy model once with its own trainer (a subprocess: the command a user would type)."""
-  workdir = os.path.join(out, "entropy_model")
-  if not finished(workdir):
-    cmd = [sys.executable, "-m", "blt.train_entropy", f"--config={ENTROPY_CONFIG}", f"--workdir={workdir}"]
-    cmd += [f"--config.{kv}" for kv in QUICK_ENTROPY_OVERRIDES] if quick else []
-    cmd += [f"--config.data.cache_dir={cache_dir}"] if cache_dir else []
-    _log("training the entropy model: " + " ".join(cmd[1:]))
-    status = subprocess.run(cmd, check=False, cwd=os.path.dirname(HERE)).returncode
-    if status != 0:
-      raise SystemExit(f"[blt.reproduce] the entropy model's training stopped with status {status} ({workdir})")
-  return workdir
-
-
-def entropy_model_config(workdir: str):
-  """The resolved config of the entropy model's run (its FLOPs per byte are counted from `model`)."""
-  import ml_collections
-  with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+def entropy_command(workdir: str, quick: bool, cache_dir: str) -> list[str]:
+  """The entropy model's own trainer command (the one a user would type)."""
+  cmd = ["-m", "blt.train_entropy", f"--config={ENTROPY_CONFIG}", f"--workdir={workdir}"]
+  cmd += [f"--config.{kv}" for kv in QUICK_ENTROPY_OVERRIDES] if quick else []
+  return cmd + ([f"--config.data.cache_dir={cache_dir}"] if cache_dir else [])
 
 
 def threshold_for(out: str, run_cfg, target: float) -> float:
@@ -140,18 +141,14 @@ def threshold_for(out: str, run_cfg, target: float) -> float:
       table = json.load(f)
   key = f"{target:g}"
   if key not in table:
-    from blt.calibrate import calibrate_threshold, sample_patching_inputs
-    from blt.entropy import EntropyScorer, load_entropy_model
-    from blt.train import PatchingData
-    from common.data import LMData
     p = run_cfg.model.patching
-    scorer = EntropyScorer(load_entropy_model(p.entropy_model)[0])
-    data = PatchingData(LMData(run_cfg.data, batch_size=int(run_cfg.train.batch_size), seed=0), entropy_scorer=scorer)
-    sample = sample_patching_inputs(data)
-    theta, achieved = calibrate_threshold(sample["entropies"], target, max_patch_length=int(p.max_patch_length),
-                                          segment_ids=sample["segment_ids"], positions=sample["positions"])
+    scorer = entropy.EntropyScorer(entropy.load_entropy_model(p.entropy_model)[0])
+    data = blt_data.PatchingData(LMData(run_cfg.data, batch_size=int(run_cfg.train.batch_size), seed=0),
+                                 entropy_scorer=scorer)
+    sample = calibrate.sample_patching_inputs(data)
+    theta, _ = calibrate.calibrate_threshold(sample["entropies"], target, max_patch_length=int(p.max_patch_length),
+                                             segment_ids=sample["segment_ids"], positions=sample["positions"])
     table[key] = round(float(theta), 4)
-    _log(f"calibrated θ = {table[key]:.4f} nats: mean patch size {achieved:.2f} bytes (target {target:g})")
     with open(path, "w") as f:
       json.dump(table, f, indent=1)
   return table[key]
@@ -160,33 +157,9 @@ def threshold_for(out: str, run_cfg, target: float) -> float:
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def run_config(run: Run, ctx: dict):
-  """The trainer config of `run` before its steps are set (blt/configs/reproduce.py)."""
-  from common.config import load
-  args = dict(arm=run.arm, scale=ctx["scale"])
-  if run.arm == "bpe":
-    args.update(spm_model=ctx["spm_model"], seq_len=str(ctx["bpe_seq_len"]))
-  if run.arm == "entropy":
-    args.update(entropy_model=ctx["entropy_workdir"], threshold=repr(ctx["thresholds"].get(run.target, 0.0)))
-  cfg = load(CONFIG + ":" + ",".join(f"{k}={v}" for k, v in args.items()))
-  cfg.train.seed = run.seed
-  cfg.data.cache_dir = ctx["cache_dir"] or cfg.data.cache_dir
-  cfg.log.progress = "lines"
-  return cfg
-
-
-def make_task(cfg):
-  if cfg.model.name == "blt":
-    from blt.train import make_task as blt_task
-    return blt_task(cfg)
-  from common.tasks.lm import lm_task
-  return lm_task(cfg)
-
-
 def measure_patch_size(cfg, rows: int = PATCH_SAMPLE_ROWS) -> float:
   """Mean bytes per patch on the first training rows, through the trainer's own loss (so through exactly the
   patching it trains with); the BLT's parameters do not move the boundaries, so an untrained one serves."""
-  from flax import nnx
   task = make_task(cfg)
   model = task.build_model()
   loss = nnx.jit(task.loss_fn)
@@ -197,191 +170,169 @@ def measure_patch_size(cfg, rows: int = PATCH_SAMPLE_ROWS) -> float:
   return n_bytes / n_patches
 
 
-def count_params(task) -> int:
-  import jax
-  from flax import nnx
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(task.build_model), nnx.Param))))
-
-
 def positions_per_byte(data) -> float:
   """Scored positions (tokens or bytes, end-of-document ids included) per byte of the held-out text."""
   return sum(float(b["loss_mask"].sum()) for b in data.eval_batches(0)) / data.eval_bytes
 
 
-def run_one(run: Run, ctx: dict, budget: float) -> dict:
-  """Trains (or resumes, or skips) one run; returns its record."""
-  from common.flops import blt_inference_flops_per_byte, flops_for, training_flops_per_token
-  from common.train.loop import train
-  workdir = os.path.join(ctx["out"], "runs", run.name)
-  record_path = os.path.join(workdir, "reproduce.json")
-  if os.path.exists(record_path) and finished(workdir):
-    with open(record_path) as f:
-      return json.load(f)
-  cfg = run_config(run, ctx)
-  seq_len, batch = int(cfg.data.seq_len), int(cfg.train.batch_size)
-  entropy_cfg = ctx["entropy_cfg"].model if run.arm == "entropy" else None
-  if cfg.model.name == "blt":
-    cfg.model.patching.patch_size = round(measure_patch_size(cfg), 3)
-  task = make_task(cfg)  # resolves model.vocab_size for the dense LMs
-  flops_per_step = training_flops_per_token(cfg.model, seq_len) * seq_len * batch
-  if entropy_cfg is not None:  # the entropy model runs forward over every training byte
-    flops_per_step += flops_for(entropy_cfg, seq_len).forward * seq_len * batch
-  steps = steps_for_budget(budget, flops_per_step)
-  every = max(1, math.ceil(steps / EVALS_PER_RUN))
-  cfg.train.steps = steps
-  cfg.train.warmup_steps = min(int(cfg.train.warmup_steps), max(1, steps // 10))
-  cfg.eval.every_steps = cfg.checkpoint.every_steps = every
-  cfg.log.every_steps = max(1, min(10, every))
-  _log(f"{run.label} seed {run.seed}: {steps} steps x {flops_per_step:.3g} FLOPs = {steps * flops_per_step:.3g} "
-       f"(budget {budget:.3g}) -> {workdir}")
-  start = time.time()
-  status = train(cfg, workdir, task)
-  if status != 0:
-    raise SystemExit(f"[blt.reproduce] {run.label} seed {run.seed} stopped with status {status} ({workdir})")
-  per_byte = positions_per_byte(task.data)
-  evals = [m for m in read_metrics(workdir) if "eval/loss" in m]
-  final = evals[-1]
-  if cfg.model.name == "blt":
-    patch_size = float(final["eval/bytes_per_patch"])
-    measured = cfg.model.copy_and_resolve_references()
-    measured.patching.patch_size = patch_size
-    inference = blt_inference_flops_per_byte(measured, seq_len, entropy_model_cfg=entropy_cfg) * per_byte
-  else:
-    patch_size = 1.0 / per_byte
-    inference = flops_for(cfg.model, seq_len).forward * per_byte
-  to_bpb = per_byte / math.log(2)  # nats per scored position -> bits per held-out byte
-  record = dict(
-      label=run.label, arm=run.arm, seed=run.seed, target_patch_size=run.target or None, steps=steps,
-      params=count_params(task), flops_per_step=flops_per_step, train_flops=steps * flops_per_step,
-      inference_flops_per_byte=inference, patch_size=patch_size, bpb=float(final["eval/loss"]) * to_bpb,
-      curve=[[m["step"] * flops_per_step, m["eval/loss"] * to_bpb] for m in evals],
-      wall_s=time.time() - start)
-  with open(record_path, "w") as f:
-    json.dump(record, f, indent=1)
-  _log(f"{run.label} seed {run.seed}: bpb {record['bpb']:.4f}, patch size {patch_size:.2f}, "
-       f"{record['wall_s']:.0f}s")
-  return record
-
-
-# --------------------------------------------------------------------------------------------- report
-
-
 def summarize(records: list[dict]) -> list[dict]:
   """One row per label: figures equal across seeds as they are, bpb and patch size as mean ± 95% half-width."""
-  from common.scaling.intervals import t_interval
   rows = []
   for label in dict.fromkeys(r["label"] for r in records):
     group = [r for r in records if r["label"] == label]
     row = {k: group[0][k] for k in ("label", "arm", "target_patch_size", "steps", "params", "train_flops")}
-    row["seeds"] = len(group)
+    row.update(seeds=len(group), paper=PAPER[row["arm"]])
     for key in ("bpb", "patch_size", "inference_flops_per_byte"):
-      row[key], row[f"{key}_ci95"] = t_interval([r[key] for r in group])
+      row[key], row[f"{key}_ci95"] = reproduce.t_interval([r[key] for r in group])
     rows.append(row)
   return rows
 
 
 def markdown(rows: list[dict], budget: float, notes: list[str]) -> str:
   lines = [f"Training budget {budget:.3g} FLOPs per model; bpb on the same held-out bytes; "
-           f"{rows[0]['seeds'] if rows else 0} seed(s), ± = 95% t-interval over seeds.", "",
-           "| model | params | steps | training FLOPs | inference FLOPs / byte | mean patch size (bytes) | eval bpb |"
-           " seeds |", "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f} M | {r['steps']} | {r['train_flops']:.3g} | "
-                 f"{format_pm(r['inference_flops_per_byte'], r['inference_flops_per_byte_ci95'], '.3g')} | "
-                 f"{format_pm(r['patch_size'], r['patch_size_ci95'], '.2f')} | {format_pm(r['bpb'], r['bpb_ci95'], '.4f')} | "
-                 f"{r['seeds']} |")
+           f"{rows[0]['seeds'] if rows else 0} seed(s), ± = 95% t-interval over seeds.", ""]
+  lines += reproduce.table(
+      ["model", "params", "steps", "training FLOPs", "inference FLOPs / byte", "mean patch size (bytes)", "eval bpb",
+       "seeds"],
+      [([r["label"], f"{r['params'] / 1e6:.2f} M", r["steps"], f"{r['train_flops']:.3g}",
+         format_pm(r["inference_flops_per_byte"], r["inference_flops_per_byte_ci95"], ".3g"),
+         format_pm(r["patch_size"], r["patch_size_ci95"], ".2f"), format_pm(r["bpb"], r["bpb_ci95"], ".4f"),
+         r["seeds"]], r["paper"]) for r in rows], paper="paper (fig. 1, up to 8B)")
   return "\n".join(lines + [""] + notes) + "\n"
 
 
 def plot(records: list[dict], path: str) -> str:
   """bpb against training FLOPs spent, one line per model (mean over seeds at each eval)."""
-  import numpy as np
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6.5, 4.5))
-  ax = fig.add_subplot()
-  for label in dict.fromkeys(r["label"] for r in records):
-    curves = [np.asarray(r["curve"]) for r in records if r["label"] == label]
-    n = min(len(c) for c in curves)
-    mean = np.mean([c[:n] for c in curves], axis=0)
-    ax.plot(mean[:, 0], mean[:, 1], "o-", label=label)
-  ax.set(xscale="log", xlabel="training FLOPs", ylabel="eval bits per byte", title="BLT vs byte and BPE models")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  return path
+  labels = dict.fromkeys(r["label"] for r in records)
+  lines = {label: ([r for r in records if r["label"] == label], "bpb") for label in labels}
+  return reproduce.plot_curves({"BLT vs byte and BPE models": lines}, path, "eval bits per byte")
 
 
-# ----------------------------------------------------------------------------------------------- main
+class Study(reproduce.Study):
+  prog = "blt.reproduce"
+  out = "runs/blt_reproduce"
+  plot_name = "bpb_vs_flops.png"
 
+  @classmethod
+  def add_flags(cls, p) -> None:
+    p.add_argument("--budget", type=float, default=0.0, help=f"training FLOPs per model (default "
+                   f"{DEFAULT_BUDGET:g}; --quick: {QUICK_BUDGET:g})")
+    p.add_argument("--arms", default=",".join(ARMS), help="a subset of " + ",".join(ARMS))
+    p.add_argument("--entropy_sizes", default="4.5,8", help="the two target mean patch sizes of entropy patching")
+    p.add_argument("--bpe_vocab", type=int, default=0, help="BPE pieces (default 1024; --quick: 320)")
 
-def plan(arms: list[str], seeds: int, entropy_sizes: list[float]) -> list[Run]:
-  runs = []
-  for seed in range(seeds):
-    for arm in arms:
-      if arm == "entropy":
-        runs += [Run(f"entropy P={size:g}", "entropy", seed, size) for size in entropy_sizes]
-      else:
-        runs.append(Run(arm, arm, seed))
-  return runs
+  def __init__(self, args):
+    super().__init__(args)
+    self.names = [x for x in args.arms.split(",") if x]
+    self.sizes = [float(x) for x in args.entropy_sizes.split(",") if x]
+    self.budget = args.budget or (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)
+    self.config_args = dict(scale="quick" if args.quick else "tiny")
+    self.notes: list[str] = []
+
+  def check(self) -> str:
+    if not self.names or set(self.names) - set(ARMS):
+      return f"--arms={self.args.arms}: expected a comma-separated subset of {','.join(ARMS)}"
+    return f"--budget={self.args.budget}: must be positive" if self.budget <= 0 else ""
+
+  def prepare(self) -> None:
+    """The BPE vocabulary, the entropy model and the θ of each entropy size (shared by all seeds)."""
+    a, ctx = self.args, self.config_args
+    data_cfg = self.base_config(dict(arm="byte", scale=ctx["scale"])).data
+    if "bpe" in self.names:
+      ctx["spm_model"] = tokenizer(a.out, a.bpe_vocab or (320 if a.quick else 1024), data_cfg)
+      rate = tokens_per_byte(ctx["spm_model"], data_cfg)
+      ctx["bpe_seq_len"] = max(8, round(int(data_cfg.seq_len) * rate))
+      self.notes.append(f"bpe: {os.path.basename(ctx['spm_model'])}, {1 / rate:.2f} bytes per token on the "
+                        f"training text, rows of {ctx['bpe_seq_len']} tokens (~{int(data_cfg.seq_len)} bytes, as "
+                        "the byte rows).")
+    if "entropy" in self.names:
+      self.prepare_entropy(os.path.join(a.out, "entropy_model"))
+
+  def prepare_entropy(self, workdir: str) -> None:
+    a, ctx = self.args, self.config_args
+    cmd = entropy_command(workdir, a.quick, a.cache_dir)
+    if not finished(workdir) and a.emit_commands:  # the entropy arms need its checkpoint: a second stage
+      print(" ".join(["python", *cmd]), flush=True)
+      print("# rerun with --emit_commands once the entropy model has finished for the entropy arms' commands",
+            file=sys.stderr)
+      self.names.remove("entropy")
+      return
+    if not finished(workdir):
+      self.log("training the entropy model: " + " ".join(cmd))
+      status = subprocess.run([sys.executable, *cmd], check=False, cwd=os.path.dirname(HERE)).returncode
+      if status != 0:
+        raise SystemExit(f"[blt.reproduce] the entropy model's training stopped with status {status} ({workdir})")
+    ctx["entropy_model"] = workdir
+    probe = self.base_config(dict(arm="entropy", scale=ctx["scale"], entropy_model=workdir))
+    for size in self.sizes:
+      ctx[f"threshold_{size:g}"] = threshold_for(a.out, probe, size)
+    with open(os.path.join(workdir, "config.json")) as f:
+      e = ml_collections.ConfigDict(json.load(f))
+    self.entropy_cfg = e.model
+    e_flops = training_flops_per_token(e.model, int(e.data.seq_len)) * int(e.data.seq_len) * int(
+        e.train.batch_size) * int(e.train.steps)
+    self.notes.append(f"entropy model: trained once for {e_flops:.3g} FLOPs (shared by the entropy runs, not in "
+                      "their budget); its forward on every byte is in their training and inference FLOPs; "
+                      "thresholds " + ", ".join(f"P={s:g}: θ={ctx[f'threshold_{s:g}']:.3f} nats"
+                                                for s in self.sizes) + ".")
+
+  def base_config(self, args: dict):
+    arm = reproduce.Arm("probe", "probe", CONFIG + ":" + ",".join(f"{k}={v}" for k, v in args.items()), "")
+    return super().config(arm, 0)
+
+  def arms(self) -> list[reproduce.Arm]:
+    return arm_list(self.names, self.sizes, self.config_args)
+
+  def flops_per_step(self, cfg) -> float:
+    seq_len, batch = int(cfg.data.seq_len), int(cfg.train.batch_size)
+    flops = training_flops_per_token(cfg.model, seq_len) * seq_len * batch
+    if cfg.model.name == "blt" and cfg.model.patching.method == "entropy":  # its forward on every training byte
+      flops += flops_for(self.entropy_cfg, seq_len).forward * seq_len * batch
+    return flops
+
+  def config(self, arm, seed):
+    """The arm's config with its patch size measured and its steps matched to the budget."""
+    cfg = super().config(arm, seed)
+    if cfg.model.name == "blt":
+      cfg.model.patching.patch_size = round(measure_patch_size(cfg), 3)
+    if cfg.model.name != "blt":
+      lm.resolve(cfg)  # model.vocab_size, which the FLOPs count
+    reproduce.schedule(cfg, steps_for_budget(self.budget, self.flops_per_step(cfg)), EVALS_PER_RUN)
+    return cfg
+
+  make_task = staticmethod(make_task)
+
+  def score(self, arm, cfg, task, workdir) -> dict:
+    """bpb on the held-out bytes at every eval, inference FLOPs per byte at the measured patch size."""
+    seq_len, flops_per_step, steps = int(cfg.data.seq_len), self.flops_per_step(cfg), int(cfg.train.steps)
+    per_byte = positions_per_byte(task.data)
+    evals = [m for m in read_metrics(workdir) if "eval/loss" in m]
+    if cfg.model.name == "blt":
+      patch_size = float(evals[-1]["eval/bytes_per_patch"])
+      measured = cfg.model.copy_and_resolve_references()
+      measured.patching.patch_size = patch_size
+      entropy_cfg = self.entropy_cfg if cfg.model.patching.method == "entropy" else None
+      inference = blt_inference_flops_per_byte(measured, seq_len, entropy_model_cfg=entropy_cfg) * per_byte
+    else:
+      patch_size = 1.0 / per_byte
+      inference = flops_for(cfg.model, seq_len).forward * per_byte
+    to_bpb = per_byte / math.log(2)  # nats per scored position -> bits per held-out byte
+    self.log(f"{arm.label}: bpb {evals[-1]['eval/loss'] * to_bpb:.4f}, patch size {patch_size:.2f}")
+    return dict(steps=steps, params=reproduce.count_params(task), flops_per_step=flops_per_step,
+                train_flops=steps * flops_per_step, inference_flops_per_byte=inference, patch_size=patch_size,
+                bpb=float(evals[-1]["eval/loss"]) * to_bpb,
+                curves=dict(bpb=dict(flops=[m["step"] * flops_per_step for m in evals],
+                                     values=[m["eval/loss"] * to_bpb for m in evals])))
+
+  def report(self, records):
+    rows = summarize(records)
+    return markdown(rows, self.budget, self.notes), dict(budget=self.budget, summary=rows, notes=self.notes)
+
+  plot = staticmethod(plot)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m blt.reproduce", description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="runs/blt_reproduce")
-  p.add_argument("--budget", type=float, default=0.0, help=f"training FLOPs per model (default {DEFAULT_BUDGET:g}; "
-                 f"--quick: {QUICK_BUDGET:g})")
-  p.add_argument("--seeds", type=int, default=1)
-  p.add_argument("--arms", default=",".join(ARMS), help="a subset of " + ",".join(ARMS))
-  p.add_argument("--entropy_sizes", default="4.5,8", help="the two target mean patch sizes of entropy patching")
-  p.add_argument("--bpe_vocab", type=int, default=0, help="BPE pieces (default 1024; --quick: 320)")
-  p.add_argument("--cache_dir", default="", help="packed-data cache (default: data.cache_dir of the config)")
-  p.add_argument("--quick", action="store_true", help="tiny models, a few steps each: a smoke run")
-  a = p.parse_args(argv)
-  arms = [x for x in a.arms.split(",") if x]
-  if not arms or set(arms) - set(ARMS):
-    p.error(f"--arms={a.arms}: expected a comma-separated subset of {','.join(ARMS)}")
-  if a.seeds < 1:
-    p.error(f"--seeds={a.seeds}: must be >= 1")
-  budget = a.budget or (QUICK_BUDGET if a.quick else DEFAULT_BUDGET)
-  if budget <= 0:
-    p.error(f"--budget={a.budget}: must be positive")
-  sizes = [float(x) for x in a.entropy_sizes.split(",") if x]
-  os.makedirs(a.out, exist_ok=True)
-  ctx = dict(out=a.out, scale="quick" if a.quick else "tiny", cache_dir=a.cache_dir, thresholds={})
-  data_cfg = run_config(Run("byte", "byte", 0), ctx).data
-  notes = []
-  if "bpe" in arms:
-    ctx["spm_model"] = tokenizer(a.out, a.bpe_vocab or (320 if a.quick else 1024), data_cfg)
-    rate = tokens_per_byte(ctx["spm_model"], data_cfg)
-    ctx["bpe_seq_len"] = max(8, round(int(data_cfg.seq_len) * rate))
-    notes.append(f"bpe: {os.path.basename(ctx['spm_model'])}, {1 / rate:.2f} bytes per token on the training "
-                 f"text, rows of {ctx['bpe_seq_len']} tokens (~{int(data_cfg.seq_len)} bytes, as the byte rows).")
-  if "entropy" in arms:
-    ctx["entropy_workdir"] = entropy_model(a.out, a.quick, a.cache_dir)
-    ctx["entropy_cfg"] = entropy_model_config(ctx["entropy_workdir"])
-    probe = run_config(Run("entropy", "entropy", 0), ctx)
-    for size in sizes:
-      ctx["thresholds"][size] = threshold_for(a.out, probe, size)
-    e = ctx["entropy_cfg"]
-    from common.flops import training_flops_per_token
-    e_flops = training_flops_per_token(e.model, int(e.data.seq_len)) * int(e.data.seq_len) * int(
-        e.train.batch_size) * int(e.train.steps)
-    notes.append(f"entropy model: trained once for {e_flops:.3g} FLOPs (shared by the entropy runs, not in their "
-                 f"budget); its forward on every byte is in their training and inference FLOPs; thresholds "
-                 + ", ".join(f"P={s:g}: θ={ctx['thresholds'][s]:.3f} nats" for s in sizes) + ".")
-  records = []
-  for run in plan(arms, a.seeds, sizes):
-    records.append(run_one(run, ctx, budget))
-  rows = summarize(records)
-  table = markdown(rows, budget, notes)
-  with open(os.path.join(a.out, "results.md"), "w") as f:
-    f.write(table)
-  with open(os.path.join(a.out, "results.json"), "w") as f:
-    json.dump(dict(budget=budget, seeds=a.seeds, summary=rows, runs=records, notes=notes), f, indent=1)
-  plot(records, os.path.join(a.out, "bpb_vs_flops.png"))
-  print(table, flush=True)
-  _log(f"wrote {a.out}/results.md, results.json, bpb_vs_flops.png")
-  return 0
+  return reproduce.main(Study, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -4,23 +4,15 @@ Trains a BLT (Pagnoni et al. 2024) on the packed byte rows of `common.data.LMDat
 (`common.train.loop.train`): metrics.jsonl carries `loss` (next-byte nats, EOS targets included), `bytes_per_sec`,
 `mfu`, `patches_per_byte` (train), and `eval/loss`, `eval/bpb`, `eval/bytes_per_patch`.
 
-Vocabulary mapping (explicit, both directions in `seqio_to_blt` / `blt_to_seqio`). The data comes from seqio's
-ByteVocabulary: id = byte + 3, with 0 = PAD (also the BOS that `make_inputs` puts at the start of each packed
-segment), 1 = EOS, 2 = UNK. BLT's vocabulary (`blt.model.VOCAB_SIZE` = 260) is the 256 byte values as
-themselves, then BOS = 256, EOS = 257, PAD = 258, BOE = 259. So: byte ids b + 3 -> b; EOS 1 -> 257; a 0 at a
-segment start (positions == 0, segment_ids > 0) -> BOS 256; a 0 outside any segment (row padding) -> PAD 258;
-UNK 2 (never produced by ByteVocabulary) -> PAD 258. Targets use the same map; padded targets are masked out.
+The vocabulary map from the data's seqio byte ids and the patching inputs of the pipeline are `blt.data`'s.
 
 Bits per byte counts bytes only: `eval/bpb` is the cross-entropy summed over targets that are byte values
 (< 256) divided by their number and by ln 2. EOS targets are trained on (they are in `loss`) but are neither
 cost nor count in bpb, so a model uniform over the 256 byte values scores exactly 8.
 
-Patching (`blt.patcher`). Static and space patch starts are computed inside the jitted loss from the BLT input
-bytes. Entropy patching (Sec. 2.3) and BPE patching (Sec. 2.4) are computed in the input pipeline
-(`PatchingData`): the frozen entropy model of `model.patching.entropy_model` adds `entropies` [batch, length] to
-every batch (a function of the batch alone, so deterministic in the data position, and the same on resume);
-the SentencePiece model of `model.patching.spm_model` adds `patch_starts`. Every path opens a patch at each
-packed segment start, so documents sharing a row never share a patch.
+Start-up (`common.train.__main__.main`): `resolve` fills what the config derives (`model.patching.max_patches`
+0 -> a bound no row exceeds; with `model.patching.calibrate`, the entropy threshold), `validate_blt_config`
+checks the resolved config once, `make_task` builds. The resolved config is DIR/config.json.
 """
 from __future__ import annotations
 
@@ -30,36 +22,20 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
 
-import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
+from blt.calibrate import calibrate_threshold, sample_patching_inputs  # pylint: disable=g-import-not-at-top
+from blt.data import ENTROPY_METHODS, blt_data, max_segments_per_row, seqio_to_blt  # pylint: disable=g-import-not-at-top
+from blt.entropy import EntropyScorer, load_entropy_model  # pylint: disable=g-import-not-at-top
+from blt.generate import generate_samples  # pylint: disable=g-import-not-at-top
 from blt.model import BLT, VOCAB_SIZE  # pylint: disable=g-import-not-at-top
-from blt.patcher import METHODS, bpe_starts, patch  # pylint: disable=g-import-not-at-top
-from common.config import ConfigError, require  # pylint: disable=g-import-not-at-top
-
-BOS, EOS, PAD, BOE = 256, 257, 258, 259
-SEQIO_PAD, SEQIO_EOS, SEQIO_UNK, SEQIO_OFFSET = 0, 1, 2, 3
-ENTROPY_METHODS = ("entropy", "entropy_monotonic")
-
-
-def seqio_to_blt(ids, segment_ids, positions):
-  """seqio ByteVocabulary ids -> BLT ids (module docstring); works on jnp and numpy arrays alike."""
-  xp = jnp if isinstance(ids, jax.Array) else np
-  out = xp.where(ids >= SEQIO_OFFSET, ids - SEQIO_OFFSET, PAD)
-  out = xp.where(ids == SEQIO_EOS, EOS, out)
-  out = xp.where((ids == SEQIO_PAD) & (segment_ids > 0) & (positions == 0), BOS, out)
-  return out.astype(xp.int32)
-
-
-def blt_to_seqio(ids):
-  """BLT ids -> seqio ByteVocabulary ids (BOS and PAD -> 0, EOS -> 1, BOE -> 2 = UNK, which seqio lacks)."""
-  xp = jnp if isinstance(ids, jax.Array) else np
-  out = xp.where(ids < 256, ids + SEQIO_OFFSET, SEQIO_PAD)
-  out = xp.where(ids == EOS, SEQIO_EOS, out)
-  return xp.where(ids == BOE, SEQIO_UNK, out).astype(xp.int32)
+from blt.patcher import METHODS, patch  # pylint: disable=g-import-not-at-top
+from common.config import require  # pylint: disable=g-import-not-at-top
+from common.flops import training_flops_per_token  # pylint: disable=g-import-not-at-top
+from common.nn import DTYPES  # pylint: disable=g-import-not-at-top
+from common.tasks.base import Task  # pylint: disable=g-import-not-at-top
 
 
 def resolve_max_patches(p, seq_len: int, max_segments: int = 1) -> int:
@@ -82,7 +58,8 @@ def resolve_max_patches(p, seq_len: int, max_segments: int = 1) -> int:
 
 
 def validate_blt_config(cfg) -> None:
-  """Checks model.* of a BLT, naming the key (ConfigError); cheap (no model or data is loaded)."""
+  """Checks model.* of a BLT, naming the key (ConfigError); cheap (no model or data is loaded). A config with
+  `max_patches` 0 or `calibrate` (not yet resolved) passes."""
   m = cfg.model
   require(m.get("name") == "blt", "model.name", f"must be 'blt' for blt.train, got '{m.get('name')}'")
   require(int(m.vocab_size) == VOCAB_SIZE, "model.vocab_size", f"must be {VOCAB_SIZE}, got {m.vocab_size}")
@@ -94,6 +71,7 @@ def validate_blt_config(cfg) -> None:
     require((int(m[d]) // int(m[h])) % 2 == 0 or h == "n_heads_cross", f"model.{h}",
             f"RoPE needs an even head dimension, got model.{d}/model.{h} = {int(m[d]) // int(m[h])}")
   require(int(m.local_window) >= 0, "model.local_window", f"must be >= 0, got {m.local_window}")
+  require(m.get("dtype", "float32") in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got '{m.get('dtype')}'")
   require("patching" in m, "model.patching", "missing (method, patch_size, max_patches, threshold, ...)")
   p = m.patching
   require(p.method in METHODS, "model.patching.method", f"must be one of {', '.join(METHODS)}, got '{p.method}'")
@@ -112,38 +90,6 @@ def validate_blt_config(cfg) -> None:
     require(bool(spm_model) and os.path.isfile(os.path.expanduser(spm_model)), "model.patching.spm_model",
             f"'{spm_model}': no such SentencePiece model (python -m common.data.train_tokenizer --out=PATH.model)")
   require(cfg.data.vocab == "byte", "data.vocab", f"BLT reads bytes; must be 'byte', got '{cfg.data.vocab}'")
-
-
-class PatchingData:
-  """An LMData whose batches also carry what the host-side patchers compute from the BLT input bytes:
-  `entropies` (f32 [batch, length], entropy patching) or `patch_starts` (bool [batch, length], BPE).
-  Everything else (row counts, vocab, ...) is the wrapped LMData's. Every process computes them for the whole
-  global batch, as it reads the whole global batch (common.train.loop)."""
-
-  def __init__(self, data, *, entropy_scorer=None, sentencepiece_processor=None):
-    self.data = data
-    self.entropy_scorer = entropy_scorer
-    self.sentencepiece_processor = sentencepiece_processor
-
-  def __getattr__(self, name):
-    return getattr(self.data, name)
-
-  def add_patching_inputs(self, batch: dict) -> dict:
-    seg, pos = batch["segment_ids"], batch["positions"]
-    byte_ids = seqio_to_blt(batch["inputs"], seg, pos)
-    out = dict(batch)
-    if self.entropy_scorer is not None:
-      out["entropies"] = self.entropy_scorer(byte_ids, pos, seg)
-    if self.sentencepiece_processor is not None:
-      out["patch_starts"] = bpe_starts(byte_ids, seg, self.sentencepiece_processor)
-    return out
-
-  def train_batch(self, position: int) -> dict:
-    return self.add_patching_inputs(self.data.train_batch(position))
-
-  def eval_batches(self, max_batches: int = 0):
-    for batch in self.data.eval_batches(max_batches):
-      yield self.add_patching_inputs(batch)
 
 
 def blt_loss(model, batch, *, patching, max_patches: int):
@@ -179,47 +125,6 @@ def blt_summary(sums: dict) -> dict:
   return out
 
 
-def max_segments_per_row(data) -> int:
-  """The most segments (documents or document pieces, plus the row padding) in any train or eval row, read
-  through the public batch interface (one pass over an epoch: positions 0 .. rows - 1 cover every row; under
-  a second for the tiny configs; a large corpus should set `model.patching.max_patches` instead)."""
-  def segments(batch):
-    seg = batch["segment_ids"]
-    return int((np.diff(seg, axis=1) != 0).sum(axis=1).max()) + 1
-  most = max((segments(b) for b in data.eval_batches()), default=1)
-  for position in range(0, data.num_train_rows, data.batch_size):
-    most = max(most, segments(data.train_batch(position)))
-  return most
-
-
-def _load_sentencepiece(path: str):
-  import sentencepiece as spm
-  try:
-    return spm.SentencePieceProcessor(model_file=os.path.expanduser(path))
-  except (OSError, RuntimeError) as e:
-    raise ConfigError(f"config key 'model.patching.spm_model': cannot read '{path}' ({e})") from None
-
-
-def add_patching_inputs(cfg, data):
-  """The LMData wrapped for entropy or BPE patching (else unchanged). With `model.patching.calibrate`, entropy
-  patching first sets `model.patching.threshold` to the θ whose mean patch size on the first training rows is
-  `model.patching.patch_size` (`blt.calibrate`; rounded to 1e-4 nats so that a resumed run finds the same)."""
-  p = cfg.model.patching
-  if p.method in ENTROPY_METHODS:
-    from blt.calibrate import calibrate_threshold, sample_patching_inputs
-    from blt.entropy import EntropyScorer, load_entropy_model
-    data = PatchingData(data, entropy_scorer=EntropyScorer(load_entropy_model(p.entropy_model)[0]))
-    if p.get("calibrate", False):
-      sample = sample_patching_inputs(data)
-      theta, _ = calibrate_threshold(sample["entropies"], float(p.patch_size), monotonic=p.method != "entropy",
-                                     max_patch_length=int(p.max_patch_length), segment_ids=sample["segment_ids"],
-                                     positions=sample["positions"])
-      p.threshold = round(theta, 4)
-  elif p.method == "bpe":
-    data = PatchingData(data, sentencepiece_processor=_load_sentencepiece(p.spm_model))
-  return data
-
-
 def sample_fn(cfg):
   """model -> {prompt: greedy continuation} for the eval log (`eval.sample_bytes` bytes after each of
   `eval.sample_prompts`, by cached generation, `blt.generate`); None when `eval.sample_bytes` is 0 or the patcher
@@ -231,8 +136,6 @@ def sample_fn(cfg):
   loaded = {}
 
   def samples(model):
-    from blt.entropy import load_entropy_model
-    from blt.generate import generate_samples
     if cfg.model.patching.method in ENTROPY_METHODS and "entropy" not in loaded:
       loaded["entropy"] = load_entropy_model(cfg.model.patching.entropy_model)[0]
     texts = generate_samples(model, cfg, prompts, n_bytes, entropy_model=loaded.get("entropy"))
@@ -241,21 +144,35 @@ def sample_fn(cfg):
   return samples
 
 
+def resolve(cfg):
+  """Fills what the config derives (in place; returns cfg): `model.patching.max_patches` 0 -> the bound of
+  `resolve_max_patches` (static and space patching read every row for the most segments in one), and with
+  `model.patching.calibrate` the entropy threshold θ whose mean patch size on the first training rows is
+  `model.patching.patch_size` (`blt.calibrate`; rounded to 1e-4 nats, so that a resumed run finds the same; the
+  resolved config records θ with `calibrate` off)."""
+  p, seq_len = cfg.model.patching, int(cfg.data.seq_len)
+  if p.method in ENTROPY_METHODS and p.get("calibrate", False):
+    data = blt_data(cfg, EntropyScorer(load_entropy_model(p.entropy_model)[0]))
+    sample = sample_patching_inputs(data)
+    theta, _ = calibrate_threshold(sample["entropies"], float(p.patch_size), monotonic=p.method != "entropy",
+                                   max_patch_length=int(p.max_patch_length), segment_ids=sample["segment_ids"],
+                                   positions=sample["positions"])
+    p.update(threshold=round(theta, 4), calibrate=False)
+  if int(p.max_patches) == 0:
+    counts_segments = p.method in ("static", "space")
+    p.max_patches = resolve_max_patches(p, seq_len, max_segments_per_row(blt_data(cfg)) if counts_segments else 1)
+  return cfg
+
+
 def make_task(cfg):
-  """The Task the shared loop trains (common.train.loop.Task)."""
-  from common.data import LMData
-  from common.flops import training_flops_per_token
-  from common.tasks.base import Task
-  validate_blt_config(cfg)
-  seq_len = int(cfg.data.seq_len)
-  data = add_patching_inputs(cfg, LMData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed))
-  m = cfg.model
-  needs_bound = int(m.patching.max_patches) == 0 and m.patching.method in ("static", "space")
-  max_patches = resolve_max_patches(m.patching, seq_len, max_segments_per_row(data) if needs_bound else 1)
+  """The Task the shared loop trains (common.train.loop.Task), of a resolved config (`resolve`)."""
+  m, seq_len = cfg.model, int(cfg.data.seq_len)
+  p = m.patching
+  scorer = EntropyScorer(load_entropy_model(p.entropy_model)[0]) if p.method in ENTROPY_METHODS else None
   return Task(
       build_model=lambda: BLT(m, rngs=nnx.Rngs(params=int(cfg.train.seed))),
-      loss_fn=functools.partial(blt_loss, patching=m.patching, max_patches=max_patches),
-      data=data,
+      loss_fn=functools.partial(blt_loss, patching=p, max_patches=int(p.max_patches)),
+      data=blt_data(cfg, scorer),
       train_flops_per_example=training_flops_per_token(m, seq_len) * seq_len,
       units_per_example=seq_len,
       throughput_key="bytes_per_sec",
@@ -266,8 +183,7 @@ def make_task(cfg):
 
 def cli() -> None:
   from common.train.__main__ import cli as common_cli
-  common_cli(make_task, validate_blt_config)
-
+  common_cli(make_task, validate_blt_config, resolve)
 
 if __name__ == "__main__":
   cli()

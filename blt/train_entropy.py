@@ -3,7 +3,7 @@
 Trains BLT's entropy model (Pagnoni et al. 2024, Sec. 2.3): a small causal byte LM with a sliding attention
 window (the paper's is ~100M parameters with a window of 512 bytes), here the common dense LM on the byte
 corpus, trained by the shared trainer (`common.train`: resume, SIGTERM, exit 2 on bad input). Its workdir is
-what `model.patching.entropy_model` of `blt.train` and `--entropy-model` of `blt.calibrate` name; they read
+what `model.patching.entropy_model` of `blt.train` and `--entropy_model` of `blt.calibrate` name; they read
 DIR/config.json and the newest checkpoint (`blt.entropy.load_entropy_model`).
 """
 from __future__ import annotations
@@ -13,22 +13,25 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
 
 from common.config import require  # pylint: disable=g-import-not-at-top
+from common.tasks import lm  # pylint: disable=g-import-not-at-top
+from common.train.__main__ import cli as common_cli  # pylint: disable=g-import-not-at-top
+
+
+def resolve(cfg):
+  """The dense LM's resolve, for bytes only: the entropy model reads what BLT reads (data.vocab 'byte')."""
+  require(cfg.data.vocab == "byte", "data.vocab", f"the entropy model reads bytes; must be 'byte', got '{cfg.data.vocab}'")
+  return lm.resolve(cfg)
 
 
 def validate_entropy_config(cfg) -> None:
-  """The dense LM's checks, plus what makes it an entropy model for BLT: bytes in, a dense LM."""
-  from common.tasks.lm import validate_model_early
+  """The dense LM's checks of the resolved config (`resolve`), and that it is the dense LM."""
   require(cfg.model.get("name") == "dense_lm", "model.name",
           f"the entropy model is the common dense LM ('dense_lm'), got '{cfg.model.get('name')}'")
-  require(cfg.data.vocab == "byte", "data.vocab", f"the entropy model reads bytes; must be 'byte', got '{cfg.data.vocab}'")
-  validate_model_early(cfg)
+  lm.validate(cfg)
 
 
 def cli() -> None:
-  from common.train.__main__ import cli as common_cli
-  from common.tasks.lm import lm_task
-  common_cli(lm_task, validate_entropy_config)
-
+  common_cli(lm.lm_task, validate_entropy_config, resolve)
 
 if __name__ == "__main__":
   cli()

@@ -69,13 +69,16 @@ def _parse_sequence(key: str, text: str, current: tuple | list) -> tuple | list:
   return tuple(value) if isinstance(current, tuple) else list(value)
 
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _parse_value(key: str, text: str, current: Any) -> Any:
   """Parses `text` into the type of the value it replaces."""
   if isinstance(current, bool):
     low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
+    if low in TRUE_WORDS:
       return True
-    if low in ("0", "false", "no", "off"):
+    if low in FALSE_WORDS:
       return False
     raise ConfigError(f"config key '{key}': expected a bool, got '{text}'")
   if isinstance(current, (tuple, list)):
@@ -168,26 +171,93 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections
   return cfg
 
 
-def parse_argv(argv: Sequence[str], extra_flags: Sequence[str] = ()) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
-  """Parses `--config=... --workdir=... --config.a.b=v ...`; returns the config and the other flags."""
-  spec = None
+WORKDIR_HELP = "the run's folder: config.json, metrics.jsonl, checkpoints/; rerun on it to resume"
+
+
+def _main_doc() -> tuple[str, str]:
+  """The running command (`python -m PKG.MOD`) and the first two paragraphs of its module docstring."""
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else f"python {sys.argv[0]}"
+  paragraphs = inspect.cleandoc(getattr(main, "__doc__", None) or "").split("\n\n")
+  return prog, "\n\n".join(paragraphs[:2])
+
+
+def _leaves(node: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+  out = []
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _leaves(value, f"{prefix}{key}.")
+    else:
+      out.append((prefix + key, value))
+  return out
+
+
+def _help_text(flags: dict[str, str], switches: dict[str, str],
+              cfg: ml_collections.ConfigDict | None = None) -> str:
+  """The trainer contract, the command's own flags and switches (name -> help) and, given a config, its keys
+  with their values."""
+  prog, doc = _main_doc()
+  usage = " ".join([f"usage: {prog} --config=FILE.py[:name=value,...]", *(f"[--{f}=VALUE]" for f in flags),
+                    *(f"[--{f}]" for f in switches), "[--config.KEY=VALUE ...]"])
+  rows = [("--config=FILE.py[:name=value,...]", "the config file (get_config(arg)); after ':' its own arguments "
+           "and dotted keys (train.steps=5)"), ("--config.KEY=VALUE", "sets one existing config key; the value "
+           "keeps the key's type"), *((f"--{f}=VALUE", h) for f, h in flags.items()),
+          *((f"--{f}", h) for f, h in switches.items()),
+          ("--help", "this text; with --config=FILE also every config key and its value")]
+  lines = [usage, "", doc, "", "flags:"] if doc else [usage, "", "flags:"]
+  lines += [f"  {flag:36s} {text}".rstrip() for flag, text in rows]
+  if cfg is None:
+    lines += ["", f"config keys: `{prog} --config=FILE.py --help` lists them with their values"]
+  else:
+    lines += ["", "config keys (--config.KEY=VALUE):"] + [f"  {k} = {v!r}" for k, v in _leaves(cfg)]
+  return "\n".join(lines)
+
+
+def _named(names: Sequence[str] | dict[str, str]) -> dict[str, str]:
+  return dict(names) if isinstance(names, dict) else dict.fromkeys(names, "")
+
+
+def parse_argv(argv: Sequence[str], extra_flags: Sequence[str] | dict[str, str] = (), *,
+               switches: Sequence[str] | dict[str, str] = (),
+               workdir: bool = True) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
+  """Parses `--config=... --workdir=... --config.a.b=v ...`; returns the config and the other flags.
+
+  `extra_flags` and `switches` name the command's other flags (or map each name to its help); a switch may be
+  bare (`--json`) and comes back as 'true' or 'false'. `--help` (or `-h`) prints the usage, exits 0."""
+  flag_help, switch_help = _named(extra_flags), _named(switches)
+  if workdir:
+    flag_help = {"workdir": WORKDIR_HELP, **flag_help}
+  spec, wants_help = None, False
   overrides, flags = [], {}
-  allowed = {"workdir", *extra_flags}
   for token in argv:
+    if token in ("--help", "-h"):
+      wants_help = True
+      continue
+    if token.startswith("--") and token[2:] in switch_help:
+      token += "=true"
     if not token.startswith("--") or "=" not in token:
-      raise ConfigError(f"expected --flag=value, got '{token}'")
+      raise ConfigError(f"expected --flag=value, got '{token}' (see --help)")
     name, _, value = token[2:].partition("=")
     if name == "config":
       spec = value
     elif name.startswith("config."):
       overrides.append((name[len("config."):], value))
-    elif name in allowed:
+    elif name in flag_help:
       flags[name] = value
+    elif name in switch_help:
+      low = value.strip().lower()
+      if low not in TRUE_WORDS + FALSE_WORDS:
+        raise ConfigError(f"--{name}: expected true or false, got '{value}'")
+      flags[name] = "true" if low in TRUE_WORDS else "false"
     else:
       raise ConfigError(f"unknown flag '--{name}' (known: --config, --config.KEY, " +
-                        ", ".join(f"--{f}" for f in sorted(allowed)) + ")")
+                        ", ".join(f"--{f}" for f in sorted([*flag_help, *switch_help])) + "; see --help)")
+  if wants_help:
+    print(_help_text(flag_help, switch_help, load(spec, overrides) if spec else None))
+    sys.exit(0)
   if spec is None:
-    raise ConfigError("missing --config=PATH.py")
+    raise ConfigError("missing --config=PATH.py (see --help)")
   return load(spec, overrides), flags
 
 

@@ -12,7 +12,8 @@ import jax
 
 from common.config import ConfigError
 
-FLAGS = ("coordinator_address", "num_processes", "process_id")
+FLAGS = {"coordinator_address": "host:port of process 0 (multi-process runs JAX does not set up itself)",
+         "num_processes": "how many processes the run has", "process_id": "this process's index, 0-based"}
 
 
 def _use_gloo_on_cpu() -> None:

@@ -44,13 +44,15 @@ class Sampling(NamedTuple):
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-  """Next ids int32 [batch] from logits [batch, vocab] (f32). A tie at the k-th logit keeps all tied tokens."""
+  """Next ids int32 [batch] from logits [batch, vocab] (f32): the one token choice of every sampler here and
+  in the packages (MoT's captions and image codes, BLT's bytes). A tie at the k-th logit keeps all tied
+  tokens; top_k >= vocab keeps all."""
   if sampling.vocab_size:
     logits = mask_padded_vocab(logits, sampling.vocab_size)
   if sampling.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / sampling.temperature
-  if sampling.top_k:
+  if 0 < sampling.top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if sampling.top_p < 1.0:
@@ -97,9 +99,9 @@ def put_batch(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
 
 
 def under_mesh(mesh: Mesh | None):
-  """Traces under `jax.set_mesh` when the mesh has an expert axis, so MoE layers take their expert-parallel
-  path, as the trainer does (common.train.loop)."""
-  return jax.set_mesh(mesh) if mesh is not None and mesh.shape.get("expert", 1) > 1 else contextlib.nullcontext()
+  """Traces under `jax.set_mesh(mesh)`, as the trainer does (common.train.loop), so that layers and kernels
+  see the mesh (MoE experts take their expert-parallel path)."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 class _Plan(NamedTuple):
@@ -200,7 +202,8 @@ def _left_pad(prompts: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, 
   return tokens, lengths
 
 
-def _until_stop_id(row: np.ndarray, stop_ids: Sequence[int]) -> list[int]:
+def until_stop_id(row: np.ndarray, stop_ids: Sequence[int]) -> list[int]:
+  """The ids of a generated row before its first stop id."""
   hits = np.flatnonzero(np.isin(row, list(stop_ids))) if stop_ids else []
   return [int(t) for t in (row[:hits[0]] if len(hits) else row)]
 
@@ -225,7 +228,7 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
   with under_mesh(mesh):
     out = run(plan, state, put_batch(tokens, mesh), put_batch(lengths, mesh), jax.random.key(seed))
   out = np.asarray(jax.device_get(out))
-  return [_until_stop_id(row, plan.stop_ids) for row in out[:len(prompts)]]
+  return [until_stop_id(row, plan.stop_ids) for row in out[:len(prompts)]]
 
 
 def stop_string_cut(text: str, stop_strings: Sequence[str]) -> int:

@@ -3,6 +3,10 @@
     python -m common.plan --config=common/configs/llama3_8b.py --mesh=fsdp:32,tensor:8 \
         [--accelerator=h100] [--mfu=0.4] [--flash] [--json] [--config.train.batch_size=128]
 
+The mesh is the config's `mesh.shape`/`mesh.axes`, as for every trainer; `--mesh=fsdp:32,tensor:8` is
+shorthand that sets those two keys. Every size must be given (a -1, "the rest of the devices", means
+nothing for a machine the plan does not run on).
+
 The model is built abstractly (`nnx.eval_shape`: shapes only, nothing allocated), and every parameter is
 placed with the real sharding rules (`common.sharding.spec_for` on an abstract mesh), so the per-device
 numbers are those of the trainer. Exits with status 2 and one line on stderr when the plan does not fit the
@@ -23,9 +27,14 @@ import math
 import sys
 from typing import Callable, Sequence
 
+import jax
+from flax import nnx
+
 from common import flops
 from common.config import ConfigError, parse_argv, run_main
+from common.models import build_model
 from common.models.dense_lm import padded_vocab_size
+from common.sharding import MESH_AXES, RULES, make_abstract_mesh, spec_for
 
 GIB = 2 ** 30
 BYTE_VOCAB_SIZE = 259   # seqio.ByteVocabulary: 256 bytes + pad, eos, unk
@@ -34,7 +43,6 @@ DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 
 def parse_mesh(text: str) -> dict[str, int]:
   """'fsdp:64,tensor:4' -> {'fsdp': 64, 'tensor': 4}."""
-  from common.sharding import MESH_AXES
   sizes: dict[str, int] = {}
   for item in filter(None, text.split(",")):
     name, sep, size = item.partition(":")
@@ -100,10 +108,6 @@ ACTIVATIONS_BY_MODEL: dict[str, Callable[..., dict[str, float]]] = {"dense_lm": 
 def param_shards(model_cfg, mesh) -> list[tuple[tuple[int, ...], int, bool]]:
   """[(global shape, elements per device, has a vocab axis)] for every parameter of the abstract model
   on `mesh`."""
-  import jax
-  from flax import nnx
-  from common.models import build_model
-  from common.sharding import spec_for
   abstract = nnx.eval_shape(lambda: build_model(model_cfg, seed=0))
   out = []
   for var in jax.tree.leaves(nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
@@ -172,12 +176,23 @@ class Plan:
     return self.total_gib <= self.hbm_gib
 
 
-def make_plan(cfg, mesh_sizes: dict[str, int], *, accelerator: str = "h100", mfu: float = 0.4,
+def plan_mesh(mesh_cfg):
+  """The abstract mesh of a config's `mesh` section, every size given."""
+  shape = tuple(int(s) for s in mesh_cfg.shape)
+  if any(s < 1 for s in shape):
+    raise ConfigError(f"config key 'mesh.shape': the planner needs every size (>= 1), got {shape} "
+                      f"(e.g. --mesh=fsdp:64,tensor:8)")
+  return make_abstract_mesh(shape, tuple(mesh_cfg.axes), math.prod(shape))
+
+
+def make_plan(cfg, mesh_sizes: dict[str, int] | None = None, *, accelerator: str = "h100", mfu: float = 0.4,
               flash: bool = False) -> Plan:
-  """The plan of `cfg` on a mesh {axis: size}; vocab_size 0 is resolved (on a copy: `cfg` is left as it
-  is) to the padded byte vocabulary."""
-  from common.sharding import RULES, make_abstract_mesh
+  """The plan of `cfg` on the mesh of its `mesh.shape`/`mesh.axes`, which `mesh_sizes` ({axis: size}, the
+  --mesh shorthand) replaces when given; vocab_size 0 is resolved to the padded byte vocabulary. Both on a
+  copy: `cfg` is left as it is."""
   cfg = cfg.copy_and_resolve_references()
+  if mesh_sizes is not None:
+    cfg.mesh.update(shape=tuple(mesh_sizes.values()), axes=tuple(mesh_sizes))
   notes = []
   acc = flops.accelerator_for(accelerator)
   if acc is None:
@@ -196,9 +211,8 @@ def make_plan(cfg, mesh_sizes: dict[str, int], *, accelerator: str = "h100", mfu
   if m.name not in ACTIVATIONS_BY_MODEL:
     raise ConfigError(f"config key 'model.name': the planner has no activation estimate for '{m.name}'")
 
-  axes = tuple(mesh_sizes)
-  n_devices = math.prod(mesh_sizes.values())
-  mesh = make_abstract_mesh(tuple(mesh_sizes.values()), axes, n_devices)
+  mesh = plan_mesh(cfg.mesh)
+  n_devices = mesh.size
   dp = math.prod(mesh.shape[a] for a in RULES["batch"])
   batch, accum = int(cfg.train.batch_size), int(cfg.train.get("grad_accum", 1) or 1)
   if batch % (dp * accum):
@@ -265,16 +279,13 @@ def _bool_flag(flags: dict[str, str], name: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  argv = [f"{t}=true" if t in ("--json", "--flash") else t for t in argv]
-  cfg, flags = parse_argv(argv, extra_flags=("mesh", "accelerator", "mfu", "json", "flash"))
-  if "mesh" in flags:
-    mesh_sizes = parse_mesh(flags["mesh"])
-  elif -1 not in tuple(cfg.mesh.shape):
-    mesh_sizes = dict(zip(cfg.mesh.axes, (int(s) for s in cfg.mesh.shape)))
-    parse_mesh(",".join(f"{a}:{s}" for a, s in mesh_sizes.items()))  # validates
-  else:
-    raise ConfigError(f"--mesh: required, since mesh.shape {tuple(cfg.mesh.shape)} has a -1 "
-                      f"(e.g. --mesh=fsdp:64,tensor:8)")
+  cfg, flags = parse_argv(argv, extra_flags={
+      "mesh": "axis:size,... (e.g. fsdp:32,tensor:8; default: the config's mesh.shape/mesh.axes)",
+      "accelerator": f"one of {', '.join(flops.ACCELERATORS)} (default h100)",
+      "mfu": "model FLOPs utilisation the step time assumes (default 0.4)"},
+      switches={"flash": "count attention activations as a flash kernel keeps them", "json": "print JSON"},
+      workdir=False)
+  mesh_sizes = parse_mesh(flags["mesh"]) if "mesh" in flags else None
   try:
     mfu = float(flags.get("mfu", "0.4"))
   except ValueError:

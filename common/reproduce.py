@@ -25,8 +25,10 @@ import sys
 import time
 from typing import Any, Sequence
 
+import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from matplotlib.figure import Figure
 
 from common.config import load
@@ -46,6 +48,11 @@ class Arm:
   trainer: str  # the module whose `python -m` trains it (for --emit_commands)
   paper: str = ""  # the paper's figure for this arm's headline metric
   extra: dict = dataclasses.field(default_factory=dict)
+
+
+def count_params(task) -> int:
+  """Parameters of a task's model (every expert counted), from shapes only."""
+  return int(sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(task.build_model), nnx.Param))))
 
 
 def interval(values: Sequence[float]) -> tuple[float, float, int]:
@@ -94,6 +101,14 @@ def plot_curves(panels: dict[str, dict[str, list[dict]]], path: str, ylabel: str
   return path
 
 
+def schedule(cfg: ml_collections.ConfigDict, steps: int, evals: int, log_every: int = 10) -> None:
+  """`steps` with `evals` evals (the points of each curve) and a checkpoint at each; warmup at most a tenth."""
+  every = max(1, math.ceil(steps / evals))
+  cfg.train.update(steps=steps, warmup_steps=min(int(cfg.train.warmup_steps), max(1, steps // 10)))
+  cfg.eval.every_steps = cfg.checkpoint.every_steps = every
+  cfg.log.every_steps = max(1, min(log_every, every))
+
+
 def config_diff(base: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   """`--config.KEY=VALUE` flags that turn `base` into `cfg` (the trainer's own override syntax)."""
   flags = []
@@ -126,6 +141,7 @@ class Study:
 
   def __init__(self, args: argparse.Namespace):
     self.args = args
+    self.command = ""  # the command line, as results.json records it
 
   @classmethod
   def add_flags(cls, parser: argparse.ArgumentParser) -> None:
@@ -165,7 +181,7 @@ class Study:
     raise NotImplementedError
 
   def report(self, records: list[dict]) -> tuple[str, dict]:
-    """(markdown of results.md, the summary stored in results.json) of all runs."""
+    """(markdown of results.md, the summaries results.json holds beside the runs: {'summary': rows, ...})."""
     raise NotImplementedError
 
   def plot(self, records: list[dict], path: str) -> str:
@@ -209,6 +225,19 @@ def run_one(study: Study, arm: Arm, seed: int) -> dict:
   return record
 
 
+def write_results(study: Study, records: list[dict]) -> str:
+  """OUT/results.md, OUT/results.json (what notebooks/<paper>.ipynb reads) and the plot; the markdown."""
+  text, summaries = study.report(records)
+  out = study.args.out
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(dict(command=study.command, args=vars(study.args), table=text, **summaries, runs=records), f,
+              indent=1)
+  study.plot(records, os.path.join(out, study.plot_name))
+  return text
+
+
 def parser(study: type[Study], doc: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"python -m {study.prog}", description=doc.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,6 +259,7 @@ def main(study_cls: type[Study], doc: str, argv: Sequence[str] | None = None) ->
   a = p.parse_args(argv)
   a.seeds = a.seeds or (1 if a.quick else 3)
   study = study_cls(a)
+  study.command = " ".join(["python", "-m", study.prog, *(sys.argv[1:] if argv is None else argv)])
   error = ("--seeds must be >= 1" if a.seeds < 1 else
            next((f"--set={s}: expected KEY=VALUE" for s in a.set if "=" not in s), "") or study.check())
   if error:
@@ -242,13 +272,7 @@ def main(study_cls: type[Study], doc: str, argv: Sequence[str] | None = None) ->
       print(trainer_command(arm, study.config(arm, seed), workdir_of(a.out, arm, seed)), flush=True)
     return 0
   records = [run_one(study, arm, seed) for arm, seed in runs]
-  text, summary = study.report(records)
-  with open(os.path.join(a.out, "results.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(a.out, "results.json"), "w") as f:
-    json.dump(dict(command=" ".join(["python", "-m", study.prog, *(sys.argv[1:] if argv is None else argv)]),
-                   args=vars(a), table=text, summary=summary, runs=records), f, indent=1)
-  study.plot(records, os.path.join(a.out, study.plot_name))
+  text = write_results(study, records)
   print(text, flush=True)
   study.log(f"wrote {a.out}/results.md, results.json, {study.plot_name}")
   return 0

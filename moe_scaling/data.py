@@ -18,7 +18,7 @@ import random
 
 import numpy as np
 
-from common.data.corpus import embedded_files, hash_score, list_documents, read_text
+from common.data.corpus import hash_score, list_documents, read_text
 
 BYTE_OFFSET, EOS_ID = 3, 1  # seqio.ByteVocabulary: ids 0-2 are pad, eos, unk; byte b is b + 3
 

@@ -27,15 +27,13 @@ For the auxiliary routers of causal inference (MoMa sec. 2.4) two entry points:
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from common.config import require
 from common.kernels.grouped_matmul import IMPLS as GROUPED_IMPLS
-from common.models.dense_lm import DTYPES, validate_model_config
+from common.models.dense_lm import block_spec, validate_model_config
 from common.nn import Block, Embed, Linear, RMSNorm
 from common.nn.moe import moe_loss_terms
 from common.nn.moe.modality_groups import GroupSettings, ModalityExperts
@@ -98,8 +96,8 @@ class MoMaLM(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     validate_moma_config(cfg)
     self.cfg = cfg
-    dtype = DTYPES[cfg.dtype]
-    out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+    spec = block_spec(cfg)
+    dtype = spec.dtype
     expert_ff = int(cfg.moma.d_ff) or int(cfg.d_ff)
     mod_layers = {int(i) for i in cfg.moma.mod_layers}
     blocks = []
@@ -107,8 +105,8 @@ class MoMaLM(nnx.Module):
       ffn = None
       if is_expert_layer(cfg, i):
         ffn = ModalityExperts(cfg.d_model, expert_ff, group_settings(cfg), rngs=rngs, dtype=dtype,
-                              out_scale=out_scale, expert_parallel=bool(cfg.moma.expert_parallel))
-      block = MoMaBlock(cfg, rngs=rngs, dtype=dtype, ffn=ffn)
+                              out_scale=spec.out_scale, expert_parallel=bool(cfg.moma.expert_parallel))
+      block = MoMaBlock(spec, rngs=rngs, ffn=ffn)
       if i in mod_layers:
         block = MixtureOfDepths(block, cfg.d_model, float(cfg.moma.mod_capacity), rngs=rngs)
       blocks.append(block)

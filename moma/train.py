@@ -29,26 +29,32 @@ def moma_loss(model, batch):
   return nll_sum + aux, weight, sums
 
 
-def make_task(cfg):
+def resolve(cfg):
+  """Fills model.vocab_size 0 with the mixed vocabulary of data.* (in place; returns cfg), before any data or
+  tokenizer is built (`common.tasks.mixed_modal.resolve`)."""
   from common.recipes import image_tokenizer
-  from common.tasks.mixed_modal import mixed_modal_task
-  from moma.model import build_moma_model
-  return mixed_modal_task(cfg, build_moma_model, loss_fn=moma_loss, image_tokenizer=image_tokenizer.for_data(cfg.data))
+  from common.tasks import mixed_modal
+  images = "image" in cfg.data.modalities
+  return mixed_modal.resolve(cfg, image_tokenizer.codebook_size(cfg.data) if images else 0)
 
 
 def validate(cfg) -> None:
-  """data.* and model.* checks before the data is built (vocab_size 0, resolved from the data later, passes)."""
+  """data.* and model.* checks of a resolved config (`resolve`), naming the key."""
   from common.config import require
   from common.data.mixed_modal import validate_data_config
   from moma.model import validate_moma_config
   require(cfg.data.setting == "chameleon", "data.setting",
           f"moma trains on discrete image tokens: 'chameleon', got '{cfg.data.setting}'")
   validate_data_config(cfg.data)
-  probe = cfg.model.copy_and_resolve_references()
-  if int(probe.vocab_size) == 0:
-    probe.vocab_size = 128
-  validate_moma_config(probe)
+  validate_moma_config(cfg.model)
 
+
+def make_task(cfg):
+  """The Task of the shared loop on a resolved config (`resolve`)."""
+  from common.recipes import image_tokenizer
+  from common.tasks.mixed_modal import mixed_modal_task
+  from moma.model import build_moma_model
+  return mixed_modal_task(cfg, build_moma_model, loss_fn=moma_loss, image_tokenizer=image_tokenizer.for_data(cfg.data))
 
 if __name__ == "__main__":
-  cli(make_task, validate)
+  cli(make_task, validate, resolve)

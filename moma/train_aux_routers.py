@@ -12,12 +12,13 @@ with the routers' BCE and accuracy against the expert-choice decisions; RUN/aux_
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
+
+from common.cli import ArgumentParser  # pylint: disable=g-import-not-at-top
 
 DEFAULT_STEPS = 300
 DEFAULT_LEARNING_RATE = 3e-3
@@ -47,62 +48,90 @@ def _jnp_batch(batch: dict) -> dict:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+class RoutingTargets:
+  """The aux routers' training data: each batch of the run's data, in its order, with the frozen model's own
+  routing of it (`aux_routers.routing_targets`): per routed layer i, `input_i` (router inputs), `decision_i`
+  (the expert-choice / MoD decisions, the BCE targets) and `mask_i` (the tokens that count)."""
+
+  def __init__(self, model, layers, data):
+    import jax
+    from flax import nnx
+    from moma import aux_routers
+    nnx.pop(model, nnx.Intermediate)
+    graphdef, self.state = nnx.split(model)
+    self.data = data
+
+    def targets(state, batch):
+      inputs, decisions, masks = aux_routers.routing_targets(nnx.merge(graphdef, state), layers, batch)
+      out = dict(modality=batch["modality"])
+      for i, columns in enumerate(zip(inputs, decisions, masks)):
+        out.update(zip((f"input_{i}", f"decision_{i}", f"mask_{i}"), columns))
+      return out
+
+    self._targets = jax.jit(targets)
+
+  def train_batch(self, position: int) -> dict:
+    import jax
+    return jax.device_get(self._targets(self.state, _jnp_batch(self.data.train_batch(position))))
+
+  def eval_batches(self, n_batches: int):
+    """None: the routers are scored on the validation split by `evaluate`, against the causal model too."""
+    return iter(())
+
+
+def routers_loss(routers, batch: dict):
+  """The loop's loss: BCE summed over every routed decision of the real tokens, their count, and the correct
+  0.5-threshold predictions (metrics.jsonl: `loss` = mean BCE, `accuracy`)."""
+  from moma import aux_routers
+  columns = lambda name: [batch[f"{name}_{i}"] for i in range(len(routers.layers))]
+  sums = aux_routers.routing_bce(routers, columns("input"), columns("decision"), batch["modality"], columns("mask"))
+  return sums["bce"], sums["count"], dict(accuracy=sums["correct"])
+
+
+def routers_config(steps: int, batch_size: int, learning_rate: float, layers, n_params: int):
+  """The loop's config: Adam (no weight decay, no clipping), warmup over a twentieth of the steps, cosine decay
+  to a tenth; one checkpoint, at the end; ten log lines. It runs on one device, as the frozen model."""
+  import ml_collections
+  from common.configs.base import base_config
+  cfg = base_config()
+  del cfg["data"]  # the data is the frozen run's, which `run` checks (run_step.json)
+  cfg.model = ml_collections.ConfigDict(dict(
+      name="aux_routers", parameters=n_params,
+      layers=[dict(block=l.block, kind=l.kind, columns=l.n_columns) for l in layers]))
+  cfg.train.update(steps=steps, batch_size=batch_size, learning_rate=learning_rate, b2=0.999,
+                   warmup_steps=max(1, steps // 20), min_learning_rate_ratio=0.1, weight_decay=0.0, grad_clip=0.0)
+  cfg.checkpoint.update(every_steps=steps, keep=1, async_save=False)
+  cfg.log.every_steps = max(1, steps // 10)
+  cfg.eval.every_steps = steps
+  return cfg
+
+
 def train_routers(model, data, routers, *, steps: int, learning_rate: float, out_dir: str) -> list[dict]:
-  """Adam on the mean BCE over every routed decision of the real tokens of each training batch (the run's data
-  order from position 0); the main model only runs forward (frozen). Resumes from out_dir/checkpoints.
+  """Trains `routers` in place on the shared loop (`common.train.loop`; out_dir is its workdir: rerunning
+  resumes, SIGTERM saves and exits 143): Adam on the mean BCE over every routed decision of the real tokens
+  of each training batch (the run's data order from position 0); the main model only runs forward (frozen).
   Returns the logged rows (step, bce, accuracy)."""
   import jax
-  import jax.numpy as jnp
-  import optax
   from flax import nnx
-  from common.train.checkpoint import Checkpointer
-  from moma import aux_routers
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(steps, 2),
-                                                learning_rate * 0.1)
-  optimizer = optax.adam(schedule)
-  nnx.pop(model, nnx.Intermediate)
-  model_def, model_state = nnx.split(model)
-  graphdef, params = nnx.split(routers, nnx.Param)
-  state = dict(params=params, opt_state=optimizer.init(params))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-  ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
-  start = 0
-  try:
-    restored = ckpt.restore_latest(abstract)
-    if restored is not None:
-      start, state, _ = restored
-
-    def loss_fn(params, model_state, batch):
-      frozen = nnx.merge(model_def, model_state)
-      inputs, decisions, masks = aux_routers.routing_targets(frozen, routers.layers, batch)
-      inputs = [jax.lax.stop_gradient(x) for x in inputs]
-      sums = aux_routers.routing_bce(nnx.merge(graphdef, params), inputs, decisions, batch["modality"], masks)
-      return sums["bce"] / jnp.maximum(sums["count"], 1.0), sums
-
-    @jax.jit
-    def step_fn(state, model_state, batch):
-      (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], model_state, batch)
-      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-      return dict(params=optax.apply_updates(state["params"], updates), opt_state=opt_state), sums
-
-    history = []
-    batch_size = data.train_batch(0)["inputs"].shape[0]
-    log_every = max(1, steps // 10)
-    for step in range(start, steps):
-      state, sums = step_fn(state, model_state, _jnp_batch(data.train_batch(step * batch_size)))
-      if (step + 1) % log_every == 0 or step + 1 == steps:
-        sums = jax.device_get(sums)
-        count = max(float(sums["count"]), 1.0)
-        row = dict(step=step + 1, bce=float(sums["bce"]) / count, accuracy=float(sums["correct"]) / count)
-        history.append(row)
-        print(f"aux routers step {step + 1}/{steps}: bce {row['bce']:.4f} accuracy {row['accuracy']:.3f}",
-              flush=True)
-    if steps > start:
-      ckpt.save(steps, state, dict(step=steps, data_position=steps * batch_size))
-  finally:
-    ckpt.close()
-  nnx.update(routers, state["params"])
+  from common.tasks.base import Task
+  from common.train.loop import train_to_completion
+  from common.train.restore import load_run_model
+  graphdef, initial = nnx.split(routers)
+  build = lambda: nnx.merge(graphdef, initial)
+  history = []
+  if steps > 0:
+    data = RoutingTargets(model, routers.layers, data)
+    batch_size, length = data.train_batch(0)["modality"].shape
+    n_params = sum(x.size for x in jax.tree.leaves(initial))
+    cfg = routers_config(steps, batch_size, learning_rate, routers.layers, n_params)
+    task = Task(build_model=build, loss_fn=routers_loss, data=data, train_flops_per_example=0.0,
+                units_per_example=length)
+    train_to_completion(cfg, out_dir, task, what="the aux routers", devices=jax.local_devices()[:1])
+    trained, _ = load_run_model(out_dir, cfg, build, key="--workdir")
+    nnx.update(routers, nnx.state(trained, nnx.Param))
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    history = [dict(step=r["step"], bce=r["loss"], accuracy=r["accuracy"]) for r in rows if "loss" in r]
   return history
 
 
@@ -195,7 +224,7 @@ def run(workdir: str, *, steps: int | None = None, batch_size: int = 0, learning
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m moma.train_aux_routers", description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m moma.train_aux_routers", description=__doc__.split("\n\n")[1])
   p.add_argument("--workdir", required=True, help="a finished moma.train run (read-only)")
   p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
   p.add_argument("--batch_size", type=int, default=0, help="default: the run's train.batch_size")

@@ -15,20 +15,31 @@ Captions are greedy text after `<boi> image <eoi>`. Decoding recomputes the whol
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
+from common.configs.base import base_config
+from common.data.epochs import EpochOrder
 from common.data.mixed_modal import scenes
+from common.data.mixed_modal.vocab import EOS
+from common.generate import Sampling, sample_tokens, until_stop_id
+from common.tasks.base import Task
+from common.train.loop import train_to_completion
+from common.train.restore import load_run_model
 
 ATTRIBUTES = scenes.ATTRIBUTES  # ("shape", "colour", "size", "position")
 VALUES = {"shape": scenes.SHAPES, "colour": scenes.COLOUR_NAMES, "size": scenes.SIZES,
@@ -88,30 +99,72 @@ def predict_attributes(model: AttributeClassifier, images: np.ndarray, batch: in
   return np.concatenate(out).astype(np.int32) if out else np.zeros((0, len(ATTRIBUTES)), np.int32)
 
 
-def train_classifier(image_size: int = 32, **overrides) -> tuple[AttributeClassifier, dict[str, float]]:
-  """(classifier, held-out accuracy per attribute): Adam on cross-entropy summed over the heads, minibatches
-  drawn from `n_train` rendered scenes, scored on `n_heldout` scenes of another seed."""
+def classifier_config(image_size: int = 32, **overrides) -> ml_collections.ConfigDict:
+  """The loop's config of the classifier at CLASSIFIER_DEFAULTS updated by `overrides`: Adam (no weight decay,
+  no clipping), cosine decay to 5% without warmup, one checkpoint at the end, ten log lines."""
   h = dict(CLASSIFIER_DEFAULTS, **overrides)
-  images, labels = _scene_set(h["n_train"], 10_000 + h["seed"], image_size)
-  model = AttributeClassifier(tuple(h["channels"]), h["hidden"], image_size, rngs=nnx.Rngs(h["seed"]))
-  schedule = optax.cosine_decay_schedule(h["learning_rate"], h["steps"], alpha=0.05)
-  optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
+  cfg = base_config()
+  cfg.model = ml_collections.ConfigDict(dict(name="attribute_classifier", channels=tuple(h["channels"]),
+                                             hidden=h["hidden"], image_size=image_size))
+  cfg.data = ml_collections.ConfigDict(dict(n_train=h["n_train"], n_heldout=h["n_heldout"]))
+  cfg.train.update(steps=h["steps"], batch_size=h["batch_size"], learning_rate=h["learning_rate"], seed=h["seed"],
+                   b2=0.999, warmup_steps=0, min_learning_rate_ratio=0.05, weight_decay=0.0, grad_clip=0.0)
+  cfg.checkpoint.update(every_steps=h["steps"], keep=1, async_save=False)
+  cfg.log.every_steps = max(1, h["steps"] // 10)
+  cfg.eval.every_steps = h["steps"]
+  return cfg
 
-  @nnx.jit
-  def step(model, optimizer, x, y):
-    def loss_fn(m):
-      logits = m(x)
-      return sum(optax.softmax_cross_entropy_with_integer_labels(logits[a], y[:, i]).mean()
-                 for i, a in enumerate(ATTRIBUTES))
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
 
-  rng = np.random.default_rng(h["seed"])
-  for _ in range(h["steps"]):
-    idx = rng.integers(0, len(images), h["batch_size"])
-    step(model, optimizer, images[idx], labels[idx])
-  heldout_images, heldout_labels = _scene_set(h["n_heldout"], 20_000 + h["seed"], image_size)
+class SceneData:
+  """Rendered scenes and their first shape's labels as the loop's data: the pool in a seeded order per epoch."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int):
+    self.images, self.labels, self.batch_size = images, labels, batch_size
+    self.order = EpochOrder(len(images), seed)
+
+  def train_batch(self, position: int) -> dict:
+    rows = self.order.rows_at(position, self.batch_size)
+    return dict(images=self.images[rows], labels=self.labels[rows])
+
+  def eval_batches(self, n_batches: int):
+    """None: `train_classifier` scores the held-out scenes per attribute once training is done."""
+    return iter(())
+
+
+def classifier_loss(model: AttributeClassifier, batch: dict):
+  """Cross-entropy summed over the heads and the images, the images, and the correct reads per attribute
+  (metrics.jsonl: `accuracy/<attribute>` of the step's batch)."""
+  logits, labels = model(batch["images"]), batch["labels"]
+  total = sum(optax.softmax_cross_entropy_with_integer_labels(logits[a], labels[:, i]).sum()
+              for i, a in enumerate(ATTRIBUTES))
+  correct = {f"accuracy/{a}": jnp.sum(jnp.argmax(logits[a], -1) == labels[:, i])
+             for i, a in enumerate(ATTRIBUTES)}
+  return total, jnp.float32(labels.shape[0]), correct
+
+
+def build_classifier(cfg) -> AttributeClassifier:
+  m = cfg.model
+  return AttributeClassifier(tuple(m.channels), int(m.hidden), int(m.image_size), rngs=nnx.Rngs(int(cfg.train.seed)))
+
+
+def classifier_task(cfg) -> Task:
+  images, labels = _scene_set(int(cfg.data.n_train), 10_000 + int(cfg.train.seed), int(cfg.model.image_size))
+  return Task(build_model=lambda: build_classifier(cfg), loss_fn=classifier_loss, train_flops_per_example=0.0,
+              units_per_example=1, throughput_key="images_per_sec",
+              data=SceneData(images, labels, batch_size=int(cfg.train.batch_size), seed=int(cfg.train.seed)))
+
+
+def train_classifier(image_size: int = 32, workdir: str = "", **overrides) -> tuple[AttributeClassifier,
+                                                                                    dict[str, float]]:
+  """(classifier, held-out accuracy per attribute): trained on the shared loop in `workdir` (rerunning resumes;
+  default: a temporary folder), minibatches of `n_train` rendered scenes, scored on `n_heldout` scenes of
+  another seed."""
+  cfg = classifier_config(image_size, **overrides)
+  task = classifier_task(cfg)
+  with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory() as folder:
+    train_to_completion(cfg, folder, task, what="the attribute classifier", devices=jax.local_devices()[:1])
+    model, _ = load_run_model(folder, cfg, task.build_model, key="cache_dir")
+  heldout_images, heldout_labels = _scene_set(int(cfg.data.n_heldout), 20_000 + int(cfg.train.seed), image_size)
   return model, classifier_accuracy(model, heldout_images, heldout_labels)
 
 
@@ -120,32 +173,28 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "meta_papers_jax", "attribute_cl
 
 def cached_classifier(cache_dir: str = "", image_size: int = 32,
                       **overrides) -> tuple[AttributeClassifier, dict[str, float]]:
-  """The classifier at CLASSIFIER_DEFAULTS (updated by `overrides`), trained once and kept under `cache_dir`
-  (keyed by a hash of its settings; a file lock makes concurrent first uses train once), with its held-out
-  accuracy."""
-  h = dict(CLASSIFIER_DEFAULTS, **overrides, image_size=image_size)
-  digest = hashlib.sha256(json.dumps(h, sort_keys=True).encode()).hexdigest()[:12]
+  """The classifier at CLASSIFIER_DEFAULTS (updated by `overrides`), trained once into a run folder under
+  `cache_dir` (keyed by a hash of its settings; a file lock makes concurrent first uses train once, and a
+  run stopped by SIGTERM resumes), with its held-out accuracy."""
+  cfg = classifier_config(image_size, **overrides)
+  digest = hashlib.sha256(cfg.to_json(sort_keys=True).encode()).hexdigest()[:12]
   root = os.path.join(os.path.expanduser(cache_dir), "attribute_classifier") if cache_dir else \
       os.path.expanduser(DEFAULT_CACHE_DIR)
   path = os.path.join(root, f"classifier_{image_size}px_{digest}")
   os.makedirs(root, exist_ok=True)
   with open(path + ".lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    template = AttributeClassifier(tuple(h["channels"]), h["hidden"], image_size, rngs=nnx.Rngs(0))
-    if os.path.exists(path + ".json"):
-      with open(path + ".json") as f:
+    scored = os.path.join(path, "heldout_accuracy.json")
+    if os.path.exists(scored):
+      with open(scored) as f:
         accuracy = json.load(f)
-      params = np.load(path + ".npz")
-      graphdef, state = nnx.split(template, nnx.Param)
-      leaves, treedef = jax.tree.flatten(state)
-      state = jax.tree.unflatten(treedef, [jnp.asarray(params[f"p{i}"]) for i in range(len(leaves))])
-      return nnx.merge(graphdef, state), accuracy
-    print(f"[mot.evaluate] training the attribute classifier once into {path} ({h['steps']} steps)",
+      model, _ = load_run_model(path, cfg, lambda: build_classifier(cfg), key="cache_dir")
+      return model, accuracy
+    print(f"[mot.evaluate] training the attribute classifier once into {path} ({cfg.train.steps} steps)",
           file=sys.stderr, flush=True)
-    model, accuracy = train_classifier(image_size, **overrides)
-    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-    np.savez(path + ".npz", **{f"p{i}": np.asarray(x) for i, x in enumerate(leaves)})
-    with open(path + ".json", "w") as f:
+    with contextlib.redirect_stdout(io.StringIO()):
+      model, accuracy = train_classifier(image_size, path, **overrides)
+    with open(scored, "w") as f:
       json.dump(accuracy, f)
   return model, accuracy
 
@@ -230,8 +279,9 @@ def left_padded(prompts: list[np.ndarray], n_new: int) -> dict[str, np.ndarray]:
 def sample_continuations(model, vocab, rows: dict[str, np.ndarray], n_new: int, *, lo: int, hi: int,
                          temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> np.ndarray:
   """int32 [B, n_new]: ids in [lo, hi) sampled one at a time after `rows` (from `left_padded`; Transfusion
-  rows also carry `image_ids` and clean `patches`, seen at diffusion timestep 0). Greedy at temperature 0,
-  else softmax(logits / temperature) over the `top_k` most likely ids (0: all). The whole fixed-length row is
+  rows also carry `image_ids` and clean `patches`, seen at diffusion timestep 0), chosen by the shared
+  `common.generate.sample_tokens`: greedy at temperature 0, else softmax(logits / temperature) over the `top_k`
+  most likely ids (0: all). The whole fixed-length row is
   recomputed at each step inside one `fori_loop`, the modality of each id read from `vocab`'s ranges."""
   graphdef, state = nnx.split(model)
   start = int(rows["start"])
@@ -254,16 +304,8 @@ def sample_continuations(model, vocab, rows: dict[str, np.ndarray], n_new: int, 
   def run(state, tokens, key):
     def body(t, carry):
       tokens, key = carry
-      logits = logits_at(state, tokens, start + t - 1)
-      if temperature > 0:
-        key, sub = jax.random.split(key)
-        logits = logits / temperature
-        if 0 < top_k < logits.shape[-1]:
-          kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-          logits = jnp.where(logits >= kth, logits, -jnp.inf)
-        choice = jax.random.categorical(sub, logits)
-      else:
-        choice = jnp.argmax(logits, axis=-1)
+      key, sub = jax.random.split(key)
+      choice = sample_tokens(logits_at(state, tokens, start + t - 1), sub, Sampling(temperature, top_k))
       tokens = jax.lax.dynamic_update_index_in_dim(tokens, (choice + lo).astype(tokens.dtype), start + t, axis=1)
       return tokens, key
     tokens, _ = jax.lax.fori_loop(0, n_new, body, (tokens, key))
@@ -273,9 +315,7 @@ def sample_continuations(model, vocab, rows: dict[str, np.ndarray], n_new: int, 
 
 
 def _text_until_eos(vocab, ids: np.ndarray) -> str:
-  ids = np.asarray(ids)
-  end = np.flatnonzero(ids == 1)  # EOS
-  return vocab.decode_text(ids[:end[0]] if end.size else ids)
+  return vocab.decode_text(until_stop_id(ids, [EOS]))
 
 
 def generate_captions(model, vocab, images: np.ndarray, *, image_tokenizer=None, patch_size: int = 4,

@@ -15,17 +15,16 @@ product is the dense one: the dense baseline of the same code.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from common.config import ConfigError, require
+from common.config import require
 from common.kernels.grouped_matmul.ops import IMPLS as GROUPED_IMPLS
-from common.models.dense_lm import DTYPES, DenseLM, validate_model_config
-from common.nn import Embed, Linear, RMSNorm
+from common.models.dense_lm import DenseLM, block_spec, validate_model_config
+from common.nn import DTYPES, BlockSpec, Embed, Linear, RMSNorm
 from common.nn.attention import blockwise_causal_attention, dot_product_attention
 from common.nn.modality_routing import (ModalityGroups, ModalityLinear, ModalityRMSNorm, from_groups,
                                         group_by_modality, grouped_linear, to_groups)
@@ -59,28 +58,26 @@ class AttentionInputs(NamedTuple):
 class MoTBlock(nnx.Module):
   """One pre-norm layer with modality-untied weights over modality-sorted rows [N, d_model]."""
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    groups = n_weight_groups(cfg)
-    d, h, kv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
-    hd = cfg.head_dim or d // h
-    out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+  def __init__(self, spec: BlockSpec, n_groups: int, grouped_impl: str, *, rngs: nnx.Rngs):
+    groups, dtype = n_groups, spec.dtype
+    d, h, kv, hd = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.resolved_head_dim
     self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
-    self.attn_norm = ModalityRMSNorm(groups, d, eps=cfg.norm_eps, dtype=dtype)
+    self.attn_norm = ModalityRMSNorm(groups, d, eps=spec.norm_eps, dtype=dtype)
     self.q = ModalityLinear(groups, d, (h, hd), axes=("embed", "heads", "head_dim"), rngs=rngs, dtype=dtype)
     self.k = ModalityLinear(groups, d, (kv, hd), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, dtype=dtype)
     self.v = ModalityLinear(groups, d, (kv, hd), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, dtype=dtype)
     self.o = ModalityLinear(groups, h * hd, d, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
-                            init_scale=out_scale)
-    qk_norm = bool(cfg.get("qk_norm", False))
-    self.q_norm = ModalityRMSNorm(groups, hd, eps=cfg.norm_eps, dtype=dtype, axes=("head_dim",)) if qk_norm else None
-    self.k_norm = ModalityRMSNorm(groups, hd, eps=cfg.norm_eps, dtype=dtype, axes=("head_dim",)) if qk_norm else None
-    self.ffn_norm = ModalityRMSNorm(groups, d, eps=cfg.norm_eps, dtype=dtype)
-    self.gate = ModalityLinear(groups, d, cfg.d_ff, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
-    self.up = ModalityLinear(groups, d, cfg.d_ff, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
-    self.down = ModalityLinear(groups, cfg.d_ff, d, axes=("mlp", "embed"), rngs=rngs, dtype=dtype,
-                               init_scale=out_scale)
-    self.rope = (hd, float(cfg.rope_theta))
-    self.impl = cfg.grouped_impl
+                            init_scale=spec.out_scale)
+    head_norm = lambda: ModalityRMSNorm(groups, hd, eps=spec.norm_eps, dtype=dtype, axes=("head_dim",))
+    self.q_norm = head_norm() if spec.qk_norm else None
+    self.k_norm = head_norm() if spec.qk_norm else None
+    self.ffn_norm = ModalityRMSNorm(groups, d, eps=spec.norm_eps, dtype=dtype)
+    self.gate = ModalityLinear(groups, d, spec.d_ff, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.up = ModalityLinear(groups, d, spec.d_ff, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.down = ModalityLinear(groups, spec.d_ff, d, axes=("mlp", "embed"), rngs=rngs, dtype=dtype,
+                               init_scale=spec.out_scale)
+    self.rope = (hd, spec.rope_theta)
+    self.impl = grouped_impl
 
   def _attention(self, rows: jax.Array, groups: ModalityGroups | None, ctx: AttentionInputs) -> jax.Array:
     """Untied q/k/v on the sorted rows, global attention in sequence order, untied output projection."""
@@ -120,10 +117,11 @@ class MoTTransformer(nnx.Module):
   in and put back once on the way out."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    dtype = DTYPES[cfg.dtype]
+    spec = block_spec(cfg)
     self.n_groups = n_weight_groups(cfg)
-    self.blocks = nnx.List([MoTBlock(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.n_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+    self.blocks = nnx.List([MoTBlock(spec, self.n_groups, cfg.grouped_impl, rngs=rngs)
+                            for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=spec.dtype)
     self.remat = bool(cfg.get("remat", False))
 
   def __call__(self, x: jax.Array, modality: jax.Array, ctx: AttentionInputs) -> jax.Array:
@@ -176,26 +174,9 @@ class MoTLM(nnx.Module):
     return self.logits(self.hidden(tokens, positions, segment_ids, modality))
 
 
-class _DenseWithModality(DenseLM):
-  """`common.models.DenseLM` with the mixed-modal calling convention (the modality is ignored)."""
+class DenseWithModality(DenseLM):
+  """`common.models.DenseLM` with the mixed-modal calling convention (the modality is ignored): the Chameleon
+  setting's dense baseline."""
 
   def __call__(self, tokens, positions=None, segment_ids=None, modality=None) -> jax.Array:
     return super().__call__(tokens, positions, segment_ids)
-
-
-def build_mot_model(model_cfg, seed: int) -> nnx.Module:
-  """The model of `model.name` ('mot' | 'dense_lm') and `model.setting` ('chameleon' | 'transfusion').
-  Chameleon: `MoTLM`, or the common dense LM as the baseline. Transfusion: `mot.transfusion.TransfusionLM`,
-  whose dense baseline is `model.untied=False` (the same code with one weight group)."""
-  rngs = nnx.Rngs(params=seed)
-  name, setting = model_cfg.name, model_cfg.get("setting", "chameleon")
-  if name not in ("mot", "dense_lm"):
-    raise ConfigError(f"config key 'model.name': unknown model '{name}' (known: mot, dense_lm)")
-  if setting == "transfusion":
-    require(name == "mot", "model.name", "the Transfusion setting's dense baseline is model.name='mot' with "
-            "model.untied=False (the same wrapper, FLOP count included, with one weight group)")
-    from mot.transfusion import TransfusionLM  # the Transfusion wrapper builds on this module
-    return TransfusionLM(model_cfg, rngs=rngs)
-  if name == "dense_lm":
-    return _DenseWithModality(model_cfg, rngs=rngs)
-  return MoTLM(model_cfg, rngs=rngs)

@@ -18,30 +18,40 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
 
-from common.config import require  # pylint: disable=g-import-not-at-top
+from common.config import ConfigError, require  # pylint: disable=g-import-not-at-top
 
 SAMPLE_SEED = 4242  # the scenes captioned in the eval log (fixed, so captions can be compared across evals)
 
 
-def validate(cfg) -> None:
-  """Cheap checks of model.* against data.* (before any data or tokenizer is built), naming the key."""
-  from common.data.mixed_modal import validate_data_config
-  from common.tasks.lm import validate_model_early
-  validate_data_config(cfg.data)
+def resolve(cfg):
+  """Fills what model.* derives from data.* (in place; returns cfg): the setting, one weight set per modality,
+  the Transfusion patch shapes (patch_dim = 3 x data.patch_size^2, patches_per_image = (data.image_size /
+  data.patch_size)^2) and the mixed vocabulary (`common.tasks.mixed_modal.resolve`)."""
+  from common.recipes import image_tokenizer
+  from common.tasks import mixed_modal
   m, d = cfg.model, cfg.data
-  require(m.get("name") in ("mot", "dense_lm"), "model.name", f"must be 'mot' or 'dense_lm', got '{m.get('name')}'")
-  require(m.get("setting") == d.setting, "model.setting", f"'{m.get('setting')}' differs from data.setting "
-          f"'{d.setting}'")
-  if m.name == "mot" and m.untied:
-    require(int(m.n_modalities) == len(d.modalities), "model.n_modalities",
-            f"{m.n_modalities} weight sets for the {len(d.modalities)} modalities of data.modalities")
+  m.setting = d.setting
+  if m.get("name") == "mot":
+    m.n_modalities = len(d.modalities)
   if d.setting == "transfusion":
-    require(m.name == "mot", "model.name", "the Transfusion setting needs 'mot' (model.untied=False: dense)")
-    require(int(m.patch_dim) == 3 * int(d.patch_size) ** 2, "model.patch_dim",
-            f"must be 3 x data.patch_size^2 = {3 * int(d.patch_size) ** 2}, got {m.patch_dim}")
-    require(int(m.patches_per_image) == (int(d.image_size) // int(d.patch_size)) ** 2, "model.patches_per_image",
-            f"must be (data.image_size / data.patch_size)^2, got {m.patches_per_image}")
-  validate_model_early(cfg)
+    patch, side = int(d.patch_size), int(d.image_size)
+    m.update(patch_dim=3 * patch * patch, patches_per_image=(side // patch) ** 2)
+  images = d.setting == "chameleon" and "image" in d.modalities
+  return mixed_modal.resolve(cfg, image_tokenizer.codebook_size(d) if images else 0)
+
+
+def validate(cfg) -> None:
+  """Checks of a resolved config (`resolve`), naming the key."""
+  from common.data.mixed_modal import validate_data_config
+  from common.models import validate_model_config
+  from mot.model import validate_mot_config
+  validate_data_config(cfg.data)
+  m = cfg.model
+  require(m.get("name") in ("mot", "dense_lm"), "model.name", f"must be 'mot' or 'dense_lm', got '{m.get('name')}'")
+  if cfg.data.setting == "transfusion":
+    require(m.name == "mot", "model.name", "the Transfusion setting's dense baseline is model.name='mot' with "
+            "model.untied=False (the same wrapper, FLOP count included, with one weight group)")
+  (validate_mot_config if m.name == "mot" else validate_model_config)(m)
 
 
 def transfusion_summary(sums: dict) -> dict:
@@ -74,15 +84,29 @@ def caption_samples(cfg, data):
   return samples
 
 
+def build_mot_model(model_cfg, seed: int):
+  """The model of `model.name` ('mot' | 'dense_lm') and `model.setting` ('chameleon' | 'transfusion').
+  Chameleon: `mot.model.MoTLM`, or the common dense LM as the baseline. Transfusion:
+  `mot.transfusion.TransfusionLM`, whose dense baseline is `model.untied=False` (one weight group)."""
+  from flax import nnx
+  from mot.model import DenseWithModality, MoTLM
+  from mot.transfusion import TransfusionLM
+  rngs = nnx.Rngs(params=seed)
+  name = model_cfg.name
+  if name not in ("mot", "dense_lm"):
+    raise ConfigError(f"config key 'model.name': unknown model '{name}' (known: mot, dense_lm)")
+  if model_cfg.get("setting", "chameleon") == "transfusion":
+    return TransfusionLM(model_cfg, rngs=rngs)
+  return DenseWithModality(model_cfg, rngs=rngs) if name == "dense_lm" else MoTLM(model_cfg, rngs=rngs)
+
+
 def make_task(cfg):
-  """The Task of the shared loop (`common.tasks.mixed_modal`) for `mot.model.build_mot_model`."""
+  """The Task of the shared loop (`common.tasks.mixed_modal`) for `build_mot_model`, on a resolved config."""
   import dataclasses
   from common.flops import training_flops_per_token
   from common.recipes import image_tokenizer
   from common.tasks.mixed_modal import mixed_modal_task
-  from mot.model import build_mot_model
   from mot.transfusion import transfusion_loss
-  validate(cfg)
   transfusion = cfg.data.setting == "transfusion"
   task = mixed_modal_task(cfg, build_mot_model, loss_fn=transfusion_loss if transfusion else None,
                           flops_per_token=training_flops_per_token, image_tokenizer=image_tokenizer.for_data(cfg.data))
@@ -94,7 +118,7 @@ def make_task(cfg):
 
 def cli() -> None:
   from common.train.__main__ import cli as common_cli
-  common_cli(make_task, validate)
+  common_cli(make_task, validate, resolve)
 
 
 if __name__ == "__main__":

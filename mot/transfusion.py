@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from common.models.dense_lm import DTYPES
+from common.nn import DTYPES
 from common.nn import Embed, Linear
 from common.nn.attention import attention_mask
 from common.nn.training_rng import next_training_key

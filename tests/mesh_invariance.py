@@ -1,6 +1,7 @@
 """One step of the shared train step on 1 device and on data 2 x fsdp 2 x tensor 2, for any model's Task:
 the mesh changes placement only, never the loss, the gradient norm or the updated parameters (beyond float
 rounding). Imported by the model tests of several packages."""
+import chex
 import jax
 import numpy as np
 
@@ -23,7 +24,8 @@ def assert_train_step_mesh_invariant(task, train_cfg, batch: dict) -> None:
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
     step = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule),
                    in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None))
-    new_state, metrics = step(state, jax.device_put(batch, batch_shardings))
+    with jax.set_mesh(mesh):  # as the trainer runs every step: kernels and MoE layers see the mesh
+      new_state, metrics = step(state, jax.device_put(batch, batch_shardings))
     if mesh.size > 1:  # guards against a rule table that silently replicates everything
       assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state["params"]))
     results.append((jax.device_get(metrics), jax.tree.map(np.asarray, new_state["params"])))
@@ -31,8 +33,7 @@ def assert_train_step_mesh_invariant(task, train_cfg, batch: dict) -> None:
   assert np.isfinite(ref_metrics["loss"]) and ref_metrics["loss"] > 0
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-6)
 
 
 def assert_sharded_layer_matches(layer, reference: tuple, sharded: tuple) -> None:
@@ -43,5 +44,4 @@ def assert_sharded_layer_matches(layer, reference: tuple, sharded: tuple) -> Non
   np.testing.assert_allclose(np.asarray(y_s), np.asarray(y), rtol=1e-5, atol=1e-6)
   for key, value in aux.items():
     np.testing.assert_allclose(np.asarray(aux_s[key]), np.asarray(value), rtol=1e-5, atol=1e-7)
-  for g, g_s in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_s)):
-    np.testing.assert_allclose(np.asarray(g_s), np.asarray(g), rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(grads_s, grads, rtol=1e-4, atol=1e-6)

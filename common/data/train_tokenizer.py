@@ -10,11 +10,11 @@ for vocab_size >= 512; smaller models map unseen characters to unk.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 
+from common.cli import ArgumentParser
+from common.config import ConfigError, run_main
 from common.data import DataError, corpus, default_data_config
 
 
@@ -55,8 +55,7 @@ def train(out: str, *, vocab_size: int = 4096, path: str = "", max_bytes: int = 
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m common.data.train_tokenizer", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m common.data.train_tokenizer", description=__doc__)
   parser.add_argument("--out", required=True, help="output model path, ending in .model")
   parser.add_argument("--vocab_size", type=int, default=4096)
   parser.add_argument("--path", default="", help="glob of text files (default: embedded corpus)")
@@ -65,21 +64,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   out = args.out if args.out.endswith(".model") else args.out + ".model"
   if os.path.exists(out) and not args.force:
-    print(f"error: --out={out} already exists (pass --force to overwrite)", file=sys.stderr)
-    return 2
+    raise ConfigError(f"--out={out} already exists (pass --force to overwrite)")
   if args.vocab_size < 16:
-    print(f"error: --vocab_size={args.vocab_size} is too small", file=sys.stderr)
-    return 2
+    raise ConfigError(f"--vocab_size={args.vocab_size} is too small")
   try:
     train(out, vocab_size=args.vocab_size, path=args.path, max_bytes=args.max_bytes)
   except DataError as e:
-    print(f"error: {str(e).replace('data.path', '--path (data.path)')}", file=sys.stderr)
-    return 2
+    raise ConfigError(str(e).replace("data.path", "--path (data.path)")) from None
   except RuntimeError as e:  # sentencepiece's own argument errors (e.g. vocab too large for the text)
-    print(f"error: sentencepiece: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
+    raise ConfigError(f"sentencepiece: {str(e).splitlines()[0]}") from None
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run_main(main)

@@ -29,6 +29,16 @@ def vocab_fingerprint(data_cfg) -> str:
   raise DataError(f"data.vocab={data_cfg.vocab!r} is unknown (expected one of {VOCABS})")
 
 
+def vocab_size(data_cfg) -> int:
+  """Ids of the vocabulary `data.vocab` names, without seqio or the data rows (a model's vocab_size is resolved
+  before any data is built): the 256 bytes after pad, eos, unk, or the SentencePiece model's pieces."""
+  data_cfg = with_defaults(data_cfg)
+  if vocab_fingerprint(data_cfg) == "byte":  # validates the name and the model file
+    return 256 + 3
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  return int(sentencepiece.SentencePieceProcessor(model_file=_spm_path(data_cfg)).get_piece_size())
+
+
 @functools.lru_cache(maxsize=None)
 def _make(kind: str, path: str, fingerprint: str):  # fingerprint: a replaced model is reloaded
   del fingerprint

@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
   pub = commands.add_parser("publish", help="register a training run's newest checkpoint")
   pub.add_argument("--workdir", required=True, help="the run's workdir")
   pub.add_argument("--name", required=True, help="the new entry's name")
-  pub.add_argument("--merge_lora", "--merge-lora", action="store_true", help="fold LoRA adapters into the base")
+  pub.add_argument("--merge_lora", action="store_true", help="fold LoRA adapters into the base")
   pub.add_argument("--root", default=argparse.SUPPRESS)
   return p
 

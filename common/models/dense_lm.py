@@ -15,14 +15,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.config import ConfigError, require
-from common.nn import Block, Embed, Linear, RMSNorm
+from common.nn import DTYPES, Block, BlockSpec, Embed, Linear, RMSNorm
 from common.nn.kv_cache import KVCache, decode_blocks, init_caches
 from common.nn.moe import MoE, MoESettings
 from common.kernels.grouped_matmul.ops import IMPLS as GROUPED_IMPLS
 from common.nn.moe.forward import MODES, ROUTINGS, SECOND_POLICIES
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def padded_vocab_size(size: int, multiple: int = 128) -> int:
   """`model.vocab_size` 0 means the data vocabulary rounded up to a multiple of 128, so it shards evenly."""
@@ -66,6 +63,15 @@ def validate_moe_config(m) -> None:
           f"must be one of {GROUPED_IMPLS} (the dropless grouped matmul), got '{moe.get('grouped_impl')}'")
 
 
+def block_spec(m) -> BlockSpec:
+  """The block hyperparameters of a dense-LM-shaped `model` section (also MoMa's and MoT's)."""
+  return BlockSpec(d_model=int(m.d_model), n_heads=int(m.n_heads), n_kv_heads=int(m.n_kv_heads), d_ff=int(m.d_ff),
+                   n_layers=int(m.n_layers), head_dim=int(m.head_dim), window=int(m.window),
+                   norm_eps=float(m.norm_eps), rope_theta=float(m.rope_theta),
+                   rope_scaling=tuple(sorted(dict(m.get("rope_scaling") or {}).items())),
+                   qk_norm=bool(m.get("qk_norm", False)), dtype=DTYPES[m.dtype])
+
+
 def is_moe_layer(m, index: int) -> bool:
   """Whether block `index` (0-based) has an MoE FFN: the every-th, 2*every-th, ... block."""
   moe = m.get("moe")
@@ -92,10 +98,11 @@ class DenseLM(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     validate_model_config(cfg)
     self.cfg = cfg
-    dtype = DTYPES[cfg.dtype]
+    spec = block_spec(cfg)
+    dtype = spec.dtype
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype)
     self.blocks = nnx.List([
-        Block(cfg, rngs=rngs, dtype=dtype, ffn=_moe_ffn(cfg, rngs=rngs, dtype=dtype) if is_moe_layer(cfg, i) else None)
+        Block(spec, rngs=rngs, ffn=_moe_ffn(cfg, rngs=rngs, dtype=dtype) if is_moe_layer(cfg, i) else None)
         for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
     self.lm_head = None if cfg.tie_embeddings else Linear(

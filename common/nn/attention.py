@@ -6,7 +6,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from common.nn.kv_cache import KVCache, cache_mask, decode_mask, write as write_cache, writes_in_place

@@ -1,7 +1,6 @@
 """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,9 @@
 """The pre-norm transformer block of Llama-style models: x + attn(norm(x)), then x + ffn(norm(x))."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,21 +15,46 @@ from common.nn.mlp import SwiGLU
 from common.nn.norms import RMSNorm
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """The hyperparameters of one block, so that any model (the dense LM, BLT's local and global stacks, MoMa)
+  builds blocks from its own config section. `n_layers` is the depth of the stack the block sits in: output
+  projections start at 1/sqrt(2 n_layers) so the residual stream's variance does not grow with depth."""
+  d_model: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  n_layers: int
+  head_dim: int = 0  # 0 = d_model // n_heads
+  window: int = 0  # sliding attention window; 0 = full causal
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs of common.nn.rope's scaling
+  qk_norm: bool = False
+  dtype: Any = jnp.float32  # compute dtype (common.nn.dtypes)
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def out_scale(self) -> float:
+    return 1.0 / math.sqrt(2 * self.n_layers)
+
+
 class Block(nnx.Module):
   """One decoder layer. `ffn` may be any module mapping [batch, length, d_model] to the same shape
   (a SwiGLU by default; MoE layers plug in here)."""
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, ffn: nnx.Module | None = None):
-    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-    out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
-    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
-    self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim, rngs=rngs,
-                          rope_theta=cfg.rope_theta, rope_scaling=_rope_scaling(cfg), window=cfg.window,
-                          qk_norm=cfg.get("qk_norm", False), norm_eps=cfg.norm_eps, dtype=dtype,
-                          out_scale=out_scale)
-    self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
-    self.ffn = ffn if ffn is not None else SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=dtype,
-                                                  out_scale=out_scale)
+  def __init__(self, spec: BlockSpec, *, rngs: nnx.Rngs, ffn: nnx.Module | None = None):
+    s, dtype = spec, spec.dtype
+    self.attn_norm = RMSNorm(s.d_model, eps=s.norm_eps, dtype=dtype)
+    self.attn = Attention(s.d_model, s.n_heads, s.n_kv_heads, s.resolved_head_dim, rngs=rngs,
+                          rope_theta=s.rope_theta, rope_scaling=dict(s.rope_scaling) or None, window=s.window,
+                          qk_norm=s.qk_norm, norm_eps=s.norm_eps, dtype=dtype, out_scale=s.out_scale)
+    self.ffn_norm = RMSNorm(s.d_model, eps=s.norm_eps, dtype=dtype)
+    self.ffn = ffn if ffn is not None else SwiGLU(s.d_model, s.d_ff, rngs=rngs, dtype=dtype,
+                                                  out_scale=s.out_scale)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
@@ -39,8 +66,3 @@ class Block(nnx.Module):
     attn_out, cache = self.attn.decode(self.attn_norm(x), positions, segment_ids, cache, advance)
     x = x + attn_out
     return x + self.ffn(self.ffn_norm(x)), cache
-
-
-def _rope_scaling(cfg) -> dict | None:
-  scaling = cfg.get("rope_scaling")
-  return dict(scaling) if scaling else None

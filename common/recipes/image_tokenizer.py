@@ -18,7 +18,7 @@ import jax
 from common.config import ConfigError
 from common.models.vq_autoencoder import ImageTokenizer, build_vq_model
 from common.tasks.vq import vq_config, vq_task
-from common.train.loop import EXIT_PREEMPTED, train
+from common.train.loop import train_to_completion
 from common.train.restore import load_run_model, read_run_config
 
 IMAGE_TOKENIZER_KEY = "data.image_tokenizer"
@@ -61,14 +61,19 @@ def default_image_tokenizer(cache_dir: str = "", image_size: int = 32) -> ImageT
             f"({cfg.train.steps} steps, about a minute)", file=sys.stderr, flush=True)
       start = time.time()
       with contextlib.redirect_stdout(io.StringIO()):
-        code = train(cfg, workdir, vq_task(cfg), devices=jax.local_devices()[:1])
-      if code == EXIT_PREEMPTED:  # SIGTERM: the run is saved; the next start resumes it
-        raise SystemExit(code)
-      if code != 0:
-        raise RuntimeError(f"training the default image tokenizer into '{workdir}' stopped with status {code}")
+        train_to_completion(cfg, workdir, vq_task(cfg), what="the default image tokenizer",
+                            devices=jax.local_devices()[:1])
       with open(done, "w") as f:
         f.write(f"{time.time() - start:.1f}s\n")
   return load_image_tokenizer(workdir, key="data.cache_dir")
+
+
+def codebook_size(data_cfg) -> int:
+  """The codebook size of the tokenizer `for_data` returns, read from configs alone (nothing trained or
+  loaded), so that a trainer resolves its vocabulary before it builds anything."""
+  if data_cfg.image_tokenizer:
+    return int(read_run_config(data_cfg.image_tokenizer, IMAGE_TOKENIZER_KEY).model.codebook_size)
+  return int(tiny_tokenizer_config(int(data_cfg.image_size)).model.codebook_size)
 
 
 def for_data(data_cfg) -> ImageTokenizer | None:

@@ -25,10 +25,26 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from common import hub
+from common import hub, sharding
 from common.config import ConfigError, parse_argv, require, run_main
+from common.data import LMData
+from common.data.packing import make_inputs, pack_documents
 from common.data.sft import SFTData, generate_examples
+from common.data.train_tokenizer import train as train_spm
+from common.data.vocab import vocab_size
+from common.eval import GenerationExample, evaluate_generations
+from common.flops import training_flops_per_token
+from common.generate import generate
+from common.models import build_model, padded_vocab_size, validate_model_config
+from common.scoring import score_continuations
+from common.tasks.base import Task
+from common.tasks.lm import next_token_loss
+from common.tokenizers import ByteTokenizer, SentencePieceTokenizer
+from common.train.loop import train, validate_loop_config
+from common.train.restore import load_run_model
+from common.train.step import make_eval_step
 
 DEFAULT_CONFIG = "common/configs/tiny_base.py"
 DEFAULT_WORKDIR = "runs/tiny-base"
@@ -127,7 +143,6 @@ def encode_example(example: dict[str, str], tokenizer) -> tuple[list[int], list[
 def instruction_rows(examples: list[dict[str, str]], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
   """Examples as pretraining documents (prompt and response, EOS), packed like the corpus
   (`common.data.packing`), with the loss on every token."""
-  from common.data.packing import make_inputs, pack_documents  # pylint: disable=g-import-not-at-top
   documents = (np.asarray(sum(encode_example(e, tokenizer), [])[1:], np.int32) for e in examples)
   rows = pack_documents(documents, seq_len)
   rows["inputs"] = make_inputs(rows["targets"], rows["positions"])
@@ -156,7 +171,6 @@ class MixedData:
 
   def __init__(self, data_cfg, instructions: dict[str, np.ndarray], *, batch_size: int,
                instruction_per_batch: int, seed: int):
-    from common.data import LMData  # pylint: disable=g-import-not-at-top
     self.batch_size = batch_size
     self.corpus_per_batch = batch_size - instruction_per_batch
     self.corpus = LMData(data_cfg, batch_size=max(self.corpus_per_batch, 1), seed=seed)
@@ -184,20 +198,18 @@ class MixedData:
 # --- tokenizer -----------------------------------------------------------------------------------------
 
 
+def _own_tokenizer(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "tokenizer.model")
+
+
 def prepare_tokenizer(cfg, workdir: str):
-  """The run's tokenizer: bytes, or SentencePiece from `data.spm_model`, trained once into
-  DIR/tokenizer.model (common.data.train_tokenizer) when that key is empty."""
-  from common.tokenizers import ByteTokenizer, SentencePieceTokenizer  # pylint: disable=g-import-not-at-top
+  """The run's tokenizer (of a resolved config): bytes, or SentencePiece from `data.spm_model`, trained once
+  into DIR/tokenizer.model (common.data.train_tokenizer) when the run trains its own."""
   if cfg.data.vocab == "byte":
     return ByteTokenizer()
-  require(cfg.data.vocab == "spm", "data.vocab", f"must be 'spm' or 'byte', got '{cfg.data.vocab}'")
-  if not cfg.data.spm_model:
-    path = os.path.join(os.path.abspath(workdir), "tokenizer.model")
-    if not os.path.exists(path):
-      from common.data.train_tokenizer import train as train_spm  # pylint: disable=g-import-not-at-top
-      os.makedirs(workdir, exist_ok=True)
-      train_spm(path, vocab_size=int(cfg.pretrain.tokenizer_vocab_size))
-    cfg.data.spm_model = path
+  if cfg.data.spm_model == _own_tokenizer(workdir) and not os.path.exists(cfg.data.spm_model):
+    os.makedirs(workdir, exist_ok=True)
+    train_spm(cfg.data.spm_model, vocab_size=int(cfg.pretrain.tokenizer_vocab_size))
   return SentencePieceTokenizer(cfg.data.spm_model)
 
 
@@ -206,9 +218,6 @@ def prepare_tokenizer(cfg, workdir: str):
 
 def corpus_quality(model, data: MixedData) -> dict[str, float]:
   """Mean next-token loss over every held-out corpus token, its perplexity, and bits per byte of text."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from common.tasks.lm import next_token_loss  # pylint: disable=g-import-not-at-top
-  from common.train.step import make_eval_step  # pylint: disable=g-import-not-at-top
   graphdef, params = nnx.split(model, nnx.Param)
   loss_sums = jax.jit(make_eval_step(graphdef, next_token_loss))
   total, weight = 0.0, 0.0
@@ -223,9 +232,6 @@ def corpus_quality(model, data: MixedData) -> dict[str, float]:
 def instruction_quality(model, tokenizer, held_out: list[dict], *, max_answer_tokens: int) -> dict[str, float]:
   """Loss per response token (EOS included) of the held-out examples, and the exact-match accuracy of the
   greedy answer (up to the first newline or EOS) to each of their prompts, overall and per kind."""
-  from common.eval import GenerationExample, evaluate_generations  # pylint: disable=g-import-not-at-top
-  from common.generate import generate  # pylint: disable=g-import-not-at-top
-  from common.scoring import score_continuations  # pylint: disable=g-import-not-at-top
   encoded = [encode_example(e, tokenizer) for e in held_out]
   scored = score_continuations(model, [p for p, _ in encoded], [r for _, r in encoded], batch_size=32,
                                vocab_size=tokenizer.vocab_size)
@@ -253,9 +259,23 @@ def instruction_quality(model, tokenizer, held_out: list[dict], *, max_answer_to
 # --- the run -------------------------------------------------------------------------------------------
 
 
+def resolve(cfg, workdir: str):
+  """Fills what the config derives (in place; returns it), before anything is trained: an empty
+  data.spm_model is the tokenizer this run trains into DIR/tokenizer.model with pretrain.tokenizer_vocab_size
+  pieces; model.vocab_size 0 is the vocabulary's size padded to a multiple of 128."""
+  require(cfg.data.vocab in ("spm", "byte"), "data.vocab", f"must be 'spm' or 'byte', got '{cfg.data.vocab}'")
+  if cfg.data.vocab == "spm" and not cfg.data.spm_model:
+    cfg.data.spm_model = _own_tokenizer(workdir)
+  if int(cfg.model.vocab_size) == 0:
+    untrained = cfg.data.spm_model == _own_tokenizer(workdir) and not os.path.exists(cfg.data.spm_model)
+    ids = int(cfg.pretrain.tokenizer_vocab_size) if untrained else vocab_size(cfg.data)
+    cfg.model.vocab_size = padded_vocab_size(ids)
+  return cfg
+
+
 def validate(cfg) -> None:
-  from common.tasks.lm import validate_model_early  # pylint: disable=g-import-not-at-top
-  validate_model_early(cfg)
+  """The checks of a resolved config (`resolve`), each naming its key."""
+  validate_model_config(cfg.model)
   p = cfg.pretrain
   require(0.0 <= float(p.instruction_fraction) <= 1.0, "pretrain.instruction_fraction",
           f"must be in [0, 1], got {p.instruction_fraction}")
@@ -283,12 +303,8 @@ def build_data(cfg, tokenizer) -> tuple[MixedData, list[dict]]:
 
 
 def make_task(cfg, data: MixedData):
-  from common.flops import training_flops_per_token  # pylint: disable=g-import-not-at-top
-  from common.models import build_model, padded_vocab_size  # pylint: disable=g-import-not-at-top
-  from common.tasks.lm import next_token_loss  # pylint: disable=g-import-not-at-top
-  from common.train.loop import Task  # pylint: disable=g-import-not-at-top
-  if cfg.model.vocab_size == 0:
-    cfg.model.vocab_size = padded_vocab_size(data.vocab_size)
+  require(cfg.model.vocab_size >= data.vocab_size, "model.vocab_size",
+          f"{cfg.model.vocab_size} is smaller than the vocabulary's {data.vocab_size} ids")
   seq_len = int(cfg.data.seq_len)
   return Task(build_model=lambda: build_model(cfg.model, seed=cfg.train.seed), loss_fn=next_token_loss, data=data,
               train_flops_per_example=training_flops_per_token(cfg.model, seq_len) * seq_len,
@@ -296,26 +312,26 @@ def make_task(cfg, data: MixedData):
 
 
 def main(argv: list[str]) -> int:
-  overwrite = "--overwrite" in argv
-  argv = [a for a in argv if a != "--overwrite"]
   if not any(a.startswith("--config=") for a in argv):
     argv = [f"--config={DEFAULT_CONFIG}"] + argv
-  cfg, flags = parse_argv(argv, extra_flags=("name", "hub_root"))
+  cfg, flags = parse_argv(argv, extra_flags={
+      "name": f"the library entry to register (default {DEFAULT_NAME})",
+      "hub_root": "library folder (default: $META_PAPERS_HUB, else ~/.cache/meta_papers_jax/hub)"},
+      switches={"overwrite": "replace an existing entry of that name"})
   workdir = flags.get("workdir") or DEFAULT_WORKDIR
   name, root = flags.get("name") or DEFAULT_NAME, flags.get("hub_root") or None
+  overwrite = flags.get("overwrite") == "true"
   if name in hub.list_checkpoints(root) and not overwrite:
     raise ConfigError(f"hub checkpoint '{name}': already exists in '{hub.hub_root(root)}' (pass --overwrite "
                       "to replace it, or --name=OTHER)")
-  validate(cfg)
-  from common import sharding  # pylint: disable=g-import-not-at-top
-  from common.train.loop import train, validate_loop_config  # pylint: disable=g-import-not-at-top
-  from common.train.restore import load_run_model  # pylint: disable=g-import-not-at-top
-  validate_loop_config(cfg, sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes))
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+  validate_loop_config(cfg, mesh)
+  validate(resolve(cfg, workdir))
   tokenizer = prepare_tokenizer(cfg, workdir)
   data, held_out = build_data(cfg, tokenizer)
   task = make_task(cfg, data)
   start = time.time()
-  status = train(cfg, workdir, task)
+  status = train(cfg, workdir, task, mesh=mesh)
   train_seconds = time.time() - start
   if status:
     return status

@@ -1,4 +1,4 @@
-"""One shell command per planned run, for a cluster scheduler (`python -m common.scaling.sweep --emit-commands`).
+"""One shell command per planned run, for a cluster scheduler (`python -m common.scaling.sweep --emit_commands`).
 
 Each command is the trainer's own command line (ARCHITECTURE.md): the skeleton config `family_config.py` plus
 `--config.KEY=VALUE` for every key on which the run's config differs from it, so a scheduler needs nothing
@@ -42,7 +42,7 @@ def config_overrides(cfg: ml_collections.ConfigDict, family: str) -> list[tuple[
       if isinstance(value, dict) or value == {}:
         continue
       raise ConfigError(f"--family: {family} sets config key '{key}', which {SKELETON} does not have; "
-                        "run this family in-process (without --emit-commands) or give it a config file")
+                        "run this family in-process (without --emit_commands) or give it a config file")
     if flat_skeleton[key] != value:
       pairs.append((key, _text(value)))
   if load(SKELETON, pairs).to_dict() != cfg.to_dict():

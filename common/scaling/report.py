@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Sequence
 
+from common.cli import ArgumentParser
 from common.config import ConfigError, run_main
 from common.scaling import bootstrap as bootstrap_lib
 from common.scaling import chinchilla, frontier, isoflop, plots, results
@@ -101,21 +102,14 @@ def write_report(sweep_dir: str, *, compare: str | None = None, n_boot: int = 20
 
 
 def main(argv: Sequence[str]) -> int:
-  flags = {}
-  for token in argv:
-    name, sep, value = token.lstrip("-").partition("=")
-    if not token.startswith("--") or not sep or name not in ("sweep", "compare", "bootstrap", "loss"):
-      raise ConfigError(f"unexpected argument '{token}' (known: --sweep=DIR, --compare=DIR, --bootstrap=N, "
-                        "--loss=eval_loss|train_loss)")
-    flags[name] = value
-  if not flags.get("sweep"):
-    raise ConfigError("missing --sweep=DIR")
-  try:
-    n_boot = int(flags.get("bootstrap", "200"))
-  except ValueError:
-    raise ConfigError(f"--bootstrap: expected an integer, got '{flags['bootstrap']}'") from None
-  for path in write_report(flags["sweep"], compare=flags.get("compare"), n_boot=n_boot,
-                           loss_key=flags.get("loss", "eval_loss")):
+  doc = __doc__.split("\n\n", 1)
+  p = ArgumentParser(prog="python -m common.scaling.report", description=doc[1].strip())
+  p.add_argument("--sweep", required=True, help="the sweep folder (common.scaling.sweep --out)")
+  p.add_argument("--compare", help="a second sweep: family A of the compute-equivalence plot")
+  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of each fit")
+  p.add_argument("--loss", default="eval_loss", choices=("eval_loss", "train_loss"), help="the loss that is fitted")
+  args = p.parse_args(argv)
+  for path in write_report(args.sweep, compare=args.compare, n_boot=args.bootstrap, loss_key=args.loss):
     print(f"wrote {path}")
   return 0
 

@@ -3,12 +3,10 @@
 Runs an IsoFLOP grid (budget.py) locally, one workdir per run under DIR/runs/, then writes the results table,
 fits and plots (report.py). It is resumable at two levels: a finished run (its metrics.jsonl holds its last
 step and its checkpoints hold the final one) is skipped, and an unfinished one is handed to the trainer, which
-resumes from its newest checkpoint (the trainer's own contract). `--emit-commands` instead prints one trainer
+resumes from its newest checkpoint (the trainer's own contract). `--emit_commands` instead prints one trainer
 command per run for a cluster scheduler (and prepares the workdirs so that `report` can read them later).
 
-Other flags: `--config.KEY=VALUE` (applied to every run before planning), `--task=MOD:FN` (the training task
-built from a config, default the LM task), `--trainer=MODULE` (the entry point in emitted commands),
-`--tolerance=0.01` (how far a run's FLOPs may be from its budget), `--report=false`.
+`--config.KEY=VALUE` sets a key of every run's config before planning; `--help` lists the other flags.
 """
 from __future__ import annotations
 
@@ -22,6 +20,7 @@ from typing import Callable, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as common.train: no C++ log noise on stderr
 
+from common.cli import ArgumentParser  # pylint: disable=g-import-not-at-top
 from common.config import ConfigError, run_main  # pylint: disable=g-import-not-at-top
 from common.scaling import budget as budget_lib  # pylint: disable=g-import-not-at-top
 from common.scaling import commands, families  # pylint: disable=g-import-not-at-top
@@ -139,28 +138,36 @@ def emit_commands(plan: budget_lib.Plan, out: str, *, trainer: str = "common.tra
           for r in plan.runs if not is_finished(run_dir(out, r), r.steps)]
 
 
-FLAGS = ("family", "budgets", "sizes", "out", "emit-commands", "task", "trainer", "tolerance", "report")
+def parser() -> ArgumentParser:
+  doc = __doc__.split("\n\n")
+  p = ArgumentParser(prog="python -m common.scaling.sweep", usage=doc[0].strip("`") + " [--config.KEY=VALUE ...]",
+                     description="\n\n".join(doc[1:]).strip())
+  p.add_argument("--family", help="MOD:FN, the model family (required), e.g. common.scaling.families:dense_lm")
+  p.add_argument("--budgets", help="training FLOPs of each IsoFLOP curve, e.g. 1e13,3e13 (required)")
+  p.add_argument("--sizes", help="the family's sizes to place on each curve (default: the family's)")
+  p.add_argument("--out", help="the sweep folder (required)")
+  p.add_argument("--emit_commands", action="store_true", help="print one trainer command per run instead")
+  p.add_argument("--task", default=DEFAULT_TASK, help="MOD:FN, the training task built from a config")
+  p.add_argument("--trainer", default="common.train", help="the entry point in emitted commands")
+  p.add_argument("--tolerance", default="0.01", help="how far a run's FLOPs may be from its budget")
+  p.add_argument("--report", default="true", help="write the report after the runs (true or false)")
+  return p
 
 
-def parse_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
-  flags, overrides = {}, []
-  for token in argv:
-    if token == "--emit-commands":
-      token = "--emit-commands=true"
-    if not token.startswith("--") or "=" not in token:
-      raise ConfigError(f"expected --flag=value, got '{token}'")
-    name, _, value = token[2:].partition("=")
-    if name.startswith("config."):
-      overrides.append((name[len("config."):], value))
-    elif name in FLAGS:
-      flags[name] = value
-    else:
-      raise ConfigError(f"unknown flag '--{name}' (known: " + ", ".join(f"--{f}" for f in FLAGS) +
-                        ", --config.KEY)")
+def parse_flags(argv: Sequence[str]) -> tuple[dict, list[tuple[str, str]]]:
+  """The flags (name -> value) and the `--config.KEY=VALUE` overrides, in order."""
+  p = parser()
+  args, rest = p.parse_known_args(argv)
+  overrides = []
+  for token in rest:
+    name, eq, value = token.partition("=")
+    if not name.startswith("--config.") or not eq:
+      p.error(f"unknown flag '{name}'")
+    overrides.append((name[len("--config."):], value))
   for required in ("family", "budgets", "out"):
-    if not flags.get(required):
+    if not getattr(args, required):
       raise ConfigError(f"missing --{required}=...")
-  return flags, overrides
+  return vars(args), overrides
 
 
 def _true(text: str, flag: str) -> bool:
@@ -171,10 +178,10 @@ def _true(text: str, flag: str) -> bool:
   raise ConfigError(f"--{flag}: expected true or false, got '{text}'")
 
 
-def plan_from_flags(flags: dict[str, str], overrides: Sequence[tuple[str, str]]) -> budget_lib.Plan:
+def plan_from_flags(flags: dict, overrides: Sequence[tuple[str, str]]) -> budget_lib.Plan:
   name, fn = families.resolve_family(flags["family"])
   try:
-    tolerance = float(flags.get("tolerance", "0.01"))
+    tolerance = float(flags["tolerance"])
   except ValueError:
     raise ConfigError(f"--tolerance: expected a fraction such as 0.01, got '{flags['tolerance']}'") from None
   return budget_lib.plan_sweep(fn, budget_lib.parse_budgets(flags["budgets"]),
@@ -189,15 +196,15 @@ def main(argv: Sequence[str]) -> int:
   if not plan.runs:
     raise ConfigError("--budgets/--sizes: no run fits its budget within --tolerance:\n  " +
                       "\n  ".join(plan.dropped))
-  if _true(flags.get("emit-commands", "false"), "emit-commands"):
+  if flags["emit_commands"]:
     for line in plan.dropped:
       print(f"# dropped: {line}")
-    for line in emit_commands(plan, out, trainer=flags.get("trainer", "common.train")):
+    for line in emit_commands(plan, out, trainer=flags["trainer"]):
       print(line)
     return 0
-  task_fn = resolve_callable(flags.get("task", DEFAULT_TASK), "task")
+  task_fn = resolve_callable(flags["task"], "task")
   result = run_sweep(plan, out, task_fn=task_fn)
-  if result.exit_code == 0 and _true(flags.get("report", "true"), "report"):
+  if result.exit_code == 0 and _true(flags["report"], "report"):
     from common.scaling import report
     for path in report.write_report(out):
       print(f"[sweep] wrote {path}")

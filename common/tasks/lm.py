@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from common.data import LMData
+from common.data.vocab import vocab_size
 from common.flops import training_flops_per_token
 from common.nn.moe import moe_loss_terms
 from common.models import build_model, padded_vocab_size, validate_model_config
@@ -38,23 +39,22 @@ def nats_summary(sums: dict, *, bytes_per_target: bool) -> dict:
   return out
 
 
-def resolve_vocab_size(cfg, data: LMData) -> None:
-  """model.vocab_size 0 means the data vocabulary, padded to a multiple of 128 so it shards evenly."""
-  if cfg.model.vocab_size == 0:
-    cfg.model.vocab_size = padded_vocab_size(data.vocab_size)
+def resolve(cfg):
+  """Fills the values the config derives (in place; returns it): model.vocab_size 0 means the vocabulary of
+  `data.vocab`, padded to a multiple of 128 so it shards evenly. Read from data.*, before any row is built."""
+  if int(cfg.model.vocab_size) == 0:
+    cfg.model.vocab_size = padded_vocab_size(vocab_size(cfg.data))
+  return cfg
 
 
-def validate_model_early(cfg) -> None:
-  """Checks model.* before the data is loaded (vocab_size 0, resolved from the data later, passes here)."""
-  probe = cfg.model.copy_and_resolve_references()
-  if probe.vocab_size == 0:
-    probe.vocab_size = 128
-  validate_model_config(probe)
+def validate(cfg) -> None:
+  """The dense LM's checks of a resolved config (`resolve`), naming the key."""
+  validate_model_config(cfg.model)
 
 
 def lm_task(cfg) -> Task:
+  """The Task of a resolved config (`resolve`)."""
   data = LMData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-  resolve_vocab_size(cfg, data)
   seq_len = cfg.data.seq_len
   is_bytes = cfg.data.vocab == "byte"
   return Task(

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from common.config import ConfigError
-from common.data.mixed_modal import MODALITIES, MixedModalData
+from common.config import ConfigError, require
+from common.data.mixed_modal import MODALITIES, MixedModalData, MixedVocab
 from common.flops import training_flops_per_token
-from common.models import DenseLM
+from common.models import DenseLM, padded_vocab_size
 from common.nn.moe import moe_loss_terms
-from common.tasks.lm import resolve_vocab_size
 from common.tasks.base import Task
 
 
@@ -69,10 +68,22 @@ def modality_summary(sums: dict) -> dict:
   return out
 
 
+def resolve(cfg, image_codebook: int = 0):
+  """Fills model.vocab_size 0 with the mixed vocabulary of data.* padded to a multiple of 128 (in place; returns
+  cfg), before any data is built: text and markers, then `image_codebook` image codes (the image tokenizer's
+  codebook; Transfusion's continuous images take one placeholder id), then data.audio_codebook audio codes."""
+  d = cfg.data
+  if int(cfg.model.vocab_size) == 0:
+    images = 0 if "image" not in d.modalities else int(image_codebook) if d.setting == "chameleon" else 1
+    audio = int(d.audio_codebook) if "audio" in d.modalities else 0
+    cfg.model.vocab_size = padded_vocab_size(MixedVocab(images, audio).size)
+  return cfg
+
+
 def mixed_modal_task(cfg, build_model: Callable, loss_fn=None,
                      flops_per_token: Callable[..., float] | None = None, *, image_tokenizer=None) -> Task:
-  """The Task of a mixed-modal trainer. `build_model(model_cfg, seed=...)` builds the model once
-  `model.vocab_size` is resolved (0 = the mixed vocabulary padded to a multiple of 128); `loss_fn` defaults
+  """The Task of a mixed-modal trainer on a resolved config (`resolve`). `build_model(model_cfg, seed=...)`
+  builds the model; `loss_fn` defaults
   to `mixed_modal_loss` (Chameleon setting; Transfusion needs its diffusion loss); `flops_per_token(model_cfg,
   seq_len)` defaults to `common.flops.training_flops_per_token`; `image_tokenizer` overrides data.image_tokenizer."""
   if loss_fn is None and cfg.data.setting == "transfusion":
@@ -80,7 +91,8 @@ def mixed_modal_task(cfg, build_model: Callable, loss_fn=None,
                       "(the trainer of a Transfusion model passes it)")
   data = MixedModalData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                         image_tokenizer=image_tokenizer)
-  resolve_vocab_size(cfg, data)
+  require(data.vocab_size <= int(cfg.model.vocab_size), "model.vocab_size",
+          f"{cfg.model.vocab_size} is smaller than the data's {data.vocab_size} ids")
   seq_len = int(cfg.data.seq_len)
   per_token = (flops_per_token or training_flops_per_token)(cfg.model, seq_len)
   return Task(

@@ -14,19 +14,43 @@ from flax import nnx
 from common import hub
 from common.config import ConfigError, require
 from common.flops import flops_for
-from common.models import build_model, padded_vocab_size
+from common.models import build_model, padded_vocab_size, validate_model_config
 from common.nn.lora import DEFAULT_TARGETS, LoRAParam, apply_lora, frozen_base
 from common.data.sft import OVERLONG_POLICIES, SFTData, generate_examples, pack_examples, read_jsonl, \
     split_examples, tokenize_example
 from common.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
-from common.tasks.lm import next_token_loss, validate_model_early
+from common.tasks.lm import next_token_loss
 from common.tasks.base import Task
 
 LORA_TARGETS = (*DEFAULT_TARGETS, "lm_head")
 
 
+def _tokenizer(cfg) -> Tokenizer:
+  """The base's tokenizer (a hub entry's, if it stored one), else `data.tokenizer`."""
+  stored = hub.entry_tokenizer(cfg.model.init_from) if cfg.model.init_from else None
+  return stored or load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+
+
+def resolve(cfg):
+  """Fills what the config derives (in place; returns it), before any data or parameter is read: a hub base
+  replaces `model.*` by the entry's model config (keeping `model.init_from`); model.vocab_size 0 becomes the
+  tokenizer's ids padded to a multiple of 128."""
+  name = cfg.model.init_from
+  if name:
+    try:
+      entry = hub.describe(name)
+    except (ConfigError, FileNotFoundError, OSError) as e:
+      raise ConfigError(f"config key 'model.init_from': {e}") from None
+    cfg.model = ml_collections.ConfigDict({**entry["model_config"], "init_from": name})
+  if int(cfg.model.vocab_size) == 0:
+    require(cfg.data.tokenizer in TOKENIZERS, "data.tokenizer",
+            f"must be one of {TOKENIZERS}, got '{cfg.data.tokenizer}'")
+    cfg.model.vocab_size = padded_vocab_size(_tokenizer(cfg).vocab_size)
+  return cfg
+
+
 def validate_sft_config(cfg) -> None:
-  """Cheap checks before any data or checkpoint is read; each error names its key."""
+  """The checks of a resolved config (`resolve`), before any data or checkpoint is read; each names its key."""
   lora, data = cfg.lora, cfg.data
   require(isinstance(lora.rank, int) and lora.rank >= 0, "lora.rank", f"must be an integer >= 0, got {lora.rank}")
   require(float(lora.alpha) > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
@@ -39,15 +63,9 @@ def validate_sft_config(cfg) -> None:
   require(data.tokenizer in TOKENIZERS, "data.tokenizer", f"must be one of {TOKENIZERS}, got '{data.tokenizer}'")
   if not data.sft_path:
     require(int(data.num_examples) > 0, "data.num_examples", f"must be positive, got {data.num_examples}")
-  if cfg.model.init_from:
-    try:
-      hub.describe(cfg.model.init_from)
-    except (ConfigError, FileNotFoundError, OSError) as e:
-      raise ConfigError(f"config key 'model.init_from': {e}") from None
-  else:
-    validate_model_early(cfg)
-    if lora.rank > 0 and "lm_head" in targets:
-      require(not cfg.model.tie_embeddings, "lora.targets", "'lm_head' needs model.tie_embeddings=False")
+  validate_model_config(cfg.model)
+  if lora.rank > 0 and "lm_head" in targets:
+    require(not cfg.model.get("tie_embeddings", False), "lora.targets", "'lm_head' needs model.tie_embeddings=False")
 
 
 def _examples(data_cfg) -> tuple[list[dict], list[dict]]:
@@ -79,19 +97,10 @@ def lora_loss(model, batch):
 
 
 def sft_task(cfg) -> Task:
-  """The Task for `common.train.loop.train`. A hub base replaces `model.*` by the entry's config (keeping
-  `model.init_from`) and brings its tokenizer."""
-  base = None
-  tokenizer = None
-  if cfg.model.init_from:
-    name = cfg.model.init_from
-    model_cfg, model, tokenizer, _ = hub.load(name)
-    base = nnx.split(model)
-    cfg.model = ml_collections.ConfigDict({**model_cfg.to_dict(), "init_from": name})
-  if tokenizer is None:
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
-  if cfg.model.vocab_size == 0:
-    cfg.model.vocab_size = padded_vocab_size(tokenizer.vocab_size)
+  """The Task for `common.train.loop.train` on a resolved config (`resolve`): the hub base's parameters (or a
+  random dense LM), its tokenizer, LoRA adapters when lora.rank > 0."""
+  base = nnx.split(hub.load(cfg.model.init_from)[1]) if cfg.model.init_from else None
+  tokenizer = _tokenizer(cfg)
   require(cfg.model.vocab_size >= tokenizer.vocab_size, "model.vocab_size",
           f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
   data = build_sft_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size, seed=cfg.train.seed)

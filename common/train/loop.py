@@ -1,13 +1,17 @@
-"""The training loop every trainer shares: mesh, sharded state, resume, steps, eval, checkpoints, metrics.
+"""The training loop every trainer shares: sharded state, resume, steps, eval, checkpoints, metrics.
 
 Contract (../ARCHITECTURE.md): rerunning the same command on the same workdir resumes from the newest
 readable checkpoint and ends where an uninterrupted run would (the data position is in the checkpoint);
 SIGTERM saves at the current step and exits 143; a non-finite loss stops the run naming the step (or the
 step is skipped, `train.nan_policy='skip'`); bad input raises ConfigError before the workdir is touched.
+
+Every step is traced and run under `jax.set_mesh(mesh)`, so layers and kernels see the one mesh the
+command built (MoE experts take the expert-parallel path, Pallas kernels split their rows in shard_map).
+A task with a `rollout` (RL, search) makes each step's batch from the current parameters, with randomness
+from (train.seed, step) only, so that a resumed run still repeats an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -18,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from common import sharding
 from common.config import ConfigError, require
@@ -29,6 +34,7 @@ from common.tasks.base import Task
 from common.train.step import init_state, make_eval_step, make_train_step
 
 EXIT_PREEMPTED = 143
+ROLLOUT_STREAM = 0x524F4C4C  # 'ROLL': the rollout keys' branch of the seed
 
 
 def validate_loop_config(cfg, mesh) -> None:
@@ -96,9 +102,16 @@ class _Preemption:
 
 
 def _to_global(batch: dict, shardings: dict) -> dict:
-  """Host numpy batch (the same global batch on every process) -> sharded global jax arrays."""
-  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
+  """A batch onto the mesh: host numpy arrays (the same global batch on every process) become sharded global
+  arrays; device arrays (a jitted rollout's output) are resharded."""
+  return {k: jax.device_put(v, shardings[k]) if isinstance(v, jax.Array) else
+          jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
+def rollout_key(seed: int, step: int) -> jax.Array:
+  """The key of step `step`'s rollout: a function of (seed, step) alone, and apart from the stream the train
+  step folds from the seed (stochastic layers), so that a resumed run draws the same rollouts."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ROLLOUT_STREAM), step)
 
 
 def evaluate(eval_fn, params, data, n_batches: int, batch_shardings: dict, summary) -> dict:
@@ -136,10 +149,12 @@ def init_train_state(task: Task, optimizer, mesh) -> tuple[Any, Any, dict]:
   return graphdef, param_shardings, jax.jit(lambda p: init_state(p, optimizer))(params)
 
 
-def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
-  """Runs (or resumes) training to cfg.train.steps; returns the process exit status. `devices` (default: all
-  of jax.devices()) are the devices the mesh is built from."""
-  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices)
+def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=None) -> int:
+  """Runs (or resumes) training to cfg.train.steps; returns the process exit status. `mesh` is the command's
+  mesh (`common.train.__main__` builds it once from mesh.shape/mesh.axes); without one it is built from
+  those keys on `devices` (default: all of jax.devices())."""
+  if mesh is None:
+    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices)
   validate_loop_config(cfg, mesh)
   _check_workdir(workdir, cfg)
   lead = jax.process_index() == 0
@@ -169,8 +184,15 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
     os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
   start = int(jax.device_get(state["step"]))
 
-  first = task.data.train_batch(data_position)
-  batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in first.items()}
+  def next_batch(step: int, params) -> tuple[dict, dict]:
+    """(batch of `step`, the rollout's metrics): from the data position, or rolled out from `params`."""
+    if task.rollout is None:
+      return task.data.train_batch(data_position), {}
+    return task.rollout(nnx.merge(graphdef, params), step, rollout_key(t.seed, step))
+
+  with jax.set_mesh(mesh):
+    pending = next_batch(start, state["params"])  # also the first step's batch
+  batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in pending[0].items()}
   step_fn = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule, t.grad_accum, seed=t.seed),
                     in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
                     donate_argnums=0)
@@ -182,12 +204,9 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
   units_per_step = task.units_per_example * t.batch_size
   writer = MetricsWriter(workdir, resume_step=start, enabled=lead)
   progress = Progress(t.steps, start, cfg.log.progress, enabled=lead)
-  # Steps are traced with the mesh set when it has an expert axis, so that MoE layers take the expert-parallel
-  # path (common.nn.moe.parallel: all-to-all inside shard_map) instead of leaving placement to XLA.
-  under_mesh = lambda: jax.set_mesh(mesh) if mesh.shape.get("expert", 1) > 1 else contextlib.nullcontext()
   t_compile = time.time()
-  with under_mesh():
-    compiled = step_fn.lower(state, _to_global(first, batch_shardings)).compile()
+  with jax.set_mesh(mesh):
+    compiled = step_fn.lower(state, _to_global(pending[0], batch_shardings)).compile()
   progress.message(
       f"{n_params / 1e6:.2f} M parameters | mesh {dict(mesh.shape)} on {n_dev} {mesh.devices.flat[0].platform} "
       f"device(s) | {flops_per_step / 1e9:.1f} GFLOP/step | compiled in {time.time() - t_compile:.1f}s | "
@@ -203,8 +222,10 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
 
   try:
     while step < t.steps:
-      batch = _to_global(task.data.train_batch(data_position), batch_shardings)
-      state, metrics = compiled(state, batch)
+      with jax.set_mesh(mesh):
+        batch, rollout_metrics = pending or next_batch(step, state["params"])
+        pending = None
+        state, metrics = compiled(state, _to_global(batch, batch_shardings))
       step += 1
       data_position += t.batch_size
       last = step == t.steps
@@ -221,17 +242,19 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
           dt = (now - tick) / max(step - tick_step, 1)
           tick, tick_step = now, step
           row = {k: float(v) for k, v in metrics.items() if k not in ("finite", "weight")}
+          row.update({k: float(v) for k, v in jax.device_get(rollout_metrics).items()})
           row[task.throughput_key] = units_per_step / dt
           row["mfu"] = flops_per_step / dt / (peak * n_dev)
           row["step_time"] = dt
           writer.write(step, row)
           progress.update(step, row, task.throughput_key)
       if step % cfg.eval.every_steps == 0 or last:
-        with under_mesh():
-          ev = evaluate(eval_fn, state["params"], task.data, cfg.eval.batches, batch_shardings, task.eval_summary)
-        if ev:
-          writer.write(step, ev)
-          progress.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if task.data is not None:
+          with jax.set_mesh(mesh):
+            ev = evaluate(eval_fn, state["params"], task.data, cfg.eval.batches, batch_shardings, task.eval_summary)
+          if ev:
+            writer.write(step, ev)
+            progress.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         if task.eval_samples is not None:
           _log_samples(workdir, step, task.eval_samples(nnx.merge(graphdef, state["params"])), progress, lead)
         tick = time.time()  # eval time is not training time
@@ -251,3 +274,14 @@ def train(cfg, workdir: str, task: Task, *, devices=None) -> int:
     progress.close()
     preemption.restore()
   return exit_code
+
+
+def train_to_completion(cfg, workdir: str, task: Task, *, what: str, **kwargs) -> None:
+  """`train` for a caller that needs the finished run (an artefact, a frozen component): SIGTERM still exits
+  with status 143, the run saved for the next start to resume; any other stop is a RuntimeError naming
+  `what` and the workdir."""
+  code = train(cfg, workdir, task, **kwargs)
+  if code == EXIT_PREEMPTED:
+    raise SystemExit(code)
+  if code != 0:
+    raise RuntimeError(f"training {what} into '{workdir}' stopped with status {code}")

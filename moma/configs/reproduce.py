@@ -1,13 +1,13 @@
 """`moma/configs/reproduce.py[:variant=...,scale=default|quick]`: the runs of `python -m moma.reproduce`.
 
-Every variant has the same shape and data; only the FFNs differ (moma/configs/common.py keeps the FLOPs per
+Every variant has the same shape and data; only the FFNs differ (moma/configs/base.py keeps the FLOPs per
 token of dense, MoE and MoMa equal). `scale=quick` is a smoke-test size; reproduce sets steps, seed and the
 eval/checkpoint schedule.
 """
 from common.config import config_args
 from common.configs.base import base_config
 from common.data.mixed_modal import mixed_modal_data_config
-from moma.configs.common import moma_model
+from moma.configs.base import moma_model
 
 SHAPES = dict(
     default=dict(d_model=64, n_layers=4, n_heads=2, n_kv_heads=2, d_ff=256),

@@ -2,13 +2,13 @@
 
 The embedded mixed-modal data in the Chameleon setting (captions and VQ image tokens of generated scenes, one
 sequence), a 4-layer model of width 64, and one of the four architectures of Lin et al. 2024 (table 2) at equal
-FLOPs per token (moma/configs/common.py): the dense baseline, a mixed-modal expert-choice MoE, MoMa (modality
+FLOPs per token (moma/configs/base.py): the dense baseline, a mixed-modal expert-choice MoE, MoMa (modality
 groups of experts) and MoMa with mixture-of-depths.
 """
 from common.config import config_args
 from common.configs.base import base_config
 from common.data.mixed_modal import mixed_modal_data_config
-from moma.configs.common import moma_model
+from moma.configs.base import moma_model
 
 SHAPE = dict(d_model=64, n_layers=4, n_heads=2, n_kv_heads=2, d_ff=256)
 

@@ -1,4 +1,4 @@
-"""The `model` section of the MoT trainers (`mot.model.build_mot_model`).
+"""The `model` section of the MoT trainers (`mot.train.build_mot_model`).
 
 Keys beyond the dense LM's (`common.configs.base.dense_model`):
 - `name`: 'mot' (modality-untied) or 'dense_lm' (the common dense LM; Chameleon setting only);

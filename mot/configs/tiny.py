@@ -16,7 +16,7 @@ from __future__ import annotations
 from common.config import config_args
 from common.configs.base import base_config
 from common.data.mixed_modal import mixed_modal_data_config
-from mot.configs.common import mot_model
+from mot.configs.base import mot_model
 
 SETTINGS = ("chameleon", "transfusion")
 MODELS = ("mot", "dense")
@@ -38,13 +38,10 @@ def parse_args(arg, **defaults) -> dict[str, str]:
 
 
 def apply_args(c, a: dict[str, str]) -> None:
-  """Sets data.setting / data.modalities and the model keys that follow from them and from `model`."""
-  modalities = tuple(a["modalities"].split("+"))
-  c.data.update(setting=a["setting"], modalities=modalities)
-  c.model.update(setting=a["setting"], n_modalities=len(modalities))
+  """Sets data.setting / data.modalities and the model `model` names; the model keys that follow from data.*
+  (setting, n_modalities, patch shapes, vocab_size) are filled by `mot.train.resolve`."""
+  c.data.update(setting=a["setting"], modalities=tuple(a["modalities"].split("+")))
   if a["setting"] == "transfusion":
-    patch, side = int(c.data.patch_size), int(c.data.image_size)
-    c.model.update(patch_dim=patch * patch * 3, patches_per_image=(side // patch) ** 2)
     c.model.untied = a["model"] == "mot"
   elif a["model"] == "dense":
     c.model.name = "dense_lm"

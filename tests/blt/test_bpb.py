@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from blt.model import BLT
-from blt.train import EOS, blt_loss, blt_summary, resolve_max_patches, seqio_to_blt
+from blt.data import EOS, seqio_to_blt
+from blt.train import blt_loss, blt_summary, resolve_max_patches
 from common import config as config_lib
 from common.data import LMData
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from blt.calibrate import calibrate_threshold, sample_patching_inputs
+from blt.data import PatchingData
 from blt.entropy import EntropyScorer, load_entropy_model
 from blt.patcher import patch
-from blt.train import PatchingData
 from common import config as config_lib
 from common.data import LMData
-from common.tasks.lm import lm_task
+from common.tasks.lm import lm_task, resolve
 from common.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +37,7 @@ def tiny_entropy_config(cache_dir: str):
 def entropy_workdir(tmp_path_factory):
   cfg = tiny_entropy_config(str(tmp_path_factory.getbasetemp() / "blt_data_cache"))
   workdir = str(tmp_path_factory.mktemp("calibrate") / "entropy_model")
-  assert train(cfg, workdir, lm_task(cfg), devices=jax.devices()[:1]) == 0
+  assert train(cfg, workdir, lm_task(resolve(cfg)), devices=jax.devices()[:1]) == 0
   return workdir
 
 

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from blt import generate as blt_generate
+from blt.data import BOS, EOS
 from blt.entropy import EntropyScorer
 from blt.generate import Generator, PatchRule, generate_samples
 from blt.model import BLT, blt_model
 from blt.patcher import patch
-from blt.train import BOS, EOS
 from common.config import ConfigError
 from common.configs.base import dense_model
 from common.models.dense_lm import DenseLM
@@ -171,12 +171,12 @@ def test_cli_prints_the_continuation_of_a_saved_run(model, tmp_path, capsys):
   checkpointer.close()
   (tmp_path / "config.json").write_text(cfg.to_json_best_effort())
   prompt = PROMPTS[0].decode()
-  assert blt_generate.main([f"--workdir={tmp_path}", f"--prompt={prompt}", f"--max-bytes={N_NEW}"]) == 0
+  assert blt_generate.main([f"--workdir={tmp_path}", f"--prompt={prompt}", f"--max_bytes={N_NEW}"]) == 0
   assert capsys.readouterr().out == prompt + generate_samples(model, cfg, [prompt], N_NEW)[0] + "\n"
 
 
 def test_cli_names_a_workdir_without_a_run(tmp_path):
   with pytest.raises(ConfigError, match="config.json"):
     blt_generate.main([f"--workdir={tmp_path}", "--prompt=a"])
-  with pytest.raises(ConfigError, match="--max-bytes"):
-    blt_generate.main([f"--workdir={tmp_path}", "--max-bytes=many"])
+  with pytest.raises(ConfigError, match="--max_bytes"):
+    blt_generate.main([f"--workdir={tmp_path}", "--max_bytes=many"])

@@ -1,5 +1,8 @@
 """The BLT (blt.model): shapes, end-to-end causality under static, space and entropy patching, and that
 both the local path and the global (earlier patches) path reach the logits."""
+import os
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from flax import nnx
 from blt.entropy import next_byte_entropies
 from blt.model import BLT, blt_model
 from blt.patcher import patch
+from common.config import load
 from common.configs.base import dense_model
 from common.models.dense_lm import DenseLM
 from tests.mesh_invariance import assert_train_step_mesh_invariant
@@ -150,7 +154,7 @@ class _PackedRows:
 def test_one_training_step_is_the_same_on_every_mesh(monkeypatch):
   """blt.train's task, one step of the shared train step on 1 device and on data 2 x fsdp 2 x tensor 2:
   the mesh changes placement only, never the loss or the updated parameters (beyond float rounding)."""
-  import common.data
+  from blt import data as blt_data
   from blt import train as blt_train
   from blt.configs.tiny import get_config
   cfg = get_config("patcher=space")
@@ -159,7 +163,28 @@ def test_one_training_step_is_the_same_on_every_mesh(monkeypatch):
   cfg.model.patching.max_patches = 32  # one patch per byte at most: no pass over the data for a bound
   cfg.data.seq_len = 32
   cfg.train.update(batch_size=8, warmup_steps=1)
-  monkeypatch.setattr(common.data, "LMData", _PackedRows)
-  task = blt_train.make_task(cfg)
+  monkeypatch.setattr(blt_data, "LMData", _PackedRows)
+  task = blt_train.make_task(blt_train.resolve(cfg))
   batch = task.data.train_batch(0)
   assert_train_step_mesh_invariant(task, cfg.train, batch)
+
+
+def test_bfloat16_compute_keeps_f32_params_and_close_logits():
+  """`--config.model.dtype=bfloat16` as in the dense LM: activations and matmuls in bf16, the same f32
+  parameters (same seed), f32 logits close to the f32 model's."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  m = load(os.path.join(root, "blt", "configs", "tiny.py"), [("model.dtype", "bfloat16")]).model
+  m.update(d_local=32, n_heads_local=2, n_heads_cross=2, d_global=48, n_heads_global=2, hash_table_size=101)
+  m16 = BLT(m, rngs=nnx.Rngs(params=0))
+  m32 = BLT(blt_model(**dict(m.to_dict(), dtype="float32")), rngs=nnx.Rngs(params=0))
+  p16, p32 = jax.tree.leaves(nnx.state(m16, nnx.Param)), jax.tree.leaves(nnx.state(m32, nnx.Param))
+  assert all(x.dtype == jnp.float32 for x in p16)
+  for x, y in zip(p16, p32):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  x = jnp.asarray(np.frombuffer(b"def f(x):\n  return x + 1\n", np.uint8)[None].astype(np.int32))
+  patch_ids = patch(x, method="static", patch_size=4, max_patches=8).patch_ids
+  l16, l32 = m16(x, patch_ids, 8), m32(x, patch_ids, 8)
+  assert l16.dtype == jnp.float32
+  l16, l32 = np.asarray(l16), np.asarray(l32)
+  assert np.abs(l16 - l32).max() < 0.05 * np.abs(l32).max()
+  assert np.mean(l16.argmax(-1) == l32.argmax(-1)) > 0.8

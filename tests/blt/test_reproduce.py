@@ -27,7 +27,8 @@ def test_summary_reports_mean_and_interval_over_seeds():
   assert row["seeds"] == 3 and row["bpb"] == pytest.approx(2.0)
   assert row["bpb_ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
   assert row["patch_size_ci95"] == 0.0
-  assert "2.0000 ± 2.4841" in reproduce.markdown([row], 1e9, [])
+  assert "| byte | 0.00 M | 10 | 1e+09 | 2e+05 ± 0 | 1.00 ± 0.00 | 2.0000 ± 2.4841 | 3 | " + reproduce.PAPER["byte"] + " |" in (
+      reproduce.markdown([row], 1e9, []))
 
 
 @pytest.mark.parametrize("budget,per_step", [(1e12, 3.7e9), (5e8, 1e9), (2e9, 7e7)])
@@ -38,10 +39,12 @@ def test_steps_match_the_budget_within_half_a_step(budget, per_step):
     assert abs(steps * per_step - budget) <= per_step / 2
 
 
-def test_plan_names_one_run_per_arm_size_and_seed():
-  runs = reproduce.plan(["byte", "entropy"], 2, [4.5, 8.0])
-  assert [r.name for r in runs] == ["byte_s0", "entropyP4.5_s0", "entropyP8_s0", "byte_s1", "entropyP4.5_s1",
-                                    "entropyP8_s1"]
+def test_arms_name_one_run_folder_per_arm_and_entropy_size():
+  arms = reproduce.arm_list(["byte", "entropy"], [4.5, 8.0], dict(scale="quick", entropy_model="E"))
+  assert [a.name for a in arms] == ["byte", "entropyP4.5", "entropyP8"]
+  assert [a.label for a in arms] == ["byte", "entropy P=4.5", "entropy P=8"]
+  assert [a.trainer for a in arms] == ["common.train", "blt.train", "blt.train"]
+  assert all(a.paper for a in arms)
 
 
 def test_quick_byte_and_bpe_runs(tmp_path):
@@ -54,19 +57,19 @@ def test_quick_byte_and_bpe_runs(tmp_path):
   assert [r["label"] for r in results["summary"]] == ["byte", "bpe"]
   table = (out / "results.md").read_text()
   assert "| byte |" in table and "| bpe |" in table and "1 seed(s)" in table
+  assert "| paper (fig. 1, up to 8B) |" in table and reproduce.PAPER["bpe"] in table
   for run in results["runs"]:
     assert abs(run["steps"] * run["flops_per_step"] - budget) <= run["flops_per_step"] / 2
-    assert run["curve"][-1][0] == pytest.approx(run["train_flops"])
+    assert run["curves"]["bpb"]["flops"][-1] == pytest.approx(run["train_flops"])
     assert 0 < run["bpb"] < 12
 
   # BPE is scored per held-out byte: its positions are the SentencePiece tokens of the validation documents
   # plus one EOS each, counted here directly with sentencepiece (not through seqio's packed rows).
   import sentencepiece as spm
+  from common.config import load
   from common.data import corpus
   bpe = next(r for r in results["runs"] if r["arm"] == "bpe")
-  cfg = reproduce.run_config(reproduce.Run("bpe", "bpe", 0),
-                             dict(scale="quick", cache_dir="", spm_model=str(out / "tokenizer" / "bpe320.model"),
-                                  bpe_seq_len=8))
+  cfg = load(f"{reproduce.CONFIG}:arm=bpe,scale=quick,spm_model={out / 'tokenizer' / 'bpe320.model'},seq_len=8")
   sp = spm.SentencePieceProcessor(model_file=cfg.data.spm_model)
   root, rels = corpus.list_documents(cfg.data, "validation")
   texts = [corpus.read_text(os.path.join(root, rel)) for rel in rels]

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from blt import train as blt_train
+from blt import data as blt_data, train as blt_train
 from blt.entropy import load_entropy_model, next_byte_entropies
 from blt.patcher import patch
 from common.config import ConfigError
 from common.data import LMData
-from common.tasks.lm import lm_task, next_token_loss
+from common.tasks.lm import lm_task, next_token_loss, resolve
 from common.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,11 +36,11 @@ def test_seqio_to_blt_map():
   inputs = np.array([[0, 107, 108, 1, 0, 100, 0, 0]])
   segs = np.array([[1, 1, 1, 1, 2, 2, 0, 0]])
   pos = np.array([[0, 1, 2, 3, 0, 1, 0, 0]])
-  out = blt_train.seqio_to_blt(inputs, segs, pos)
+  out = blt_data.seqio_to_blt(inputs, segs, pos)
   np.testing.assert_array_equal(out, [[256, 104, 105, 257, 256, 97, 258, 258]])
-  np.testing.assert_array_equal(blt_train.seqio_to_blt(jnp.asarray(inputs), segs, pos), out)
-  assert blt_train.seqio_to_blt(np.array([[2]]), np.array([[1]]), np.array([[3]]))[0, 0] == blt_train.PAD
-  back = blt_train.blt_to_seqio(out)
+  np.testing.assert_array_equal(blt_data.seqio_to_blt(jnp.asarray(inputs), segs, pos), out)
+  assert blt_data.seqio_to_blt(np.array([[2]]), np.array([[1]]), np.array([[3]]))[0, 0] == blt_data.PAD
+  back = blt_data.blt_to_seqio(out)
   np.testing.assert_array_equal(back, inputs)
 
 
@@ -100,7 +100,7 @@ def test_short_training_run(tmp_path, tmp_path_factory, patcher):
   cfg.eval.update(every_steps=6, batches=1, sample_bytes=8, sample_prompts=("def ", "The "))
   cfg.checkpoint.update(every_steps=6, async_save=False)
   workdir = str(tmp_path / "run")
-  task = blt_train.make_task(cfg)
+  task = blt_train.make_task(blt_train.resolve(cfg))
   assert train(cfg, workdir, task, devices=jax.devices()[:2]) == 0
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -149,7 +149,7 @@ def entropy_run(tmp_path_factory):
   cfg.eval.update(every_steps=12, batches=2)
   cfg.checkpoint.update(every_steps=12, async_save=False)
   workdir = str(tmp_path_factory.mktemp("entropy") / "entropy_model")
-  assert train(cfg, workdir, lm_task(cfg), devices=jax.devices()[:1]) == 0
+  assert train(cfg, workdir, lm_task(resolve(cfg)), devices=jax.devices()[:1]) == 0
   return workdir, cfg
 
 
@@ -178,13 +178,15 @@ def test_entropy_patching_trains_end_to_end(entropy_run, tmp_path, tmp_path_fact
   cfg.log.update(every_steps=2, progress="lines")
   cfg.eval.update(every_steps=4, batches=1)
   cfg.checkpoint.update(every_steps=4, async_save=False)
-  task = blt_train.make_task(cfg)
-  assert cfg.model.patching.calibrate and cfg.model.patching.threshold > 0  # θ derived for 6-byte patches
+  assert cfg.model.patching.calibrate
+  task = blt_train.make_task(blt_train.resolve(cfg))
+  p = cfg.model.patching  # resolved: θ derived for 6-byte patches, recorded as a plain threshold
+  assert not p.calibrate and p.threshold > 0 and p.max_patches == cfg.data.seq_len
 
   batch = task.data.train_batch(0)
   model, _ = load_entropy_model(workdir)
-  byte_ids = blt_train.seqio_to_blt(batch["inputs"], batch["segment_ids"], batch["positions"])
-  recomputed = next_byte_entropies(model, blt_train.blt_to_seqio(jnp.asarray(byte_ids)),
+  byte_ids = blt_data.seqio_to_blt(batch["inputs"], batch["segment_ids"], batch["positions"])
+  recomputed = next_byte_entropies(model, blt_data.blt_to_seqio(jnp.asarray(byte_ids)),
                                    jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"]))
   np.testing.assert_allclose(batch["entropies"], recomputed, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(task.data.train_batch(0)["entropies"], batch["entropies"])  # a function of position
@@ -215,11 +217,12 @@ def test_bpe_patch_starts_in_the_pipeline_are_the_token_starts(tmp_path, tmp_pat
       pad_id=0, eos_id=1, unk_id=2, bos_id=-1, normalization_rule_name="identity", add_dummy_prefix=False,
       remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2)
   cfg = _small_data(_tiny(f"patcher=bpe,spm_model={model_path}"), str(tmp_path_factory.getbasetemp() / "blt_data_cache"))
-  blt_train.validate_blt_config(cfg)
-  data = blt_train.add_patching_inputs(cfg, LMData(cfg.data, batch_size=4, seed=0))
+  cfg.train.batch_size = 4
+  blt_train.validate_blt_config(blt_train.resolve(cfg))
+  data = blt_data.blt_data(cfg)
   batch = data.train_batch(0)
   sp = spm.SentencePieceProcessor(model_file=model_path)
-  byte_ids = blt_train.seqio_to_blt(batch["inputs"], batch["segment_ids"], batch["positions"])
+  byte_ids = blt_data.seqio_to_blt(batch["inputs"], batch["segment_ids"], batch["positions"])
   checked = 0
   for row in range(4):
     for s in np.unique(batch["segment_ids"][row]):
@@ -229,7 +232,7 @@ def test_bpe_patch_starts_in_the_pipeline_are_the_token_starts(tmp_path, tmp_pat
       if s == 0:  # the row padding: one patch
         assert starts.tolist() == [True] + [False] * (len(where) - 1)
         continue
-      assert ids[0] == blt_train.BOS and starts[0] and starts[1]
+      assert ids[0] == blt_data.BOS and starts[0] and starts[1]
       text = bytes(ids[1:].astype(np.uint8)).decode("utf-8", errors="ignore")
       if text.encode() != bytes(ids[1:].astype(np.uint8)):
         continue  # a document cut mid-character: covered in test_patcher.py

@@ -8,7 +8,8 @@ from common import sharding
 from common.configs.base import base_config, dense_model
 from common.models import build_model
 from common.train.checkpoint import Checkpointer
-from common.train.loop import Task, init_train_state
+from common.tasks.base import Task
+from common.train.loop import init_train_state
 from common.train.optim import make_optimizer
 
 

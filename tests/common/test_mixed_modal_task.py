@@ -12,7 +12,7 @@ from common.configs.base import base_config, dense_model
 from common.data.mixed_modal import AUDIO, IMAGE, TEXT, mixed_modal_data_config
 from common.models import build_model
 from common.train.loop import train
-from common.tasks.mixed_modal import mixed_modal_task, modality_summary, per_modality_nll, train_view
+from common.tasks.mixed_modal import mixed_modal_task, modality_summary, per_modality_nll, resolve, train_view
 from tests.patch_colour_tokenizer import PatchColourTokenizer
 
 
@@ -63,7 +63,8 @@ def _cfg(tmp_path, modalities):
 
 def test_two_steps_report_each_modality_in_train_and_eval(tmp_path):
   cfg = _cfg(tmp_path, ("text", "image", "audio"))
-  task = mixed_modal_task(cfg, build_model, image_tokenizer=PatchColourTokenizer(16))
+  tokenizer = PatchColourTokenizer(16)
+  task = mixed_modal_task(resolve(cfg, tokenizer.codebook_size), build_model, image_tokenizer=tokenizer)
   assert cfg.model.vocab_size == 384 and task.data.vocab_size == 263 + 64 + 16  # padded to 128
   assert train(cfg, str(tmp_path / "run"), task) == 0
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

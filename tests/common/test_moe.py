@@ -1,6 +1,7 @@
 """The MoE layers (common.nn.moe) against slow per-token reference loops written here in numpy: which tokens
 go to which expert, which are dropped, the gate values and the layer output; plus the identities between
 modes, gradients and the balancing loss."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,7 +229,7 @@ def test_gradients_are_finite_and_match_finite_differences(settings):
       return jnp.sum(y * w) + 10.0 * aux["aux_loss"]
 
     grads = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
-    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    chex.assert_tree_all_finite(grads)
     rng = _rng(11)
     direction = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), (params, x))
     eps = 1e-5

@@ -71,7 +71,7 @@ def test_emitted_commands_reproduce_the_planned_configs(tmp_path, capsys):
   """One `python -m common.train` line per run; parsing it as the trainer would gives the planned config."""
   out = tmp_path / "sweep"
   code = sweep.main(["--family=common.scaling.families:dense_lm", "--budgets=1e10,2e10", "--sizes=32,64",
-                     f"--out={out}", "--emit-commands", "--config.data.max_train_bytes=123456"])
+                     f"--out={out}", "--emit_commands", "--config.data.max_train_bytes=123456"])
   assert code == 0
   lines = [l for l in capsys.readouterr().out.splitlines() if l and not l.startswith("#")]
   plan = budget.plan_sweep(families.dense_lm, [1e10, 2e10], [32, 64], family="dense_lm",

@@ -7,6 +7,7 @@ a non-finite loss stops the run naming its step (or, with nan_policy='skip', lea
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,8 @@ from common.configs.base import base_config, dense_model
 from common.models import build_model
 from common.train.checkpoint import Checkpointer
 from common.tasks.lm import next_token_loss
-from common.train.loop import Task, init_train_state, train
+from common.tasks.base import Task
+from common.train.loop import train
 from common.train.optim import make_optimizer
 from common.train.step import init_state
 
@@ -102,11 +104,6 @@ def saved_state(workdir, cfg, task, step):
     ckpt.close()
 
 
-def assert_trees_close(a, b, rtol):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol, err_msg=jax.tree_util.keystr(path))
-
-
 MESHES = {
     "1 device": ((1,), ("data",), 1),
     "(8,) data": ((8,), ("data",), 8),
@@ -139,7 +136,7 @@ def test_mesh_changes_no_loss(mesh_runs, name):
 
 @pytest.mark.parametrize("name", [m for m in MESHES if m != "1 device"])
 def test_mesh_changes_no_parameters(mesh_runs, name):
-  assert_trees_close(mesh_runs[name][1]["params"], mesh_runs["1 device"][1]["params"], rtol=1e-5)
+  chex.assert_trees_all_close(mesh_runs[name][1]["params"], mesh_runs["1 device"][1]["params"], rtol=1e-5, atol=1e-5)
 
 
 def test_params_are_actually_sharded_on_the_fsdp_tensor_mesh():
@@ -161,7 +158,7 @@ def test_grad_accumulation_equals_one_big_batch(mesh_runs, tmp_path):
   ref_rows, ref_state = mesh_runs["(4,2) fsdp x tensor"]
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in ref_rows], rtol=1e-5, err_msg=key)
-  assert_trees_close(state["params"], ref_state["params"], rtol=1e-5)
+  chex.assert_trees_all_close(state["params"], ref_state["params"], rtol=1e-5, atol=1e-5)
 
 
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

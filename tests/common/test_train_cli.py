@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -102,8 +103,7 @@ def assert_same_run(workdir, ref_workdir):
   step, params = final_params(workdir)
   ref_step, ref_params = final_params(ref_workdir)
   assert step == ref_step == STEPS
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  chex.assert_trees_all_equal(params, ref_params)
 
 
 def corrupt(step_dir):

@@ -13,7 +13,8 @@ from common.configs.base import base_config
 from common.models import build_model
 from common.nn.moe import parallel
 from common.tasks.lm import next_token_loss
-from common.train.loop import Task, init_train_state, train
+from common.tasks.base import Task
+from common.train.loop import init_train_state, train
 from common.train.step import make_eval_step, make_train_step
 from moe_scaling.model import model_config
 

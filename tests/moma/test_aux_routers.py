@@ -69,7 +69,7 @@ D_MODEL, LENGTH, BATCH = 32, 16, 4
 
 
 def _tiny_model(variant="moma_mod", abstract=False):
-  from moma.configs.common import moma_model
+  from moma.configs.base import moma_model
   from moma.model import build_moma_model
   cfg = moma_model(variant, d_model=D_MODEL, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=128,
                    text_experts=2, image_experts=2)

@@ -14,7 +14,8 @@ from common import sharding
 from common.config import ConfigError
 from common.configs.base import dense_model
 from common.flops import dense_lm_flops, flops_for
-from moma.configs.common import moma_model
+from common.models.dense_lm import block_spec
+from moma.configs.base import moma_model
 from moma.mod import MixtureOfDepths
 from moma.model import MoMaBlock, MoMaLM, build_moma_model, moma_loss_terms
 
@@ -80,7 +81,7 @@ def test_mod_flops_count_the_chosen_share_by_hand():
 def test_mod_takes_the_top_share_per_row_and_skipped_tokens_keep_their_state():
   cfg = _cfg("moma")
   rngs = nnx.Rngs(params=0)
-  block = MoMaBlock(cfg, rngs=rngs, ffn=None)
+  block = MoMaBlock(block_spec(cfg), rngs=rngs, ffn=None)
   layer = MixtureOfDepths(block, cfg.d_model, 0.375, rngs=rngs)  # ceil(0.375 * 8) = 3 tokens per row
   _, positions, segment_ids, modality = _batch()
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, L, cfg.d_model)), jnp.float32)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -79,8 +80,7 @@ def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(reference, tmp_
   step, params = final_params(workdir)
   ref_step, ref_params = final_params(reference)
   assert step == ref_step == STEPS
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  chex.assert_trees_all_equal(params, ref_params)
   last = lambda rows: [r for r in rows if r.get("step") == STEPS and "loss" in r][-1]["loss"]
   assert last(metrics(workdir)) == last(metrics(reference))
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from mot import diffusion
-from mot.configs.common import mot_model
+from mot.configs.base import mot_model
 from mot.transfusion import TransfusionLM, sample_images
 
 T = 1000

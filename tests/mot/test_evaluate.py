@@ -33,6 +33,15 @@ def test_classifier_learns_rendered_scenes(small_classifier):
   assert evaluate.image_accuracy(images, sample, model) == by_hand
 
 
+def test_cached_classifier_trains_once_then_reads_the_run_back(tmp_path):
+  small = dict(steps=3, n_train=64, n_heldout=32, channels=(4, 4), hidden=8, batch_size=16)
+  model, accuracy = evaluate.cached_classifier(str(tmp_path), 32, **small)
+  again, accuracy_again = evaluate.cached_classifier(str(tmp_path), 32, **small)
+  assert accuracy_again == accuracy
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_parse_caption_round_trips_generated_captions():
   for scene in scenes.sample_scenes(300, 11, 32):
     first = scene.shapes[0]

@@ -12,8 +12,9 @@ from flax import nnx
 from common.models.dense_lm import DenseLM
 from tests.mesh_invariance import assert_train_step_mesh_invariant
 from common.nn.modality_routing import (ModalityLinear, from_groups, group_by_modality, per_row, to_groups)
-from mot.configs.common import mot_model
-from mot.model import MoTLM, build_mot_model
+from mot.configs.base import mot_model
+from mot.model import MoTLM
+from mot.train import build_mot_model
 from mot.transfusion import TransfusionLM, transfusion_loss, transfusion_mask
 
 VOCAB, B, L = 128, 2, 24

@@ -29,7 +29,7 @@ def _small(cache_dir, steps: int, *extra: str) -> list[str]:
 
 
 def _train(args: list[str]) -> int:
-  return main(args, mot_train.make_task, mot_train.validate)
+  return main(args, mot_train.make_task, mot_train.validate, mot_train.resolve)
 
 
 def _rows(workdir) -> list[dict]:
@@ -80,15 +80,19 @@ def test_transfusion_resumes_exactly(tmp_path):
     np.testing.assert_allclose(at_4[1][k], at_4[0][k], rtol=1e-5, err_msg=k)
 
 
-def test_validate_names_the_key():
+def test_resolve_derives_the_model_keys_from_the_data_and_validate_names_the_key():
   from common.config import load
-  cfg = load(f"{TINY}:setting=transfusion")
-  cfg.model.patch_dim = 12
-  with pytest.raises(ConfigError, match="model.patch_dim"):
+  cfg = mot_train.resolve(load(f"{TINY}:setting=transfusion,model=dense"))
+  assert (cfg.model.setting, cfg.model.patch_dim, cfg.model.patches_per_image) == ("transfusion", 48, 64)
+  assert cfg.model.vocab_size == 384 and not cfg.model.untied  # 263 text and marker ids + 1 placeholder
+  mot_train.validate(cfg)
+  cfg.model.name = "dense_lm"
+  with pytest.raises(ConfigError, match="model.name"):
     mot_train.validate(cfg)
-  cfg = load(f"{TINY}:modalities=text+image+audio")
-  cfg.model.n_modalities = 2
-  with pytest.raises(ConfigError, match="model.n_modalities"):
+  cfg = mot_train.resolve(load(f"{TINY}:modalities=text+image+audio"))
+  assert cfg.model.n_modalities == 3
+  cfg.model.d_model = 30
+  with pytest.raises(ConfigError, match="model.d_model"):
     mot_train.validate(cfg)
   with pytest.raises(ConfigError, match="transfusion setting is text\\+image only"):
     load(f"{TINY}:setting=transfusion,modalities=text+image+audio")

@@ -1,0 +1,71 @@
+"""notebooks/<paper>.ipynb run top to bottom on a small results.json that each study's own report writes from
+made-up runs (two seeds, no training), and draw their figures."""
+import importlib
+import os
+
+import pytest
+
+from common import reproduce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def curve(values, flops_per_step=1e9):
+  steps = list(range(1, len(values) + 1))
+  return dict(steps=steps, flops=[s * flops_per_step for s in steps], seconds=[float(s) for s in steps],
+              values=list(values))
+
+
+def blt_runs(seed):
+  return [dict(label=label, arm=arm, target_patch_size=size, seed=seed, steps=10, params=1e6, train_flops=1e10,
+               flops_per_step=1e9, bpb=bpb + 0.01 * seed, patch_size=p, inference_flops_per_byte=2e6 / p,
+               curves=dict(bpb=curve([bpb + 1, bpb + 0.01 * seed]))) for label, arm, size, bpb, p in
+          (("byte", "byte", None, 3.0, 1.0), ("bpe", "bpe", None, 2.0, 2.3), ("entropy P=8", "entropy", 8.0, 2.1, 8.5))]
+
+
+def mot_runs(seed):
+  acc = {a: 0.5 for a in ("shape", "colour", "size", "position")}
+  return [dict(setting="transfusion", model=model, seed=seed, steps=2, curves={
+      k: curve([v + 1, v + 0.01 * seed]) for k, v in (("text", base), ("image", base / 2), ("overall", base))},
+      image_accuracy=acc, caption_accuracy=acc) for model, base in (("dense", 3.0), ("mot", 2.0))]
+
+
+def moma_runs(seed):
+  return [dict(variant=v, seed=seed, steps=3, params=1e6, flops_per_token=1e5, flops_per_step=1e9,
+               train_seconds=3.0, final={p: loss for p in ("overall", "text", "image")},
+               curves={p: curve([loss + 2, loss + 1, loss]) for p in ("overall", "text", "image")})
+          for v, loss in (("dense", 3.0), ("moma", 2.5 + 0.1 * seed))]
+
+
+def moe_runs(seed):
+  rows = []
+  for d, c in ((32, 1e11), (48, 2e11), (64, 4e11)):
+    for family, k in (("dense", 1.0), ("moe", 2.0 + seed)):
+      loss = 1.0 + 10 * (k * c) ** -0.1
+      rows.append(dict(family=family, d_model=d, seed=seed, budget=d, flops=c, in_loss=loss, ood_loss=loss + 0.5,
+                       in_ppl=2.7 ** loss, ood_ppl=2.7 ** (loss + 0.5), params=dict(non_embedding=1e5),
+                       **{"0shot": 0.3, "4shot": 0.4}))
+  return rows
+
+
+RUNS = {"blt": blt_runs, "mot": mot_runs, "moma": moma_runs, "moe_scaling": moe_runs}
+
+
+@pytest.mark.parametrize("paper", sorted(RUNS))
+def test_notebook_runs_top_to_bottom_on_a_small_results_file(paper, tmp_path, monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  module = importlib.import_module(f"{paper}.reproduce")
+  study = module.Study(reproduce.parser(module.Study, module.__doc__).parse_args([f"--out={tmp_path}", "--seeds=2"]))
+  study.classifier_accuracy = {"shape": 0.9}  # mot: made by prepare(), not run here
+  reproduce.write_results(study, [r for seed in (0, 1) for r in RUNS[paper](seed)])
+  monkeypatch.setenv(f"{paper.upper()}_RESULTS", str(tmp_path / "results.json"))
+  path = os.path.join(ROOT, "notebooks", f"{paper}.ipynb")
+  nb = nbformat.read(path, as_version=4)
+  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                          resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+  assert "| paper" in text  # the results table, with the paper's column
+  images = sum(o.output_type == "display_data" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+  assert images == 2
+  assert len(os.listdir(tmp_path / "notebook_plots")) == 2
