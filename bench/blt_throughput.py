@@ -14,12 +14,9 @@ Writes bench/results/blt_throughput.json.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import importlib.util
 import json
+import os
 import time
 
 import jax

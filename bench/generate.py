@@ -16,12 +16,9 @@ tokens/s counts new tokens of all rows over the whole call (prefill included). `
 uncached tokens that the cached run reproduced (greedy decoding of equal logits up to float rounding).
 Prints a table and writes bench/results/generate.json.
 """
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp

@@ -30,11 +30,11 @@ from common.cli import ArgumentParser
 from common.config import run_main
 from common.configs.base import base_config
 from common.flops import training_flops_per_token
-from common.models.dense_lm import DenseLM
 from common.nn.modality_routing import from_groups, group_by_modality, grouped_linear, to_groups
 from common.train.optim import learning_rate_schedule, make_optimizer
 from common.train.step import init_state, make_train_step
 from mot.configs.base import mot_model
+from mot.model import DenseWithModality
 from mot.train import build_mot_model
 
 MIX = (0.5, 0.35, 0.15)  # text, image, audio
@@ -55,11 +55,6 @@ def next_token_loss(model, batch):
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["modality"])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   return jnp.sum(nll), jnp.float32(nll.size), {}
-
-
-class _DenseTakingModality(DenseLM):
-  def __call__(self, tokens, positions, segment_ids, modality):
-    return super().__call__(tokens, positions, segment_ids)
 
 
 def model_step(model, train_cfg):
@@ -159,7 +154,7 @@ def main():
   train_cfg = base_config().train
   steps = {}
   for name, c in configs.items():
-    model = (_DenseTakingModality(c, rngs=nnx.Rngs(params=0)) if c.name == "dense_lm"
+    model = (DenseWithModality(c, rngs=nnx.Rngs(params=0)) if c.name == "dense_lm"
              else build_mot_model(c, seed=0))
     steps[name] = model_step(model, train_cfg)
   step_seconds = time_alternating(steps, batch, a.repeats)

@@ -7,7 +7,6 @@ machine's measured f32 matmul peak, prints a table and writes bench/results/trai
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json
 import time

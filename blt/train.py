@@ -20,22 +20,20 @@ import functools
 import math
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
-from flax import nnx  # pylint: disable=g-import-not-at-top
-
-from blt.calibrate import calibrate_threshold, sample_patching_inputs  # pylint: disable=g-import-not-at-top
-from blt.data import ENTROPY_METHODS, blt_data, max_segments_per_row, seqio_to_blt  # pylint: disable=g-import-not-at-top
-from blt.entropy import EntropyScorer, load_entropy_model  # pylint: disable=g-import-not-at-top
-from blt.generate import generate_samples  # pylint: disable=g-import-not-at-top
-from blt.model import BLT, VOCAB_SIZE  # pylint: disable=g-import-not-at-top
-from blt.patcher import METHODS, patch  # pylint: disable=g-import-not-at-top
-from common.config import require  # pylint: disable=g-import-not-at-top
-from common.flops import training_flops_per_token  # pylint: disable=g-import-not-at-top
-from common.nn import DTYPES  # pylint: disable=g-import-not-at-top
-from common.tasks.base import Task  # pylint: disable=g-import-not-at-top
+from blt.calibrate import calibrate_threshold, sample_patching_inputs
+from blt.data import ENTROPY_METHODS, blt_data, max_segments_per_row, seqio_to_blt
+from blt.entropy import EntropyScorer, load_entropy_model
+from blt.generate import generate_samples
+from blt.model import BLT, VOCAB_SIZE
+from blt.patcher import METHODS, patch
+from common.config import require
+from common.flops import training_flops_per_token
+from common.nn import DTYPES
+from common.tasks.base import Task
 
 
 def resolve_max_patches(p, seq_len: int, max_segments: int = 1) -> int:

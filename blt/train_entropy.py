@@ -8,13 +8,9 @@ DIR/config.json and the newest checkpoint (`blt.entropy.load_entropy_model`).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
-
-from common.config import require  # pylint: disable=g-import-not-at-top
-from common.tasks import lm  # pylint: disable=g-import-not-at-top
-from common.train.__main__ import cli as common_cli  # pylint: disable=g-import-not-at-top
+from common.config import require
+from common.tasks import lm
+from common.train.__main__ import cli as common_cli
 
 
 def resolve(cfg):

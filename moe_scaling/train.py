@@ -3,11 +3,7 @@
 Trains a dense or MoE LM with the shared trainer: the objective adds the MoE balancing loss, and metrics.jsonl
 carries `nll` (cross-entropy alone), `moe/*` routing statistics and `eval/nll`, `eval/bpb`.
 """
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
-
-from common.train.__main__ import cli  # pylint: disable=g-import-not-at-top
+from common.train.__main__ import cli
 
 if __name__ == "__main__":
   cli()

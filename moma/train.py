@@ -9,18 +9,18 @@ auxiliary losses), the per-modality losses of `common.tasks.mixed_modal` (`loss_
 `moe/fraction_dropped` (tokens no expert of their group took), `moe/router_entropy`, `moe/z_loss`, and with
 mixture-of-depths `mod/selected_fraction` and `mod/router_weight`.
 """
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
-
-from common.train.__main__ import cli  # pylint: disable=g-import-not-at-top
+from common.config import require
+from common.data.mixed_modal import validate_data_config
+from common.recipes import image_tokenizer
+from common.tasks import mixed_modal
+from common.tasks.mixed_modal import mixed_modal_task, per_modality_nll, train_view
+from common.train.__main__ import cli
+from moma.model import build_moma_model, moma_loss_terms, validate_moma_config
 
 
 def moma_loss(model, batch):
   """Summed next-token cross-entropy over loss_mask plus the model's auxiliary losses (router z-loss, if
   weighted) times the token count; as metric sums: `nll`, each modality's nll and loss, routing statistics."""
-  from common.tasks.mixed_modal import per_modality_nll, train_view
-  from moma.model import moma_loss_terms
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["modality"])
   nll_sum, weight, sums = per_modality_nll(logits, batch)
   aux, routing_sums = moma_loss_terms(model, weight)
@@ -32,17 +32,12 @@ def moma_loss(model, batch):
 def resolve(cfg):
   """Fills model.vocab_size 0 with the mixed vocabulary of data.* (in place; returns cfg), before any data or
   tokenizer is built (`common.tasks.mixed_modal.resolve`)."""
-  from common.recipes import image_tokenizer
-  from common.tasks import mixed_modal
   images = "image" in cfg.data.modalities
   return mixed_modal.resolve(cfg, image_tokenizer.codebook_size(cfg.data) if images else 0)
 
 
 def validate(cfg) -> None:
   """data.* and model.* checks of a resolved config (`resolve`), naming the key."""
-  from common.config import require
-  from common.data.mixed_modal import validate_data_config
-  from moma.model import validate_moma_config
   require(cfg.data.setting == "chameleon", "data.setting",
           f"moma trains on discrete image tokens: 'chameleon', got '{cfg.data.setting}'")
   validate_data_config(cfg.data)
@@ -51,10 +46,8 @@ def validate(cfg) -> None:
 
 def make_task(cfg):
   """The Task of the shared loop on a resolved config (`resolve`)."""
-  from common.recipes import image_tokenizer
-  from common.tasks.mixed_modal import mixed_modal_task
-  from moma.model import build_moma_model
   return mixed_modal_task(cfg, build_moma_model, loss_fn=moma_loss, image_tokenizer=image_tokenizer.for_data(cfg.data))
+
 
 if __name__ == "__main__":
   cli(make_task, validate, resolve)

@@ -16,9 +16,7 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
-
-from common.cli import ArgumentParser  # pylint: disable=g-import-not-at-top
+from common.cli import ArgumentParser
 
 DEFAULT_STEPS = 300
 DEFAULT_LEARNING_RATE = 3e-3

@@ -14,11 +14,21 @@ weights only, so it costs a dense layer of the same shapes (sec. 2.2); the count
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
+from flax import nnx
 
-from common.config import ConfigError, require  # pylint: disable=g-import-not-at-top
+from common.config import ConfigError, require
+from common.data.mixed_modal import scenes, validate_data_config
+from common.flops import training_flops_per_token
+from common.models import validate_model_config
+from common.recipes import image_tokenizer
+from common.tasks import mixed_modal
+from common.tasks.mixed_modal import mixed_modal_task
+from common.train.__main__ import cli as common_cli
+from mot.evaluate import generate_captions
+from mot.model import DenseWithModality, MoTLM, validate_mot_config
+from mot.transfusion import TransfusionLM, transfusion_loss
 
 SAMPLE_SEED = 4242  # the scenes captioned in the eval log (fixed, so captions can be compared across evals)
 
@@ -27,8 +37,6 @@ def resolve(cfg):
   """Fills what model.* derives from data.* (in place; returns cfg): the setting, one weight set per modality,
   the Transfusion patch shapes (patch_dim = 3 x data.patch_size^2, patches_per_image = (data.image_size /
   data.patch_size)^2) and the mixed vocabulary (`common.tasks.mixed_modal.resolve`)."""
-  from common.recipes import image_tokenizer
-  from common.tasks import mixed_modal
   m, d = cfg.model, cfg.data
   m.setting = d.setting
   if m.get("name") == "mot":
@@ -42,9 +50,6 @@ def resolve(cfg):
 
 def validate(cfg) -> None:
   """Checks of a resolved config (`resolve`), naming the key."""
-  from common.data.mixed_modal import validate_data_config
-  from common.models import validate_model_config
-  from mot.model import validate_mot_config
   validate_data_config(cfg.data)
   m = cfg.model
   require(m.get("name") in ("mot", "dense_lm"), "model.name", f"must be 'mot' or 'dense_lm', got '{m.get('name')}'")
@@ -70,13 +75,11 @@ def caption_samples(cfg, data):
   n = int(cfg.eval.get("sample_images", 0))
   if n <= 0 or "image" not in cfg.data.modalities:
     return None
-  from common.data.mixed_modal import scenes
   image_size = int(cfg.data.image_size)
   sampled = scenes.sample_scenes(n, SAMPLE_SEED, image_size)
   images = scenes.render_batch(sampled, image_size)
 
   def samples(model):
-    from mot.evaluate import generate_captions
     texts = generate_captions(model, data.vocab, images, image_tokenizer=data.image_tokenizer,
                               patch_size=int(cfg.data.patch_size))
     return {f"[image: {scenes.caption(s)}] -> ": t for s, t in zip(sampled, texts)}
@@ -88,9 +91,6 @@ def build_mot_model(model_cfg, seed: int):
   """The model of `model.name` ('mot' | 'dense_lm') and `model.setting` ('chameleon' | 'transfusion').
   Chameleon: `mot.model.MoTLM`, or the common dense LM as the baseline. Transfusion:
   `mot.transfusion.TransfusionLM`, whose dense baseline is `model.untied=False` (one weight group)."""
-  from flax import nnx
-  from mot.model import DenseWithModality, MoTLM
-  from mot.transfusion import TransfusionLM
   rngs = nnx.Rngs(params=seed)
   name = model_cfg.name
   if name not in ("mot", "dense_lm"):
@@ -102,11 +102,6 @@ def build_mot_model(model_cfg, seed: int):
 
 def make_task(cfg):
   """The Task of the shared loop (`common.tasks.mixed_modal`) for `build_mot_model`, on a resolved config."""
-  import dataclasses
-  from common.flops import training_flops_per_token
-  from common.recipes import image_tokenizer
-  from common.tasks.mixed_modal import mixed_modal_task
-  from mot.transfusion import transfusion_loss
   transfusion = cfg.data.setting == "transfusion"
   task = mixed_modal_task(cfg, build_mot_model, loss_fn=transfusion_loss if transfusion else None,
                           flops_per_token=training_flops_per_token, image_tokenizer=image_tokenizer.for_data(cfg.data))
@@ -117,7 +112,6 @@ def make_task(cfg):
 
 
 def cli() -> None:
-  from common.train.__main__ import cli as common_cli
   common_cli(make_task, validate, resolve)
 
 

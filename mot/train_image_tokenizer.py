@@ -6,14 +6,11 @@ names; they read it with `common.recipes.image_tokenizer.load_image_tokenizer`.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX: see common/train/__main__.py
+from common.tasks.vq import validate_vq_task_config, vq_task
+from common.train.__main__ import cli as common_cli
 
 
 def cli() -> None:
-  from common.train.__main__ import cli as common_cli
-  from common.tasks.vq import validate_vq_task_config, vq_task
   common_cli(vq_task, validate_vq_task_config)
 
 

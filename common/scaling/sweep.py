@@ -18,12 +18,10 @@ import sys
 import time
 from typing import Callable, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as common.train: no C++ log noise on stderr
-
-from common.cli import ArgumentParser  # pylint: disable=g-import-not-at-top
-from common.config import ConfigError, run_main  # pylint: disable=g-import-not-at-top
-from common.scaling import budget as budget_lib  # pylint: disable=g-import-not-at-top
-from common.scaling import commands, families  # pylint: disable=g-import-not-at-top
+from common.cli import ArgumentParser
+from common.config import ConfigError, run_main
+from common.scaling import budget as budget_lib
+from common.scaling import commands, families
 
 RUN_INFO = "scaling.json"   # in each run's workdir: what the planner intended (family, size, budget, ...)
 SWEEP_INFO = "sweep.json"   # in the sweep folder: the plan and the (budget, size) pairs left out
