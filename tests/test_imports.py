@@ -20,11 +20,11 @@ FLOORS = (
                      "common.flops", "common.tokenizers", "common.eval")),
     ("data", ("common.data", "common.configs", "common.eval.math_data")),
     ("nn", ("common.nn", "common.kernels")),
-    ("models", ("common.models", "common.generate", "common.scoring", "common.hub")),
+    ("models", ("common.models", "common.generate", "common.scoring")),
     ("tasks", ("common.tasks",)),
     ("train", ("common.train",)),
-    ("recipes", ("common.recipes", "common.hub.__main__")),
-    ("top", ("common.scaling", "common.plan", "common.reproduce")),
+    ("recipes", ("common.recipes",)),
+    ("top", ("common.hub", "common.scaling", "common.plan", "common.reproduce")),
 )
 LEVEL = {prefix: i for i, (_, prefixes) in enumerate(FLOORS) for prefix in prefixes}
 NAMES = [name for name, _ in FLOORS]

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common import hub, sharding
+from common import sharding
+from common.models import checkpoint_library as hub
 from common.config import ConfigError, parse_argv, require, run_main
 from common.data import LMData
 from common.data.packing import make_inputs, pack_documents

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
-from common import hub
+from common.models import checkpoint_library as hub
 from common.config import ConfigError, require
 from common.flops import flops_for
 from common.models import build_model, padded_vocab_size, validate_model_config

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from common import hub
-from common.hub.__main__ import main as hub_main, publish
+from common.hub import publish
+from common.hub.__main__ import main as hub_main
 from common.config import ConfigError, run_main
 from common.configs.base import dense_model
 from common.models import build_model

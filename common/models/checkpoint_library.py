@@ -1,9 +1,11 @@
 """The shared checkpoint library: named checkpoints with their model config and tokenizer, so that one
-package's output (a pretrained base, an SFT model) is another's input by name.
+package's output (a pretrained base, an SFT model) is another's input by name. Storing and reading entries is
+model loading (as `hf_llama` is), so it sits on the models floor, where the SFT task and the recipes reach it;
+`common.hub` (top floor) is the same library as users see it, plus publishing a training run and the command line.
 
     common.hub.save("tiny-base", model_cfg, model, tokenizer=tok, metadata={"eval/loss": 2.1})
     model_cfg, model, tokenizer, metadata = common.hub.load("tiny-base", mesh=mesh)
-    python -m common.hub list | show NAME [--root=DIR]           (common/hub/__main__.py)
+    python -m common.hub list | show NAME [--root=DIR]
     python -m common.hub publish --workdir=RUN --name=NAME [--merge_lora] [--root=DIR]
 
 The library is a folder, `root`, `$META_PAPERS_HUB`, or ~/.cache/meta_papers_jax/hub, in that order of
