@@ -8,7 +8,13 @@ after the prompt every row writes its cache slots in the order of its positions,
 a windowed layer relies on (`common.nn.kv_cache`); right padding would leave pad keys inside the ring.
 One prefill over the whole prompt batch, then one cached decode step per new token, either all under one
 `lax.while_loop` (`loop="while"`, the default) or as a Python loop over a jitted step (`loop="python"`);
-`python -m bench.generate` times both. A row finishes at its first stop id; the loop ends when all have.
+`python -m bench.generate` times both. A row finishes at its first stop id, or (with a tokenizer) as soon as
+its decoded text contains a stop string, which the host checks after each step of the Python loop (stop
+strings take that loop); the loop ends when all rows have finished.
+
+Inputs are checked where they enter: ids outside the model's vocabulary (their embedding lookup gives zeros
+or NaN, silently), a tokenizer larger than the model's vocabulary, and prompts that with `max_new_tokens`
+pass the model's context (`model.max_len`) are refused with the numbers.
 
 Sampling follows the usual order: temperature, then top-k, then top-p, the nucleus of Holtzman et al. 2020
 (Sec. 3.1): the fewest most likely tokens whose probability reaches p. The draw of step t uses the key
@@ -29,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from common.models.hf_llama import mask_padded_vocab
 from common.nn.kv_cache import CACHE_AXES
 from common.sharding import batch_sharding, data_parallel_size, spec_for, state_shardings
-from common.tokenizers import Tokenizer
+from common.tokenizers import Tokenizer, check_tokenizer_fits
 
 PROMPT_BUCKET = 32
 LOOPS = ("while", "python")
@@ -190,6 +196,71 @@ def _generate_python(plan: _Plan, state: nnx.State, tokens: jax.Array, lengths: 
   return loop["out"]
 
 
+def model_limits(model: nnx.Module) -> tuple[int, int]:
+  """(vocabulary size, context length; 0 where unknown or unbounded) from a dense-LM-shaped `model.cfg`."""
+  cfg = getattr(model, "cfg", None)
+  if cfg is None:
+    return 0, 0
+  return int(cfg.get("vocab_size", 0)), int(cfg.get("max_len", 0))
+
+
+def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
+  """Refuses an id outside [0, vocab_size), naming the row, the id and the vocabulary."""
+  if not vocab_size:
+    return
+  for i, row in enumerate(rows):
+    ids = np.asarray(row, np.int64)
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+      raise ValueError(f"{what} {i} holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
+
+
+def check_context(lengths: Sequence[int], max_len: int, what: str, *, new_tokens: int = 0) -> None:
+  """Refuses a row of more than `max_len` tokens (with `new_tokens` to generate), naming the lengths."""
+  if not max_len or not len(lengths):
+    return
+  i = int(np.argmax(lengths))
+  if lengths[i] + new_tokens > max_len:
+    plus = f" + max_new_tokens {new_tokens} = {lengths[i] + new_tokens}" if new_tokens else ""
+    raise ValueError(f"{what} {i} has {lengths[i]} tokens{plus}, more than the model's context of {max_len} "
+                     "(model.max_len)")
+
+
+class StopStrings:
+  """Host-side watch of the rows' generated text: which rows have just produced a stop string. Only a tail
+  of each row is decoded, long enough to hold a whole stop string (4 bytes a character, one a token at
+  worst) found at the step that completes it."""
+
+  def __init__(self, tokenizer: Tokenizer, strings: Sequence[str], rows: int):
+    self.tokenizer, self.strings = tokenizer, [s for s in strings if s]
+    self.tail = 4 * max((len(s) for s in self.strings), default=0) + 8
+    self.ids: list[list[int]] = [[] for _ in range(rows)]
+
+  def update(self, tokens: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Appends each unfinished row's new token; bool [rows]: the rows whose text now holds a stop string."""
+    stopped = np.zeros(len(tokens), bool)
+    for r in np.flatnonzero(~done):
+      self.ids[r].append(int(tokens[r]))
+      text = self.tokenizer.decode(self.ids[r][-self.tail:])
+      stopped[r] = any(s in text for s in self.strings)
+    return stopped
+
+
+def _generate_watched(plan: _Plan, state: nnx.State, tokens: jax.Array, lengths: jax.Array, key: jax.Array,
+                      watch: StopStrings) -> jax.Array:
+  """The Python loop with the host's stop-string check after every token: out [batch, steps taken]."""
+  loop = _prefill_jit(plan, state, tokens, lengths, key)
+  while True:
+    done = np.asarray(jax.device_get(loop["done"]))
+    stopped = watch.update(np.asarray(jax.device_get(loop["token"])), done)
+    if stopped.any():
+      loop["done"] = put_batch(done | stopped, plan.mesh)
+    step = int(loop["step"])
+    if step >= plan.max_new_tokens or (done | stopped).all():
+      return loop["out"][:, :step]
+    loop, _ = _python_step(plan, state, loop)
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens int32 [rows, width], lengths [rows]): prompts right-aligned, width a multiple of
   PROMPT_BUCKET; rows past the prompts (filling the mesh) are all padding, of length 0."""
@@ -210,8 +281,9 @@ def until_stop_id(row: np.ndarray, stop_ids: Sequence[int]) -> list[int]:
 
 def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (), seed: int = 0,
-                 mesh: Mesh | None = None, loop: str = "while") -> list[list[int]]:
-  """The new ids of each prompt, up to its first stop id (left out) or `max_new_tokens`."""
+                 mesh: Mesh | None = None, loop: str = "while", watch: StopStrings | None = None) -> list[list[int]]:
+  """The new ids of each prompt, up to its first stop id (left out) or `max_new_tokens`; with `watch`, a
+  row also ends at the step its text first holds a stop string (the string itself is not cut here)."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if loop not in LOOPS:
@@ -221,10 +293,15 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
     raise ValueError(f"prompts {empty[:5]} are empty: a prompt needs at least one token (e.g. BOS)")
   if not prompts:
     return []
+  vocab_size, max_len = model_limits(model)
+  check_token_ids(prompts, vocab_size, "prompt")
+  check_context([len(p) for p in prompts], max_len, "prompt", new_tokens=int(max_new_tokens))
   graph, state = split_for_jit(model, mesh)
   tokens, lengths = _left_pad(prompts, padded_batch(len(prompts), mesh))
   plan = _Plan(graph, sampling, tuple(int(i) for i in stop_ids), int(max_new_tokens), mesh)
   run = _generate_while if loop == "while" else _generate_python
+  if watch is not None:
+    run = functools.partial(_generate_watched, watch=watch)
   with under_mesh(mesh):
     out = run(plan, state, put_batch(tokens, mesh), put_batch(lengths, mesh), jax.random.key(seed))
   out = np.asarray(jax.device_get(out))
@@ -250,20 +327,35 @@ def truncate_at_stop_strings(ids: list[int], tokenizer: Tokenizer, stop_strings:
   return ids[:kept]
 
 
+def _generate_rows(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   temperature: float, top_k: int, top_p: float, stop_ids: Sequence[int],
+                   stop_strings: Sequence[str], tokenizer: Tokenizer | None, seed: int, mesh: Mesh | None,
+                   loop: str) -> list[list[int]]:
+  """`generate`'s rows before the cut at stop strings: each ends after the token that completes one."""
+  if stop_strings and tokenizer is None:
+    raise ValueError("stop_strings need a tokenizer to decode the generated ids")
+  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+  vocab_size = model_limits(model)[0]
+  if tokenizer is not None and vocab_size:
+    check_tokenizer_fits(tokenizer, vocab_size)
+  sampling = Sampling(float(temperature), int(top_k), float(top_p), tokenizer.vocab_size if tokenizer else 0)
+  watch = StopStrings(tokenizer, stop_strings, padded_batch(len(prompts), mesh)) if stop_strings else None
+  return generate_ids(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+                      seed=seed, mesh=mesh, loop=loop, watch=watch)
+
+
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
              stop_strings: Sequence[str] = (), tokenizer: Tokenizer | None = None, seed: int = 0,
              mesh: Mesh | None = None, loop: str = "while") -> list[list[int]]:
   """New token ids for each prompt (lists of ids): at most `max_new_tokens`, ending before the first stop
-  id and, with a tokenizer, before the first stop string of the row's decoded text. The tokenizer's
-  vocabulary also bounds the ids drawn (a model vocabulary padded past it)."""
-  if stop_strings and tokenizer is None:
-    raise ValueError("stop_strings need a tokenizer to decode the generated ids")
-  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-  sampling = Sampling(float(temperature), int(top_k), float(top_p), tokenizer.vocab_size if tokenizer else 0)
-  rows = generate_ids(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
-                      seed=seed, mesh=mesh, loop=loop)
+  id and, with a tokenizer, before the first stop string of the row's decoded text (the row stops being
+  decoded there; stop strings run the Python loop). The tokenizer's vocabulary also bounds the ids drawn (a
+  model vocabulary padded past it) and must fit the model's."""
+  rows = _generate_rows(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, seed=seed,
+                        mesh=mesh, loop=loop)
   if stop_strings:
     rows = [truncate_at_stop_strings(row, tokenizer, stop_strings) for row in rows]
   return rows
@@ -274,14 +366,17 @@ def text_generate_fn(model: nnx.Module, tokenizer: Tokenizer, *, max_new_tokens:
                      mesh: Mesh | None = None, bos: bool = True) -> Callable[[list[str], int], list[list[str]]]:
   """The `generate_fn(prompts, n)` of `common.eval.harness.evaluate_generations`: n completions (text, cut
   exactly before the first stop string) of each prompt, all n * len(prompts) rows in one batch. Prompts are
-  encoded with the tokenizer's BOS when it has one and `bos`; its stop ids end a row."""
+  encoded with the tokenizer's BOS when it has one and `bos`; its stop ids and the stop strings end a row."""
   use_bos = bos and tokenizer.bos_id is not None
+  vocab_size = model_limits(model)[0]
+  if vocab_size:
+    check_tokenizer_fits(tokenizer, vocab_size)
 
   def generate_fn(prompts: list[str], n: int) -> list[list[str]]:
     encoded = [tokenizer.encode(p, bos=use_bos) for p in prompts]
-    rows = generate(model, [ids for ids in encoded for _ in range(n)], max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids,
-                    tokenizer=tokenizer, seed=seed, mesh=mesh)
+    rows = _generate_rows(model, [ids for ids in encoded for _ in range(n)], max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids,
+                          stop_strings=stop_strings, tokenizer=tokenizer, seed=seed, mesh=mesh, loop="while")
     texts = [tokenizer.decode(row) for row in rows]
     texts = [text[:stop_string_cut(text, stop_strings)] for text in texts]
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

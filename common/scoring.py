@@ -5,7 +5,9 @@ The log-probability of a continuation c given a prompt x is sum_t log p(c_t | x,
 forward pass over x + c (teacher forcing), as in the multiple-choice evaluations of GPT-3 (Brown et al.
 2020, Sec. 2.4), which also compare options by their length-normalised log-likelihood. Examples are sorted
 by length and batched with right padding (width a multiple of `WIDTH_BUCKET`); padding tokens carry
-segment id 0, so the real tokens never attend to them and their scores do not depend on the batch.
+segment id 0, so the real tokens never attend to them and their scores do not depend on the batch. Ids
+outside the model's vocabulary and rows longer than its context (`model.max_len`) are refused, as in
+`common.generate`.
 
 Similarity: a text's embedding is the mean of the model's final hidden states over its tokens (padding
 masked out), compared by cosine, as sentence embeddings from mean-pooled states (Reimers & Gurevych 2019,
@@ -25,7 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from common.generate import StaticGraph, padded_batch, put_batch, split_for_jit, under_mesh
+from common.generate import (StaticGraph, check_context, check_token_ids, model_limits, padded_batch, put_batch,
+                             split_for_jit, under_mesh)
 from common.models.hf_llama import mask_padded_vocab
 
 WIDTH_BUCKET = 32
@@ -60,8 +63,13 @@ def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
   empty = [i for i, p in enumerate(prompts) if not len(p)]
   if empty:
     raise ValueError(f"prompts {empty[:5]} are empty: the first token needs a context (e.g. BOS)")
-  graph, state = split_for_jit(model, mesh)
   rows = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+  model_vocab, max_len = model_limits(model)
+  if vocab_size and model_vocab and vocab_size > model_vocab:
+    raise ValueError(f"vocab_size {vocab_size} (the tokenizer's) exceeds the model's vocabulary of {model_vocab}")
+  check_token_ids(rows, model_vocab, "example")
+  check_context([len(row) - 1 for row in rows], max_len, "input (prompt + continuation but its last token) of example")
+  graph, state = split_for_jit(model, mesh)
   order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
   results: list[Scored | None] = [None] * len(rows)
   for start in range(0, len(order), batch_size):
@@ -123,6 +131,9 @@ def embed_texts(model: nnx.Module, token_rows: Sequence[Sequence[int]], *, batch
   independent of its batch mates and of the padding."""
   if any(not len(row) for row in token_rows):
     raise ValueError("embed_texts needs at least one token in every row")
+  vocab_size, max_len = model_limits(model)
+  check_token_ids(token_rows, vocab_size, "row")
+  check_context([len(row) for row in token_rows], max_len, "row")
   graph, state = split_for_jit(model, mesh)
   order = sorted(range(len(token_rows)), key=lambda i: len(token_rows[i]))
   out = np.zeros((len(token_rows), model.cfg.d_model), np.float32)

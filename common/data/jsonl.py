@@ -1,5 +1,5 @@
-"""Reading jsonl files of examples (SFT data, MATH / GSM8K problems) with one error per bad line, naming the file
-and the line, in whatever error type the caller reports bad input with."""
+"""Reading jsonl files of examples (SFT data, math problems in any public layout) with one error per bad line,
+naming the file and the line, in whatever error type the caller reports bad input with."""
 from __future__ import annotations
 
 import json

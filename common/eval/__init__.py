@@ -1,5 +1,6 @@
-"""Evaluation: text and math answer metrics, pass@k / majority@k, MATH and GSM8K loaders, and a
-harness that scores sampled generations.
+"""Evaluation: text and math answer metrics (math graded in a bounded worker pool), pass@k / majority@k, loaders
+of the public math layouts (MATH, GSM8K, AIME/AMC, OlympiadBench, Minerva), and a harness that scores sampled
+generations.
 
     from common.eval import evaluate_generations, load_math, generation_examples
     problems = load_math("../shared/data/math/math500_test.jsonl")
@@ -25,6 +26,10 @@ _LAZY = {
     "load_math": "math_data",
     "load_gsm8k": "math_data",
     "load_math_problems": "math_data",
+    "detect_layout": "math_data",
+    "Fields": "math_data",
+    "LAYOUTS": "math_data",
+    "WorkerPool": "worker_pool",
     "generation_examples": "math_data",
     "GenerationExample": "harness",
     "Metric": "harness",

@@ -61,7 +61,8 @@ def _entry(name: str, root) -> epath.Path:
   folder = hub_root(root) / _check_name(name)
   if not (folder / ENTRY_FILE).exists():
     known = ", ".join(list_checkpoints(root)[:12]) or "none"
-    raise ConfigError(f"hub checkpoint '{name}': not found in '{hub_root(root)}' (known: {known})")
+    build = "; build it with `python -m common.recipes.pretrain_base`" if name == "tiny-base" else ""
+    raise ConfigError(f"hub checkpoint '{name}': not found in '{hub_root(root)}' (known: {known}){build}")
   return folder
 
 

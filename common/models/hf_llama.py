@@ -45,14 +45,28 @@ from common.config import ConfigError
 from common.configs.base import dense_model
 from common.models.dense_lm import DenseLM, padded_vocab_size
 from common.sharding import state_shardings
+from common.tokenizers import Tokenizer, check_tokenizer_fits
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
 # --- config.json <-> model config ---------------------------------------------------------------------
+
+
+def _ids(value) -> list[int]:
+  """An HF token id field (None, an int or a list of ints) as a list."""
+  if value is None:
+    return []
+  return [int(i) for i in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _one_id(value) -> int:
+  ids = _ids(value)
+  return ids[0] if ids else -1
 
 
 def _rope_from_hf(hf: dict, path: str) -> tuple[float, dict]:
@@ -77,9 +91,11 @@ def _rope_from_hf(hf: dict, path: str) -> tuple[float, dict]:
                             original_max_len=int(scaling["original_max_position_embeddings"]))
 
 
-def model_config_from_hf(hf: dict, *, path: str = CONFIG_FILE, dtype: str = "float32",
-                         pad_vocab: bool = False) -> ml_collections.ConfigDict:
-  """The `model.*` section of the dense LM for a Hugging Face Llama config.json (as a dict)."""
+def model_config_from_hf(hf: dict, *, path: str = CONFIG_FILE, dtype: str = "float32", pad_vocab: bool = False,
+                         generation: dict | None = None) -> ml_collections.ConfigDict:
+  """The `model.*` section of the dense LM for a Hugging Face Llama config.json (as a dict). The special ids
+  of `generation` (generation_config.json) win over config.json's, as in transformers: a Llama 3 Instruct
+  lists its end-of-turn ids there only."""
   archs = hf.get("architectures") or ["LlamaForCausalLM"]
   if hf.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
     raise ConfigError(f"{path}: unsupported architecture {archs} (model_type '{hf.get('model_type')}'); "
@@ -95,6 +111,7 @@ def model_config_from_hf(hf: dict, *, path: str = CONFIG_FILE, dtype: str = "flo
   n_heads = int(hf["num_attention_heads"])
   head_dim = int(hf.get("head_dim") or hf["hidden_size"] // n_heads)
   vocab = int(hf["vocab_size"])
+  special = {**hf, **{k: v for k, v in (generation or {}).items() if v is not None}}
   return dense_model(
       vocab_size=padded_vocab_size(vocab) if pad_vocab else vocab, d_model=int(hf["hidden_size"]),
       n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
@@ -102,12 +119,15 @@ def model_config_from_hf(hf: dict, *, path: str = CONFIG_FILE, dtype: str = "flo
       head_dim=0 if head_dim * n_heads == int(hf["hidden_size"]) else head_dim,
       d_ff=int(hf["intermediate_size"]), rope_theta=theta, rope_scaling=ml_collections.ConfigDict(scaling),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      dtype=dtype)
+      max_len=int(hf.get("max_position_embeddings") or 0), bos_id=_one_id(special.get("bos_token_id")),
+      eos_ids=tuple(_ids(special.get("eos_token_id"))), pad_id=_one_id(special.get("pad_token_id")), dtype=dtype)
 
 
-def hf_config_from_model(m, *, vocab_size: int | None = None, max_position_embeddings: int = 8192,
+def hf_config_from_model(m, *, vocab_size: int | None = None, max_position_embeddings: int | None = None,
                          dtype: str = "float32") -> dict:
-  """config.json for a dense-LM `model.*` section; features HF Llama lacks are refused, naming the key."""
+  """config.json for a dense-LM `model.*` section; features HF Llama lacks are refused, naming the key.
+  `max_position_embeddings` defaults to `model.max_len` (8192 where that is 0, unbounded). Special ids are
+  written even where absent (None): transformers would otherwise fall back to Llama 2's bos 1 / eos 2."""
   if m.name != "dense_lm":
     raise ConfigError(f"config key 'model.name': only dense_lm exports to Llama, got '{m.name}'")
   for key, ok in (("window", not m.window), ("qk_norm", not m.get("qk_norm", False)),
@@ -126,8 +146,18 @@ def hf_config_from_model(m, *, vocab_size: int | None = None, max_position_embed
       intermediate_size=int(m.d_ff), num_hidden_layers=int(m.n_layers), num_attention_heads=int(m.n_heads),
       num_key_value_heads=int(m.n_kv_heads), head_dim=int(m.head_dim or m.d_model // m.n_heads),
       rms_norm_eps=float(m.norm_eps), rope_theta=float(m.rope_theta), rope_scaling=rope_scaling,
-      tie_word_embeddings=bool(m.tie_embeddings), max_position_embeddings=int(max_position_embeddings),
-      torch_dtype=dtype)
+      tie_word_embeddings=bool(m.tie_embeddings),
+      max_position_embeddings=int(max_position_embeddings or m.get("max_len", 0) or 8192), torch_dtype=dtype,
+      **special_ids(m))
+
+
+def special_ids(m) -> dict:
+  """bos/eos/pad token ids of a `model.*` section as HF writes them: None where absent, eos a list when
+  several (a Llama 3 Instruct stops on <|end_of_text|>, <|eom_id|> and <|eot_id|>)."""
+  eos = [int(i) for i in m.get("eos_ids", ())]
+  bos, pad = int(m.get("bos_id", -1)), int(m.get("pad_id", -1))
+  return dict(bos_token_id=bos if bos >= 0 else None, eos_token_id=eos if len(eos) > 1 else (eos or [None])[0],
+              pad_token_id=pad if pad >= 0 else None)
 
 
 # --- tensor names and layouts ------------------------------------------------------------------------
@@ -234,20 +264,27 @@ def _hf_shape(kind: str, shape: tuple, hf_vocab: int) -> tuple:
   return (math.prod(shape[1:]), shape[0])
 
 
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ConfigError(f"'{path}': not JSON ({e})") from None
+
+
 def load_hf_llama(path: str, *, mesh: Mesh | None = None, dtype: str = "float32",
                   pad_vocab: bool = False) -> tuple[ml_collections.ConfigDict, DenseLM]:
   """(model config, DenseLM) from a local HF Llama folder; parameters (f32) land on `mesh` sharded by
-  `common.sharding`, or on the first device. `dtype` is the compute dtype (`model.dtype`)."""
+  `common.sharding`, or on the first device. `dtype` is the compute dtype (`model.dtype`). The config keeps
+  the context length and the special ids (of generation_config.json where there is one)."""
   path = os.path.expanduser(path)
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise ConfigError(f"'{config_path}': no such file (expected a Hugging Face Llama checkpoint folder)")
-  with open(config_path) as f:
-    try:
-      hf = json.load(f)
-    except ValueError as e:
-      raise ConfigError(f"'{config_path}': not JSON ({e})") from None
-  cfg = model_config_from_hf(hf, path=config_path, dtype=dtype, pad_vocab=pad_vocab)
+  hf = _read_json(config_path)
+  generation_path = os.path.join(path, GENERATION_CONFIG_FILE)
+  generation = _read_json(generation_path) if os.path.isfile(generation_path) else None
+  cfg = model_config_from_hf(hf, path=config_path, dtype=dtype, pad_vocab=pad_vocab, generation=generation)
   hf_vocab = int(hf["vocab_size"])
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DenseLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   if mesh is None:
@@ -314,12 +351,15 @@ def _plan_shards(tensors: dict[str, tuple[tuple, Callable]], itemsize: int, max_
 
 def save_hf_llama(model_cfg, model: nnx.Module, path: str, *, vocab_size: int | None = None,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  max_position_embeddings: int = 8192, extra_config: dict | None = None) -> None:
-  """Writes config.json and model.safetensors (or numbered shards plus model.safetensors.index.json above
-  `max_shard_bytes`) that `transformers.LlamaForCausalLM.from_pretrained(path)` loads. `vocab_size` drops
-  the padded rows of a model trained with a padded vocabulary; `extra_config` adds config.json keys the model
-  config does not hold (e.g. the tokenizer's `bos_token_id` / `eos_token_id`). Tensors are gathered one
-  shard file at a time; only process 0 writes. Refuses a path that exists and is not an empty folder."""
+                  max_position_embeddings: int | None = None, extra_config: dict | None = None,
+                  tokenizer: Tokenizer | None = None) -> None:
+  """Writes config.json, generation_config.json and model.safetensors (or numbered shards plus
+  model.safetensors.index.json above `max_shard_bytes`) that `transformers.LlamaForCausalLM.from_pretrained
+  (path)` loads and generates with. `vocab_size` drops the padded rows of a model trained with a padded
+  vocabulary. The special ids come from the model config, or from `tokenizer` where given (its bos, its
+  stop ids as eos, its pad); `extra_config` adds or overrides config.json keys, and the generation config
+  follows its ids. Tensors are gathered one shard file at a time; only process 0 writes. Refuses a path
+  that exists and is not an empty folder."""
   path = os.path.expanduser(path)
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise ConfigError(f"'{path}': exists and is not an empty folder; refusing to overwrite")
@@ -330,7 +370,12 @@ def save_hf_llama(model_cfg, model: nnx.Module, path: str, *, vocab_size: int | 
     raise ConfigError(f"vocab_size {vocab} exceeds model.vocab_size {model_cfg.vocab_size}")
   hf_config = hf_config_from_model(model_cfg, vocab_size=vocab, max_position_embeddings=max_position_embeddings,
                                    dtype=dtype)
+  if tokenizer is not None:
+    check_tokenizer_fits(tokenizer, vocab)
+    hf_config.update(special_ids(dict(bos_id=_one_id(tokenizer.bos_id), eos_ids=tokenizer.stop_ids,
+                                      pad_id=_one_id(tokenizer.pad_id))))
   hf_config.update(extra_config or {})
+  generation = {k: hf_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
   np_dtype = np.float32 if dtype == "float32" else jnp.bfloat16
 
   tensors: dict[str, tuple[tuple, Callable]] = {}
@@ -364,6 +409,8 @@ def save_hf_llama(model_cfg, model: nnx.Module, path: str, *, vocab_size: int | 
       json.dump(index, f, indent=2)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(hf_config, f, indent=2)
+  with open(os.path.join(path, GENERATION_CONFIG_FILE), "w") as f:
+    json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
 
 
 def _natural_key(name: str) -> tuple:

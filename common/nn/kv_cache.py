@@ -11,6 +11,10 @@ step writes its new keys into their slots and attends over the cache where it li
 - a windowed layer (Beltagy et al. 2020's sliding window, as in Mistral) gets a ring buffer of `window`
   slots: token i of a row goes to slot i mod window, overwriting the one key that has just left the window.
 
+A full-attention cache (or a windowed one shorter than its window) has no slot past its end: writing there
+would wrap around onto keys still needed, so it is refused (`CacheOverflowError`, raised at once outside jit,
+from a host callback under jit), whereas the ring buffer of a windowed layer wraps by design.
+
 Rows advance independently (`length` per row, and an `advance` mask per step), which the BLT needs: its
 global model takes a step only for the rows whose patch has just closed (Pagnoni et al. 2024, Sec. 3.1).
 """
@@ -20,6 +24,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 EMPTY = -1  # position of a slot that holds no key yet
 
@@ -39,6 +44,34 @@ class KVCache(NamedTuple):
 # Logical axes of each field (common.sharding), for placing caches on a mesh.
 CACHE_AXES = dict(k=("batch", "kv_heads", "length", "head_dim"), v=("batch", "kv_heads", "length", "head_dim"),
                   positions=("batch", "length"), segment_ids=("batch", "length"), length=("batch",))
+
+
+class CacheOverflowError(ValueError):
+  """Decoding past the end of a cache that is not a ring buffer."""
+
+
+def _overflow(end: np.ndarray, slots: int) -> None:
+  end = np.asarray(end)
+  if (end > slots).any():
+    raise CacheOverflowError(f"decoding past the end of the KV cache: rows would hold {end.max()} tokens in "
+                             f"{slots} slots; initialise the cache with a larger max_len")
+
+
+def check_room(cache: KVCache, new: int, advance: jax.Array | None = None) -> None:
+  """Raises CacheOverflowError if writing `new` tokens (to the rows that advance) would pass the cache's
+  last slot."""
+  end = cache.length + (new if advance is None else jnp.where(advance, new, 0))
+  if not isinstance(end, jax.core.Tracer):
+    _overflow(end, cache.slots)
+    return
+  jax.lax.cond(jnp.any(end > cache.slots), lambda: jax.debug.callback(_overflow, end, cache.slots),
+               lambda: None)
+
+
+def is_ring(cache: KVCache, window: int) -> bool:
+  """Whether a layer's cache wraps by design: a window no longer than its slots, so the key a new one
+  overwrites has left the window."""
+  return bool(window) and cache.slots >= window
 
 
 def cache_slots(max_len: int, window: int) -> int:
@@ -111,7 +144,11 @@ def write(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array, segm
 def decode_blocks(blocks: Sequence, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                   caches: Sequence[KVCache], advance: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
   """Runs a stack of `common.nn.Block`s on new tokens x [batch, new, d_model] with one cache per block:
-  a prompt (prefill) or one token at a time. Returns (x, the updated caches)."""
+  a prompt (prefill) or one token at a time. Returns (x, the updated caches). Refuses to pass the end of a
+  cache that is not a ring buffer (all caches of a stack hold the same rows, so the shortest is checked)."""
+  bounded = [cache for block, cache in zip(blocks, caches) if not is_ring(cache, block.attn.window)]
+  if bounded:
+    check_room(min(bounded, key=lambda c: c.slots), x.shape[1], advance)
   out = []
   for block, cache in zip(blocks, caches):
     x, cache = block.decode(x, positions, segment_ids, cache, advance)

@@ -1,4 +1,5 @@
-"""MATH and GSM8K loaders on the real files and on small hand-written ones."""
+"""Math-problem loaders (MATH, GSM8K, AIME/AMC, OlympiadBench, Minerva layouts) on the real files and on small
+hand-written ones."""
 from __future__ import annotations
 
 import json
@@ -69,17 +70,92 @@ def test_bad_gsm8k_files_name_the_path_and_line(tmp_path, content, message):
     math_data.load_gsm8k(str(bad))
 
 
+def _write(tmp_path, name: str, *rows) -> str:
+  path = tmp_path / name
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  return str(path)
+
+
 def test_bad_math_files_name_the_path(tmp_path):
   with pytest.raises(ConfigError, match=r"missing\.jsonl: no such file"):
     math_data.load_math(str(tmp_path / "missing.jsonl"))
-  bad = tmp_path / "bad.jsonl"
-  bad.write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
-  with pytest.raises(ConfigError, match=r"bad\.jsonl:1: missing key 'solution'"):
-    math_data.load_math(str(bad))
-  other = tmp_path / "other.jsonl"
-  other.write_text(json.dumps({"text": "hello"}) + "\n")
-  with pytest.raises(ConfigError, match=r"other\.jsonl:1: neither MATH"):
-    math_data.load_math_problems(str(other))
+  other = _write(tmp_path, "other.jsonl", {"text": "hello"})
+  with pytest.raises(ConfigError, match=r"other\.jsonl:1: no known layout has fields \['text'\]"):
+    math_data.load_math_problems(other)
+  with pytest.raises(ConfigError, match=r"layout 'mmlu': not one of"):
+    math_data.load_math_problems(other, "mmlu")
+  with pytest.raises(ConfigError, match=r"field mapping .*'question'"):
+    math_data.load_math_problems(other, {"question": "text"})
+
+
+# One hand-written row per public layout, and what it loads as: (problem, answer, solution, id).
+LAYOUT_ROWS = [
+    ("math", {"problem": "Find $x$.", "solution": r"So $x=\boxed{\frac{1}{2}}$.", "answer": r"\frac{1}{2}",
+              "subject": "Algebra", "level": 3, "unique_id": "test/algebra/1.json"},
+     ("Find $x$.", r"\frac{1}{2}", r"So $x=\boxed{\frac{1}{2}}$.", "test/algebra/1.json")),
+    ("math", {"problem": "Add.", "solution": r"It is $\boxed{\{1, 2\}}$.", "level": "Level 2", "type": "Algebra"},
+     ("Add.", r"\{1, 2\}", r"It is $\boxed{\{1, 2\}}$.", "1")),  # the original release: no `answer`
+    ("gsm8k", {"question": "Eggs?", "answer": "She has 3*4=<<3*4=12>>12.\n#### 1,200", "idx": 7},
+     ("Eggs?", "1200", "She has 3*4=12.", "7")),
+    ("aime", {"id": 60, "problem": "Find N mod 1000.", "solution": "Long.", "answer": 204, "url": "u"},
+     ("Find N mod 1000.", "204", "Long.", "60")),
+    ("aime", {"id": 0, "problem": "Halve 5.", "question": "Halve 5.", "answer": 2.5},
+     ("Halve 5.", "2.5", "", "0")),
+    ("amc", {"id": 3, "question": "How many?", "answer": 27.0}, ("How many?", "27", "", "3")),
+    ("olympiadbench", {"id": 2231, "question": "Find all pairs.", "solution": ["First.", "Second."],
+                       "final_answer": ["$(1,2)$", "$(3,4)$"], "subject": "Math"},
+     ("Find all pairs.", "(1,2), (3,4)", "First.\n\nSecond.", "2231")),
+    ("minerva", {"problem": "Compute the mass.", "solution": r"Thus $\boxed{4.5e3}$ kg.", "type": "Physics",
+                 "idx": 9},
+     ("Compute the mass.", "4.5e3", r"Thus $\boxed{4.5e3}$ kg.", "9")),
+]
+
+
+@pytest.mark.parametrize("layout,row,expected", LAYOUT_ROWS)
+def test_each_public_layout_is_detected_and_loaded(tmp_path, layout, row, expected):
+  path = _write(tmp_path, "data.jsonl", row)
+  assert math_data.detect_layout(row) == layout
+  for loaded in (math_data.load_math_problems(path), math_data.load_math_problems(path, layout)):
+    assert (loaded[0].problem, loaded[0].answer, loaded[0].solution, loaded[0].id) == expected
+
+
+def test_question_answer_rows_are_not_misread_as_gsm8k(tmp_path):
+  """GSM8K is told apart by its `####` answer, not by the `question` / `answer` field names."""
+  path = _write(tmp_path, "amc.jsonl", {"id": 11, "question": "Sum?", "answer": "7"},
+                {"id": 12, "question": "Half?", "answer": 0.25})
+  assert [(p.answer, p.id, p.solution) for p in math_data.load_math_problems(path)] == [
+      ("7", "11", ""), ("0.25", "12", "")]
+  with pytest.raises(ConfigError, match=r"amc\.jsonl:1: 'answer' should end with one '####"):
+    math_data.load_math_problems(path, "gsm8k")  # forcing the layout still checks it
+
+
+def test_math_rows_need_no_solution_when_they_have_an_answer(tmp_path):
+  path = _write(tmp_path, "math.jsonl", {"problem": "p", "answer": "1"})
+  assert math_data.load_math(path) == [math_data.MathProblem("p", "1", "", "1")]
+
+
+def test_a_row_missing_the_needed_field_names_the_file_line_and_field(tmp_path):
+  path = _write(tmp_path, "mixed.jsonl", {"id": 1, "problem": "p", "answer": 5}, {"id": 2, "problem": "q"})
+  with pytest.raises(ConfigError, match=r"mixed\.jsonl:2: missing field 'answer' \(nor a \\boxed\{\} answer in "
+                                        r"'solution'\) \(aime layout; the row has \['id', 'problem'\]\)"):
+    math_data.load_math_problems(path)
+  path = _write(tmp_path, "olympiad.jsonl", {"question": "q", "final_answer": ["1"]}, {"question": "r"})
+  with pytest.raises(ConfigError, match=r"olympiad\.jsonl:2: missing field 'final_answer'"):
+    math_data.load_math_problems(path)
+  path = _write(tmp_path, "gsm.jsonl", {"answer": "#### 3"})
+  with pytest.raises(ConfigError, match=r"gsm\.jsonl:1: missing field 'question' \(gsm8k layout"):
+    math_data.load_gsm8k(path)
+  path = _write(tmp_path, "bool.jsonl", {"question": "q", "answer": True})
+  with pytest.raises(ConfigError, match=r"bool\.jsonl:1: 'answer' should be a string, a number or a list"):
+    math_data.load_math_problems(path)
+
+
+def test_an_explicit_mapping_reads_any_field_names(tmp_path):
+  path = _write(tmp_path, "custom.jsonl", {"uid": "a1", "prompt": "Two?", "target": 2.0, "worked": "1+1"})
+  fields = {"problem": "prompt", "answer": "target", "solution": "worked", "id": "uid"}
+  expected = [math_data.MathProblem("Two?", "2", "1+1", "a1")]
+  assert math_data.load_math_problems(path, fields) == expected
+  assert math_data.load_math_problems(path, math_data.Fields(**fields)) == expected
 
 
 def test_generation_examples_format_the_prompt():

@@ -1,4 +1,4 @@
-"""Math-answer equivalence on tricky pairs and on MATH-500's own reference answers."""
+"""Math-answer equivalence on tricky pairs and on MATH-500's own reference answers; bounded grading."""
 from __future__ import annotations
 
 import pathlib
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from common.eval import math_answers, math_data
+from common.eval import math_answers, math_data, worker_pool
 
 MATH500 = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "math" / "math500_test.jsonl"
 
@@ -31,6 +31,18 @@ EQUIVALENT = [
     (r"\$18", "18"),
     ("p - q", "-q + p"),
     (r"\boxed{\frac{1}{2}}", r"The answer is $\boxed{0.5}$."),
+    # Typesetting only: a trailing period, \text around a number, spaces, thin spaces, synonyms.
+    ("204", r"The answer is $\boxed{204.}$"),
+    ("27.0", r"\text{27}"),
+    (r"\text{27}", "27.0"),
+    ("b>a>c", "b > a > c"),
+    (r"\{x|-2\leq x < 1\}", r"\left\{ x \mid -2 \le x < 1 \right\}"),
+    (r"x \neq \pm 5", r"x\ne\pm5"),
+    ("1\\,000", "1000"),
+    # The percent sign is a unit, dropped like `^\circ`: a percent answer is the number before it.
+    (r"50\%", "50"),
+    ("50", r"50\%"),
+    (r"50\%", "50%"),
 ]
 
 NOT_EQUIVALENT = [
@@ -44,6 +56,15 @@ NOT_EQUIVALENT = [
     ("5", "6"),
     ("1,-2", "1, 2"),
     ("5", ""),
+    # A reference that does not parse whole is never reduced to one of its numbers.
+    (r"\{x|-2\leq x < 1\}", "1"),
+    (r"\{x|-2\leq x < 1\}", "-2"),
+    (r"x \neq \pm 5", "5"),
+    ("5", r"x \neq \pm 5"),
+    (r"x \in (1, 4]", "4"),
+    # ... and a percent is not its fraction.
+    (r"50\%", "0.5"),
+    ("0.5", r"50\%"),
 ]
 
 
@@ -80,6 +101,34 @@ def test_equivalence_works_off_the_main_thread():
   worker.start()
   worker.join()
   assert results == [(True, False)]
+
+
+HUGE = r"9^{9^{9^{9}}}"  # big-integer work that holds the GIL; math-verify's own SIGALRM bound cannot stop it
+
+
+@pytest.fixture(scope="module")
+def pool():
+  """One pool for the module, with a short limit; the first call's worker start is not counted in it."""
+  pool = worker_pool.WorkerPool(workers=1, timeout_s=2.0)
+  yield pool
+  pool.close()
+
+
+def test_a_huge_answer_is_graded_wrong_in_a_thread_and_the_worker_is_replaced(pool):
+  assert math_answers.math_equivalent("3", "3 + 0", pool)  # starts the worker
+  results = []
+  grader = threading.Thread(target=lambda: results.append(math_answers.math_equivalent("1", HUGE, pool)))
+  grader.start()
+  grader.join()
+  assert results == [False] and pool.timeouts == 1
+  assert math_answers.math_equivalent(r"\frac{3}{8}", "0.375", pool)  # a fresh worker took its place
+
+
+def test_the_pool_raises_timeout_error_past_its_limit(pool):
+  timeouts = pool.timeouts
+  with pytest.raises(TimeoutError):
+    pool.call(math_answers._equivalent_in_worker, "1", HUGE)  # pylint: disable=protected-access
+  assert pool.timeouts == timeouts + 1
 
 
 @pytest.fixture(scope="module")

@@ -166,3 +166,51 @@ def test_mesh_gives_the_tokens_of_one_device():
   assert generate(model, prompts[:3], max_new_tokens=NEW, mesh=mesh) == greedy[:3]
   sampled = generate(model, prompts, max_new_tokens=NEW, temperature=1.0, seed=3)
   assert generate(model, prompts, max_new_tokens=NEW, temperature=1.0, seed=3, mesh=mesh) == sampled
+
+
+def test_a_row_stops_decoding_at_its_stop_string(monkeypatch):
+  """Every row's text holds the stop string early: decoding ends there (counted in decode steps), not at
+  max_new_tokens; the ids and text are cut as before."""
+  import common.generate as gen  # pylint: disable=import-outside-toplevel
+  model, tok = _model(), PairTokenizer()
+  prompts = _prompts()[:1]
+  full = generate(model, prompts, max_new_tokens=NEW)
+  stop = tok.decode(full[0])[3:6]  # second letter of token 1 to the end of token 2: completed at step 3
+  steps = []
+  step = gen._python_step  # pylint: disable=protected-access
+  monkeypatch.setattr(gen, "_python_step", lambda *a: steps.append(1) or step(*a))
+  ids = generate(model, prompts, max_new_tokens=NEW, stop_strings=[stop], tokenizer=tok)
+  assert ids == [full[0][:1]] and len(steps) == 2  # tokens 0..2: the prefill's and two decode steps
+  steps.clear()
+  texts = text_generate_fn(model, tok, max_new_tokens=NEW, stop_strings=[stop])([tok.decode(prompts[0])], 1)
+  assert texts == [[tok.decode(full[0])[:3]]] and len(steps) == 2
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused():
+  class Wide(PairTokenizer):
+    def __init__(self):
+      super().__init__()
+      self.vocab_size = VOCAB + 1
+  with pytest.raises(ValueError, match="65 ids but the model's vocabulary"):
+    generate(_model(), _prompts(), max_new_tokens=NEW, tokenizer=Wide())
+  with pytest.raises(ValueError, match="does not fit the model"):
+    text_generate_fn(_model(), Wide(), max_new_tokens=NEW)
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -1])
+def test_out_of_range_prompt_ids_are_refused(bad):
+  prompts = _prompts()
+  prompts[2][1] = bad
+  with pytest.raises(ValueError, match=f"prompt 2 holds token id {bad}, outside the model's vocabulary"):
+    generate(_model(), prompts, max_new_tokens=NEW)
+
+
+def test_prompts_past_the_context_are_refused():
+  cfg = dense_model(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_len=18)
+  model = DenseLM(cfg, rngs=nnx.Rngs(params=0))
+  with pytest.raises(ValueError, match="prompt 3 has 11 tokens \\+ max_new_tokens 8 = 19, more than the model's "
+                                       "context of 18"):
+    generate(model, _prompts(), max_new_tokens=NEW)
+  assert len(generate(model, _prompts()[:3], max_new_tokens=NEW)[0]) == NEW
+  del cfg["max_len"]  # a config saved before the key: unbounded
+  assert len(generate(DenseLM(cfg, rngs=nnx.Rngs(params=0)), _prompts(), max_new_tokens=NEW)[3]) == NEW

@@ -105,13 +105,14 @@ def test_a_native_model_exports_and_imports_exactly(tmp_path):
   """A DenseLM we initialised (head_dim not d_model / heads) round-trips bit for bit, and transformers
   computes our logits from the export."""
   cfg = dense_model(vocab_size=VOCAB, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=80,
-                    rope_theta=5000.0, tie_embeddings=False, norm_eps=1e-5)
+                    rope_theta=5000.0, tie_embeddings=False, norm_eps=1e-5, max_len=96, bos_id=5, eos_ids=(6,))
   cfg.rope_scaling.update(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=32)
   model = build_model(cfg, seed=3)
-  save_hf_llama(cfg, model, str(tmp_path / "native"), extra_config=dict(bos_token_id=5, eos_token_id=6))
-  assert sorted(os.listdir(tmp_path / "native")) == ["config.json", "model.safetensors"]
+  save_hf_llama(cfg, model, str(tmp_path / "native"))
+  assert sorted(os.listdir(tmp_path / "native")) == ["config.json", "generation_config.json", "model.safetensors"]
   reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "native").eval()
   assert (reloaded.config.bos_token_id, reloaded.config.eos_token_id, reloaded.config.head_dim) == (5, 6, 16)
+  assert reloaded.config.max_position_embeddings == 96
   np.testing.assert_allclose(_hf_logits(reloaded), _logits(model), atol=1e-4, rtol=0)
   cfg2, model2 = load_hf_llama(str(tmp_path / "native"))
   assert cfg2.to_dict() == cfg.to_dict()
@@ -187,3 +188,38 @@ def test_export_refuses_a_non_empty_folder_and_unsupported_features(tmp_path):
   cfg.window = 16
   with pytest.raises(ConfigError, match="model.window"):
     save_hf_llama(cfg, model, str(tmp_path / "windowed"))
+
+
+def _greedy_hf(model, prompt, new_tokens):
+  with torch.no_grad():
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+  return out[0, len(prompt):].tolist()
+
+
+def test_export_keeps_the_eos_ids_so_transformers_stops_there(tmp_path):
+  """Without them transformers falls back to Llama 2's eos 2 and runs to max_new_tokens. The ids live in
+  generation_config.json (eos a list when several, as Llama 3 Instruct's) and come back on import."""
+  cfg = dense_model(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, tie_embeddings=False,
+                    max_len=64)
+  model = build_model(cfg, seed=0)
+  prompt = [3, 17, 42]
+  save_hf_llama(cfg, model, str(tmp_path / "plain"))
+  free = _greedy_hf(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "plain").eval(), prompt, 12)
+  assert len(free) == 12
+  cut = next(i for i in range(2, 12) if free[i] not in free[:i] and free[i] != 2)  # a first occurrence
+  cfg.update(dict(bos_id=3, eos_ids=(free[cut], VOCAB - 1)))
+  save_hf_llama(cfg, model, str(tmp_path / "eos"))
+  generation = json.loads((tmp_path / "eos" / "generation_config.json").read_text())
+  assert generation == dict(bos_token_id=3, eos_token_id=[free[cut], VOCAB - 1])
+  reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "eos").eval()
+  assert _greedy_hf(reloaded, prompt, 12) == free[:cut + 1]  # stops on (and keeps) its eos
+  cfg2, _ = load_hf_llama(str(tmp_path / "eos"))
+  assert (cfg2.bos_id, tuple(cfg2.eos_ids), cfg2.pad_id, cfg2.max_len) == (3, (free[cut], VOCAB - 1), -1, 64)
+
+
+def test_import_takes_the_special_ids_of_generation_config(checkpoint, tmp_path):
+  folder = _edited_checkpoint(checkpoint[0], tmp_path, max_position_embeddings=512, pad_token_id=0)
+  with open(os.path.join(folder, "generation_config.json"), "w") as f:
+    json.dump(dict(bos_token_id=1, eos_token_id=[2, 7, 9]), f)
+  cfg, _ = load_hf_llama(folder)
+  assert (cfg.max_len, cfg.bos_id, tuple(cfg.eos_ids), cfg.pad_id) == (512, 1, (2, 7, 9), 0)

@@ -147,6 +147,8 @@ def test_missing_and_malformed_names_are_clear_errors(tmp_path, monkeypatch, cap
   assert hub.list_checkpoints() == ["present"]
   with pytest.raises(ConfigError, match=r"'absent': not found in .* \(known: present\)"):
     hub.load("absent")
+  with pytest.raises(ConfigError, match=r"'tiny-base': not found .*`python -m common\.recipes\.pretrain_base`"):
+    hub.load("tiny-base")  # the entry every reproduction starts from names the command that builds it
   with pytest.raises(ConfigError, match="hub name '../up'"):
     hub.save("../up", cfg, model)
   with pytest.raises(SystemExit) as exit_info:

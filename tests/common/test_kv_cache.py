@@ -83,3 +83,20 @@ def test_rows_that_do_not_advance_keep_their_cache():
         taken[row] += 1
   assert taken == [LENGTH, LENGTH]
   np.testing.assert_array_equal(np.asarray(caches[1].length), [LENGTH, LENGTH])
+
+
+def test_decoding_past_the_end_of_a_full_cache_is_an_error():
+  """Outside jit at once, under jit from the host. A ring buffer (window <= slots) wraps as designed (the
+  tests above), but a windowed cache shorter than its window has an end too."""
+  from common.nn.kv_cache import CacheOverflowError  # pylint: disable=import-outside-toplevel
+  for window, length in ((0, LENGTH), (4, 3)):
+    model = _model(window)
+    tokens = _tokens(3, (2, length + 1))
+    caches = init_caches(model.blocks, 2, length)
+    segs = jnp.ones_like(tokens[:, :1])
+    _, full = model.decode(tokens[:, :length], jnp.broadcast_to(jnp.arange(length), (2, length)),
+                           jnp.ones_like(tokens[:, :length]), caches)
+    with pytest.raises(CacheOverflowError, match=f"rows would hold {length + 1} tokens in {length} slots"):
+      model.decode(tokens[:, length:], jnp.full((2, 1), length), segs, full)
+    with pytest.raises(Exception, match="past the end of the KV cache"):
+      _decode(model, tokens[:, length:], jnp.full((2, 1), length), segs, full)[0].block_until_ready()

@@ -147,3 +147,27 @@ def test_relevance_is_the_mean_gain_in_log_likelihood_from_the_context(model):
   plain = _by_hand(model, [start, start], texts)
   expected = [(g.sum() - p.sum()) / len(t) for g, p, t in zip(given, plain, texts)]
   np.testing.assert_allclose(relevance, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -3])
+def test_out_of_range_ids_are_refused(model, bad):
+  prompts, continuations = _examples()
+  continuations[3][0] = bad
+  with pytest.raises(ValueError, match=f"example 3 holds token id {bad}, outside the model's vocabulary"):
+    score_continuations(model, prompts, continuations)
+  with pytest.raises(ValueError, match="row 0 holds token id"):
+    embed_texts(model, [[1, bad]])
+  with pytest.raises(ValueError, match="exceeds the model's vocabulary of 64"):
+    score_continuations(model, *_examples(), vocab_size=VOCAB + 1)
+
+
+def test_rows_past_the_context_are_refused():
+  cfg = dense_model(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_len=9)
+  short = DenseLM(cfg, rngs=nnx.Rngs(params=0))
+  prompts, continuations = _examples()  # rows of 5, 8, 10, 10, 5 tokens: inputs of 4, 7, 9, 9, 4
+  assert len(score_continuations(short, prompts, continuations)) == 5
+  continuations[2].append(1)
+  with pytest.raises(ValueError, match="example 2 has 10 tokens, more than the model's context of 9"):
+    score_continuations(short, prompts, continuations)
+  with pytest.raises(ValueError, match="row 0 has 10 tokens"):
+    embed_texts(short, [[1] * 10])

@@ -82,6 +82,14 @@ def test_llama3_pretokenisation_splits_digits_in_threes(llama3):
   assert llama3.encode("345") == [263, ord("5")]
 
 
+def test_llama31_names_its_end_of_message_token_and_stops_there(tmp_path):
+  names = tokenizers.llama3_special_tokens()
+  names[8] = "<|eom_id|>"  # Llama 3.1's name for the slot
+  tok = tokenizers.Llama3Tokenizer(_write_bpe(tmp_path / "tokenizer.model"), special_tokens=names)
+  eom = tok.special_token_id("<|eom_id|>")
+  assert eom in tok.stop_ids and tok.decode([eom]) == "<|eom_id|>"
+
+
 def test_llama3_round_trips_any_text(llama3):
   for text in [TEXT, "", "日本語のテキスト 🙂", "a\r\n\r\nb   c\t\td"]:
     assert llama3.decode(llama3.encode(text)) == text
@@ -95,7 +103,7 @@ def test_llama3_specials_have_their_ids_and_encode_as_single_tokens(llama3):
   assert llama3.special_token_id("<|end_header_id|>") == base + 7
   assert llama3.special_token_id("<|eot_id|>") == base + 9
   assert llama3.special_token_id("<|reserved_special_token_250|>") == base + 255
-  assert llama3.stop_ids == (base + 1, base + 9)
+  assert llama3.stop_ids == (base + 1, base + 9, base + 8)  # <|eom_id|>'s slot: Llama 3.1 stops there too
   assert llama3.encode("<|eot_id|>", allow_special=True) == [base + 9]
   plain = llama3.encode("<|eot_id|>")  # untrusted text: the characters, not the token
   assert len(plain) > 1 and base + 9 not in plain and llama3.decode(plain) == "<|eot_id|>"
