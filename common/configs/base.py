@@ -36,8 +36,9 @@ def dense_model(**overrides) -> ml_collections.ConfigDict:
       d_ff=768, rope_theta=10000.0, rope_scaling=ml_collections.ConfigDict(), norm_eps=1e-5,
       tie_embeddings=True, window=0, qk_norm=False, dtype="float32", remat=False,
       # Context length (positions 0 .. max_len - 1; 0: unbounded) and the special ids a Hugging Face export
-      # writes (-1 / (): none); configs saved before these keys read the defaults.
-      max_len=0, bos_id=-1, eos_ids=(), pad_id=-1,
+      # writes (-1 / []: none; a list, as JSON reads it back); configs saved before these keys read the
+      # defaults.
+      max_len=0, bos_id=-1, eos_ids=[], pad_id=-1,
       # Mixture-of-experts FFN in every `every`-th layer (common.nn.moe); num_experts 0 = dense.
       moe=ml_collections.ConfigDict(dict(
           num_experts=0, top_k=2, every=2, routing="token_choice", mode="capacity", capacity_factor=1.0,

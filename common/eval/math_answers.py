@@ -64,8 +64,9 @@ _SYNONYM = re.compile(r"\\(?:le|ge|ne|mid|dfrac|tfrac)(?![a-zA-Z])")
 
 def _canonical(answer: str) -> str:
   """The answer with its typesetting-only parts removed: `$` and `\\$`, `\\left`/`\\right`, thin spaces,
-  `\\text{}` around a number, one spelling of `\\frac`, `\\leq`, `\\neq`, `|`, a trailing period, and the percent sign: a percent
-  answer is the number before its sign (`50\\%` is `50`, not `0.5`), as units such as `^\\circ` are."""
+  `\\text{}` around a number, one spelling of `\\frac`, `\\leq`, `\\neq`, `|`, a trailing period, and the
+  percent sign: a percent answer is the number before its sign (`50\\%` is `50`, not `0.5`), as units such as
+  `^\\circ` are."""
   answer = _TRIVIAL_LATEX.sub("", answer)
   answer = _SYNONYM.sub(lambda match: _SYNONYMS[match.group(0)], _TEXT_AROUND_NUMBER.sub(r"\1", answer))
   return " ".join(_TRAILING_PERIOD.sub("", answer).split())

@@ -51,9 +51,8 @@ class _Worker:
 
 
 class WorkerPool:
-  """`call(function, *args)` runs a function of an importable module (pickled by name) in one of
-  `workers` processes; past
-  `timeout_s` it raises TimeoutError and replaces that worker. Safe to call from any thread."""
+  """`call(function, *args)` runs a function of an importable module (pickled by name) in one of `workers`
+  processes; past `timeout_s` it raises TimeoutError and replaces that worker. Safe to call from any thread."""
 
   def __init__(self, workers: int = 2, timeout_s: float = 5.0):
     self.timeout_s = timeout_s

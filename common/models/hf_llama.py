@@ -120,7 +120,7 @@ def model_config_from_hf(hf: dict, *, path: str = CONFIG_FILE, dtype: str = "flo
       d_ff=int(hf["intermediate_size"]), rope_theta=theta, rope_scaling=ml_collections.ConfigDict(scaling),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       max_len=int(hf.get("max_position_embeddings") or 0), bos_id=_one_id(special.get("bos_token_id")),
-      eos_ids=tuple(_ids(special.get("eos_token_id"))), pad_id=_one_id(special.get("pad_token_id")), dtype=dtype)
+      eos_ids=list(_ids(special.get("eos_token_id"))), pad_id=_one_id(special.get("pad_token_id")), dtype=dtype)
 
 
 def hf_config_from_model(m, *, vocab_size: int | None = None, max_position_embeddings: int | None = None,

@@ -105,7 +105,7 @@ def test_a_native_model_exports_and_imports_exactly(tmp_path):
   """A DenseLM we initialised (head_dim not d_model / heads) round-trips bit for bit, and transformers
   computes our logits from the export."""
   cfg = dense_model(vocab_size=VOCAB, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=80,
-                    rope_theta=5000.0, tie_embeddings=False, norm_eps=1e-5, max_len=96, bos_id=5, eos_ids=(6,))
+                    rope_theta=5000.0, tie_embeddings=False, norm_eps=1e-5, max_len=96, bos_id=5, eos_ids=[6])
   cfg.rope_scaling.update(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=32)
   model = build_model(cfg, seed=3)
   save_hf_llama(cfg, model, str(tmp_path / "native"))
@@ -207,7 +207,7 @@ def test_export_keeps_the_eos_ids_so_transformers_stops_there(tmp_path):
   free = _greedy_hf(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "plain").eval(), prompt, 12)
   assert len(free) == 12
   cut = next(i for i in range(2, 12) if free[i] not in free[:i] and free[i] != 2)  # a first occurrence
-  cfg.update(dict(bos_id=3, eos_ids=(free[cut], VOCAB - 1)))
+  cfg.update(dict(bos_id=3, eos_ids=[free[cut], VOCAB - 1]))
   save_hf_llama(cfg, model, str(tmp_path / "eos"))
   generation = json.loads((tmp_path / "eos" / "generation_config.json").read_text())
   assert generation == dict(bos_token_id=3, eos_token_id=[free[cut], VOCAB - 1])
