@@ -32,7 +32,12 @@ def _load_module(path: str):
   name = "_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"--config: '{path}' line {e.lineno}: syntax error ({e.msg})") from None
+  except Exception as e:  # a failing import or statement of the file: the user's file, reported as such
+    raise ConfigError(f"--config: '{path}' failed to load: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config: '{path}' defines no get_config()")
   return module

@@ -19,8 +19,8 @@ FLAGS = {"coordinator_address": "host:port of process 0 (multi-process runs JAX 
 def _use_gloo_on_cpu() -> None:
   """Cross-process collectives on the CPU backend need an implementation chosen before the backend starts
   (`jax_cpu_collectives_implementation`: 'gloo' over TCP). JAX 0.10 defaults to gloo, older releases to
-  none (a multi-process CPU run then fails at its first collective), so it is set explicitly. A choice made in the environment (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi) is kept; GPU/TPU
-  backends ignore the option."""
+  none (a multi-process CPU run then fails at its first collective), so it is set explicitly. A choice made in
+  the environment (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi) is kept; GPU/TPU backends ignore the option."""
   if os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
     return
   try:
@@ -38,7 +38,11 @@ def initialize(flags: dict[str, str] | None = None) -> bool:
   auto = os.environ.get("JAX_DISTRIBUTED_AUTO") == "1"  # TPU pod / SLURM: let JAX discover everything
   if auto:
     _use_gloo_on_cpu()
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # no TPU pod, SLURM or Open MPI environment for JAX to read the cluster from
+      raise ConfigError(f"JAX_DISTRIBUTED_AUTO=1 but JAX found no cluster here ({e}); unset it, or pass "
+                        "--coordinator_address, --num_processes and --process_id") from None
     return True
   if not (addr or n or pid):
     return False

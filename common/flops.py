@@ -288,6 +288,7 @@ def param_count(model_cfg) -> dict[str, int]:
   h, kv, ff = int(m.n_heads), int(m.n_kv_heads), int(m.d_ff)
   vocab = _require_vocab(m)
   attn = d * h * hd + 2 * d * kv * hd + h * hd * d + (2 * hd if m.get("qk_norm", False) else 0)
+  attn += (h + 2 * kv) * hd if m.get("qkv_bias", False) else 0
   layer = attn + 3 * d * ff + 2 * d  # + the two RMSNorm scales
   n_moe, n_experts, expert_ff, per_token = moe_layout(m)
   moe_extra = n_moe * (n_experts * 3 * d * expert_ff + d * n_experts - 3 * d * ff)  # experts + router - SwiGLU

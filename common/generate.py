@@ -204,6 +204,13 @@ def model_limits(model: nnx.Module) -> tuple[int, int]:
   return int(cfg.get("vocab_size", 0)), int(cfg.get("max_len", 0))
 
 
+def model_stop_ids(model: nnx.Module) -> tuple[int, ...]:
+  """The end-of-sequence ids of a dense-LM-shaped `model.cfg` (`model.eos_ids`, which a Hugging Face import
+  fills from generation_config.json); () where it has none."""
+  cfg = getattr(model, "cfg", None)
+  return tuple(int(i) for i in cfg.get("eos_ids", ())) if cfg is not None else ()
+
+
 def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
   """Refuses an id outside [0, vocab_size), naming the row, the id and the vocabulary."""
   if not vocab_size:
@@ -346,13 +353,16 @@ def _generate_rows(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_n
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] | None = None,
              stop_strings: Sequence[str] = (), tokenizer: Tokenizer | None = None, seed: int = 0,
              mesh: Mesh | None = None, loop: str = "while") -> list[list[int]]:
   """New token ids for each prompt (lists of ids): at most `max_new_tokens`, ending before the first stop
-  id and, with a tokenizer, before the first stop string of the row's decoded text (the row stops being
-  decoded there; stop strings run the Python loop). The tokenizer's vocabulary also bounds the ids drawn (a
-  model vocabulary padded past it) and must fit the model's."""
+  id (None: the model's own, `model_stop_ids`; () for none) and, with a tokenizer, before the first stop
+  string of the row's decoded text (the row stops being decoded there; stop strings run the Python loop).
+  The tokenizer's vocabulary also bounds the ids drawn (a model vocabulary padded past it) and must fit the
+  model's."""
+  if stop_ids is None:
+    stop_ids = model_stop_ids(model)
   rows = _generate_rows(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, seed=seed,
                         mesh=mesh, loop=loop)
@@ -366,8 +376,10 @@ def text_generate_fn(model: nnx.Module, tokenizer: Tokenizer, *, max_new_tokens:
                      mesh: Mesh | None = None, bos: bool = True) -> Callable[[list[str], int], list[list[str]]]:
   """The `generate_fn(prompts, n)` of `common.eval.harness.evaluate_generations`: n completions (text, cut
   exactly before the first stop string) of each prompt, all n * len(prompts) rows in one batch. Prompts are
-  encoded with the tokenizer's BOS when it has one and `bos`; its stop ids and the stop strings end a row."""
+  encoded with the tokenizer's BOS when it has one and `bos`; its stop ids, the model's (`model_stop_ids`) and
+  the stop strings end a row."""
   use_bos = bos and tokenizer.bos_id is not None
+  stop_ids = tuple(dict.fromkeys([*tokenizer.stop_ids, *model_stop_ids(model)]))
   vocab_size = model_limits(model)[0]
   if vocab_size:
     check_tokenizer_fits(tokenizer, vocab_size)
@@ -375,7 +387,7 @@ def text_generate_fn(model: nnx.Module, tokenizer: Tokenizer, *, max_new_tokens:
   def generate_fn(prompts: list[str], n: int) -> list[list[str]]:
     encoded = [tokenizer.encode(p, bos=use_bos) for p in prompts]
     rows = _generate_rows(model, [ids for ids in encoded for _ in range(n)], max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids,
+                          temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
                           stop_strings=stop_strings, tokenizer=tokenizer, seed=seed, mesh=mesh, loop="while")
     texts = [tokenizer.decode(row) for row in rows]
     texts = [text[:stop_string_cut(text, stop_strings)] for text in texts]

@@ -14,7 +14,8 @@ accelerator's memory, the mesh names an unknown axis, or the accelerator is unkn
 
 Memory per device (GiB = 2**30 bytes):
   parameters  f32, as the trainer stores them (compute casts to model.dtype on the fly);
-  optimizer   AdamW's two f32 moments (Loshchilov & Hutter 2019), sharded like the parameters;
+  optimizer   AdamW's two f32 moments (Loshchilov & Hutter 2019), sharded like the parameters (as the trainer
+              places them: tests/common/test_train_memory.py compares with its compiled programs);
   gradients   f32, sharded like the parameters;
   activations the analytic estimate of `dense_lm_activation_bytes`.
 Not counted: XLA's temporaries beyond one layer, the gradient-accumulation buffer, fragmentation.

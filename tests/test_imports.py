@@ -18,13 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = (
     ("foundations", ("common", "common.config", "common.cli", "common.sharding", "common.distributed",
                      "common.flops", "common.tokenizers", "common.eval")),
-    ("data", ("common.data", "common.configs", "common.eval.math_data")),
+    ("data", ("common.data", "common.configs", "common.eval.math_data", "common.eval.tasks", "common.eval.fewshot")),
     ("nn", ("common.nn", "common.kernels")),
     ("models", ("common.models", "common.generate", "common.scoring")),
     ("tasks", ("common.tasks",)),
     ("train", ("common.train",)),
     ("recipes", ("common.recipes",)),
-    ("top", ("common.hub", "common.scaling", "common.plan", "common.reproduce")),
+    ("top", ("common.hub", "common.scaling", "common.plan", "common.reproduce", "common.evaluate")),
 )
 LEVEL = {prefix: i for i, (_, prefixes) in enumerate(FLOORS) for prefix in prefixes}
 NAMES = [name for name, _ in FLOORS]

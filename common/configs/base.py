@@ -35,6 +35,7 @@ def dense_model(**overrides) -> ml_collections.ConfigDict:
       name="dense_lm", vocab_size=0, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=0,
       d_ff=768, rope_theta=10000.0, rope_scaling=ml_collections.ConfigDict(), norm_eps=1e-5,
       tie_embeddings=True, window=0, qk_norm=False, dtype="float32", remat=False,
+      qkv_bias=False,  # biases on the query/key/value projections, as Qwen2 has
       # Context length (positions 0 .. max_len - 1; 0: unbounded) and the special ids a Hugging Face export
       # writes (-1 / []: none; a list, as JSON reads it back); configs saved before these keys read the
       # defaults.

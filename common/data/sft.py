@@ -123,6 +123,22 @@ def tokenize_example(example: Mapping, tokenizer: Tokenizer) -> tuple[np.ndarray
   return np.asarray(ids, np.int32), np.asarray(trained, bool)
 
 
+def generation_prompt(example: Mapping, tokenizer: Tokenizer) -> list[int]:
+  """The ids a model fine-tuned by `tokenize_example` is prompted with: `{"prompt"}` or the dialog so far
+  (`{"messages"}`, without the reply to generate), rendered exactly as training renders it, up to where the
+  trained assistant tokens begin (Llama 3: an open assistant header; others: 'assistant: ' after the turns, or
+  the prompt text itself)."""
+  if isinstance(tokenizer, Llama3Tokenizer):
+    return tokenizer.encode_chat(example["messages"] if "messages" in example else
+                                 [{"role": "user", "content": example["prompt"]}], add_generation_prompt=True)
+  if "messages" not in example:
+    return tokenizer.encode(example["prompt"], bos=tokenizer.bos_id is not None)
+  ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+  for message in example["messages"]:
+    ids += tokenizer.encode(f"{message['role']}: ") + tokenizer.encode(message["content"], eos=True)
+  return ids + tokenizer.encode("assistant: ")
+
+
 def pack_examples(examples: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
                   overlong: str = "error") -> tuple[dict[str, np.ndarray], int]:
   """First-fit packing of whole examples into [rows, seq_len] arrays; returns (rows, number truncated).

@@ -1,7 +1,9 @@
-"""`python -m common.hub list | show NAME | publish --workdir=RUN --name=NAME [--merge_lora]` [--root=DIR]
+"""`python -m common.hub list | show NAME | publish --workdir=RUN --name=NAME [--merge_lora] |
+import_hf --path=HF_DIR --name=NAME` [--root=DIR]
 
-Lists and shows the library's entries, and publishes a training run (common.train or common.train.sft, full or
-LoRA) as an entry (`common.hub.publish`).
+Lists and shows the library's entries, publishes a training run (common.train or common.train.sft, full or
+LoRA) as an entry (`common.hub.publish`), and imports a Hugging Face Llama or Qwen2 folder
+(`common.hub.import_hf`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 
 from common.cli import ArgumentParser
 from common.config import run_main
+from common.hub.import_hf import import_hf
 from common.hub.publish import publish
 from common.models.checkpoint_library import describe, hub_root, list_checkpoints
 
@@ -39,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
   pub.add_argument("--name", required=True, help="the new entry's name")
   pub.add_argument("--merge_lora", action="store_true", help="fold LoRA adapters into the base")
   pub.add_argument("--root", default=argparse.SUPPRESS)
+  imp = commands.add_parser("import_hf", help="register a local Hugging Face Llama or Qwen2 checkpoint folder")
+  imp.add_argument("--path", required=True, help="the folder (config.json, *.safetensors, tokenizer files)")
+  imp.add_argument("--name", required=True, help="the new entry's name")
+  imp.add_argument("--dtype", default="float32", help="compute dtype of the stored config (model.dtype)")
+  imp.add_argument("--overwrite", action="store_true", help="replace an entry of that name")
+  imp.add_argument("--root", default=argparse.SUPPRESS)
   return p
 
 
@@ -48,6 +57,9 @@ def main(argv: list[str]) -> int:
   if args.command == "publish":
     folder = publish(args.workdir, args.name, merge_lora=args.merge_lora, root=root)
     print(f"published {args.workdir} as '{args.name}' at {folder}")
+  elif args.command == "import_hf":
+    folder = import_hf(args.path, args.name, root=root, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"imported {args.path} as '{args.name}' at {folder}")
   elif args.command == "list":
     print(f"# {hub_root(root)}")
     print(_table(root) if list_checkpoints(root) else "(no checkpoints)")

@@ -17,7 +17,7 @@ from common.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 from common.train.restore import load_run_model, read_run_config
 
 
-def _run_tokenizer(cfg) -> Tokenizer | None:
+def run_tokenizer(cfg) -> Tokenizer | None:
   """The tokenizer a run of `common.train` (data.vocab) or `common.train.sft` (its hub base's, else
   data.tokenizer) trained with."""
   base = cfg.model.get("init_from", "")
@@ -68,4 +68,4 @@ def publish(workdir: str, name: str, *, merge_lora: bool = False, root: str | os
   model_cfg = ml_collections.ConfigDict({k: v for k, v in cfg.model.to_dict().items() if k != "init_from"})
   metadata = {"source_run": os.path.abspath(workdir), "step": step, "base": cfg.model.get("init_from", ""),
               "lora_rank_merged": rank, "eval": _last_eval(workdir)}
-  return save(name, model_cfg, model, tokenizer=_run_tokenizer(cfg), metadata=metadata, root=root)
+  return save(name, model_cfg, model, tokenizer=run_tokenizer(cfg), metadata=metadata, root=root)

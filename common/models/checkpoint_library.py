@@ -35,8 +35,9 @@ from etils import epath
 from flax import nnx
 
 from common.config import ConfigError
-from common.tokenizers import (ByteTokenizer, Llama3Tokenizer, SentencePieceTokenizer, Tokenizer,
-                               load_tokenizer)
+from common.tokenizers import (HF_CHAT_TEMPLATE_FILE, HF_GENERATION_CONFIG, HF_SPECIAL_TOKENS_MAP,
+                               HF_TOKENIZER_CONFIG, HF_TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Llama3Tokenizer,
+                               SentencePieceTokenizer, Tokenizer, load_tokenizer, model_special_ids)
 
 ENV_ROOT = "META_PAPERS_HUB"
 DEFAULT_ROOT = "~/.cache/meta_papers_jax/hub"
@@ -98,6 +99,13 @@ def _write_tokenizer(tokenizer: Tokenizer | tuple[str, str] | None, folder: epat
     (folder / TOKENIZER_FILE).write_text("\n".join(lines) + "\n")
     specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
     return {"kind": "llama3", "file": TOKENIZER_FILE, "special_tokens": specials}
+  if isinstance(tokenizer, HFTokenizer):  # the folder's files, as they are
+    names = [name for name in (HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG, HF_SPECIAL_TOKENS_MAP,
+                               HF_CHAT_TEMPLATE_FILE, HF_GENERATION_CONFIG)
+             if os.path.isfile(os.path.join(tokenizer.folder, name))]
+    for name in names:
+      (folder / name).write_bytes(epath.Path(tokenizer.folder, name).read_bytes())
+    return {"kind": "hf", "files": names}
   raise ConfigError(f"tokenizer: cannot store a {type(tokenizer).__name__} (expected a common.tokenizers "
                     "Tokenizer or (kind, path))")
 
@@ -112,11 +120,23 @@ def _local_file(path: epath.Path) -> str:
   return local
 
 
+def _local_folder(folder: epath.Path, names: list[str]) -> str:
+  """A local copy of the files `names` of a remote `folder`."""
+  local = tempfile.mkdtemp(suffix="-tokenizer")
+  for name in names:
+    with open(os.path.join(local, name), "wb") as f:
+      f.write((folder / name).read_bytes())
+  return local
+
+
 def _read_tokenizer(spec: dict | None, folder: epath.Path) -> Tokenizer | None:
   if spec is None:
     return None
   if spec["kind"] == "byte":
     return ByteTokenizer()
+  if spec["kind"] == "hf":  # a folder, copied when the library is remote
+    local = os.fspath(folder) if os.path.isdir(os.fspath(folder)) else _local_folder(folder, spec["files"])
+    return HFTokenizer(local)
   local = _local_file(folder / spec["file"])
   if spec["kind"] == "llama3":
     return Llama3Tokenizer(local, spec.get("special_tokens"))
@@ -136,7 +156,9 @@ def save(name: str, model_cfg: ml_collections.ConfigDict, model: nnx.Module, *,
          tokenizer: Tokenizer | tuple[str, str] | None = None, metadata: dict | None = None,
          root: str | os.PathLike | None = None, overwrite: bool = False) -> epath.Path:
   """Stores `model`'s parameters, `model_cfg` and the tokenizer as library entry `name`; returns its folder.
-  Every process of a multi-host run must call it (the parameters are gathered by orbax)."""
+  The stored config takes the tokenizer's bos/eos/pad ids (`model_special_ids`) where it names none, so a
+  generation with the loaded model stops where the tokenizer's text ends. Every process of a multi-host run
+  must call it (the parameters are gathered by orbax)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   library = hub_root(root)
   final = library / _check_name(name)
@@ -159,7 +181,7 @@ def save(name: str, model_cfg: ml_collections.ConfigDict, model: nnx.Module, *,
       checkpointer.save(partial / PARAMS_DIR, nnx.to_pure_dict(params))
       checkpointer.wait_until_finished()
     if writer:
-      (partial / MODEL_FILE).write_text(model_cfg.to_json(indent=2))
+      (partial / MODEL_FILE).write_text(_with_tokenizer_ids(model_cfg, tokenizer).to_json(indent=2))
       created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
       num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
       entry = dict(name=name, created=created, model=model_cfg.get("name", ""), num_params=num_params,
@@ -179,6 +201,17 @@ def save(name: str, model_cfg: ml_collections.ConfigDict, model: nnx.Module, *,
     raise
   _sync(f"hub_save_end_{name}")
   return final
+
+
+def _with_tokenizer_ids(model_cfg: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
+  """`model_cfg` with the special ids of `tokenizer` (a Tokenizer, or (kind, path)) where it has none."""
+  if tokenizer is None or "eos_ids" not in model_cfg:
+    return model_cfg
+  if isinstance(tokenizer, tuple):
+    tokenizer = load_tokenizer(*tokenizer)
+  current = dict(bos_id=int(model_cfg.bos_id), eos_ids=list(model_cfg.eos_ids), pad_id=int(model_cfg.pad_id))
+  filled = {key: value for key, value in model_special_ids(tokenizer).items() if current[key] in (-1, [])}
+  return ml_collections.ConfigDict({**model_cfg.to_dict(), **filled})
 
 
 def _default_build(model_cfg) -> nnx.Module:

@@ -39,6 +39,8 @@ def validate_model_config(m) -> None:
   require(head_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {head_dim}")
   require(m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got '{m.dtype}'")
   require(m.window >= 0, "model.window", f"must be >= 0 (0 = full causal), got {m.window}")
+  require(isinstance(m.get("qkv_bias", False), bool), "model.qkv_bias",
+          f"must be true or false, got {m.get('qkv_bias')!r}")
   validate_moe_config(m)
 
 
@@ -69,7 +71,8 @@ def block_spec(m) -> BlockSpec:
                    n_layers=int(m.n_layers), head_dim=int(m.head_dim), window=int(m.window),
                    norm_eps=float(m.norm_eps), rope_theta=float(m.rope_theta),
                    rope_scaling=tuple(sorted(dict(m.get("rope_scaling") or {}).items())),
-                   qk_norm=bool(m.get("qk_norm", False)), dtype=DTYPES[m.dtype])
+                   qk_norm=bool(m.get("qk_norm", False)), qkv_bias=bool(m.get("qkv_bias", False)),
+                   dtype=DTYPES[m.dtype])
 
 
 def is_moe_layer(m, index: int) -> bool:

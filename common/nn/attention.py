@@ -1,5 +1,7 @@
 """Multi-head attention with grouped-query heads (Ainslie et al. 2023), RoPE, and masks built from segment
-ids (packed documents never see each other), causality and an optional sliding window."""
+ids (packed documents never see each other), causality and an optional sliding window. Optional biases on the
+query, key and value projections (not the output) are the one attention difference of Qwen2 (Yang et al. 2024,
+"Qwen2 Technical Report", section 2.2) from Llama."""
 from __future__ import annotations
 
 import math
@@ -95,7 +97,8 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rngs: nnx.Rngs,
                rope_theta: float = 10000.0, rope_scaling: dict | None = None, window: int = 0,
-               qk_norm: bool = False, norm_eps: float = 1e-5, dtype=jnp.float32, out_scale: float = 1.0):
+               qk_norm: bool = False, norm_eps: float = 1e-5, dtype=jnp.float32, out_scale: float = 1.0,
+               qkv_bias: bool = False):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -108,14 +111,20 @@ class Attention(nnx.Module):
                     init_scale=out_scale)
     self.q_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, axes=("head_dim",)) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, axes=("head_dim",)) if qk_norm else None
+    bias = lambda heads, axis: nnx.Param(jnp.zeros((heads, head_dim), jnp.float32), axes=(axis, "head_dim"))
+    self.q_bias = bias(n_heads, "heads") if qkv_bias else None  # [heads, head_dim]
+    self.k_bias = bias(n_kv_heads, "kv_heads") if qkv_bias else None  # [kv_heads, head_dim]
+    self.v_bias = bias(n_kv_heads, "kv_heads") if qkv_bias else None
     # Static (hashable) so the frequencies are a compile-time constant, not model state.
     self.rope = (head_dim, float(rope_theta), tuple(sorted((rope_scaling or {}).items())))
     self.window = window
 
   def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projections, QK-norm and RoPE at absolute `positions`: q [batch, length, heads, head_dim], k and v
-    [batch, length, kv_heads, head_dim]."""
+    """Projections (+ biases), QK-norm and RoPE at absolute `positions`: q [batch, length, heads, head_dim],
+    k and v [batch, length, kv_heads, head_dim]."""
     q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.q_bias is not None:
+      q, k, v = (y + b[...].astype(y.dtype) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_frequencies(self.rope[0], self.rope[1], dict(self.rope[2]))

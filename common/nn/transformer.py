@@ -31,6 +31,7 @@ class BlockSpec:
   rope_theta: float = 10000.0
   rope_scaling: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs of common.nn.rope's scaling
   qk_norm: bool = False
+  qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
   dtype: Any = jnp.float32  # compute dtype (common.nn.dtypes)
 
   @property
@@ -51,7 +52,8 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(s.d_model, eps=s.norm_eps, dtype=dtype)
     self.attn = Attention(s.d_model, s.n_heads, s.n_kv_heads, s.resolved_head_dim, rngs=rngs,
                           rope_theta=s.rope_theta, rope_scaling=dict(s.rope_scaling) or None, window=s.window,
-                          qk_norm=s.qk_norm, norm_eps=s.norm_eps, dtype=dtype, out_scale=s.out_scale)
+                          qk_norm=s.qk_norm, norm_eps=s.norm_eps, dtype=dtype, out_scale=s.out_scale,
+                          qkv_bias=s.qkv_bias)
     self.ffn_norm = RMSNorm(s.d_model, eps=s.norm_eps, dtype=dtype)
     self.ffn = ffn if ffn is not None else SwiGLU(s.d_model, s.d_ff, rngs=rngs, dtype=dtype,
                                                   out_scale=s.out_scale)

@@ -8,16 +8,21 @@ import sys
 from common import distributed, sharding
 from common.config import ConfigError, parse_argv, run_main
 from common.tasks import lm
-from common.train.loop import train, validate_loop_config
+from common.train.loop import check_workdir, train, validate_loop_config
+from common.train.resume import parse_allowed
+
+FLAGS = {**distributed.FLAGS, "allow_config_change": "KEY,... config keys a rerun on an existing workdir may "
+         "change (the change is recorded in DIR/config.json); others are refused"}
 
 
 def main(argv, make_task=None, validate=None, resolve=None) -> int:
   """The trainer command line of every package: `resolve(cfg)` fills the derived values (vocab size, ...),
   `validate(cfg)` checks the resolved config once, `make_task(cfg) -> Task` builds (defaults: the LM's). The
   resolved config is what DIR/config.json holds."""
-  cfg, flags = parse_argv(argv, extra_flags=distributed.FLAGS)
+  cfg, flags = parse_argv(argv, extra_flags=FLAGS)
   if not flags.get("workdir"):
     raise ConfigError("missing --workdir=DIR")
+  allowed = parse_allowed(flags.get("allow_config_change", ""), cfg)
   distributed.initialize(flags)
   # The one mesh of the run, from mesh.shape/mesh.axes. Cheap checks first, so that bad input fails before
   # the data cache is built (which logs to stderr).
@@ -29,7 +34,8 @@ def main(argv, make_task=None, validate=None, resolve=None) -> int:
     cfg = resolve(cfg)
   if validate is not None:
     validate(cfg)
-  return train(cfg, flags["workdir"], make_task(cfg), mesh=mesh)
+  check_workdir(flags["workdir"], cfg, allowed)
+  return train(cfg, flags["workdir"], make_task(cfg), mesh=mesh, allow_config_change=allowed)
 
 
 def cli(make_task=None, validate=None, resolve=None) -> None:

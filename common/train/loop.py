@@ -1,9 +1,10 @@
 """The training loop every trainer shares: sharded state, resume, steps, eval, checkpoints, metrics.
 
 Contract (../ARCHITECTURE.md): rerunning the same command on the same workdir resumes from the newest
-readable checkpoint and ends where an uninterrupted run would (the data position is in the checkpoint);
-SIGTERM saves at the current step and exits 143; a non-finite loss stops the run naming the step (or the
-step is skipped, `train.nan_policy='skip'`); bad input raises ConfigError before the workdir is touched.
+intact checkpoint and ends where an uninterrupted run would (the data position is in the checkpoint); a rerun
+that changes the trajectory is refused unless allowed (`common.train.resume`); SIGTERM saves at the current
+step and exits 143; a non-finite loss, gradient or update stops the run naming the step (or the step is
+skipped and counted, `train.nan_policy='skip'`); bad input raises ConfigError before the workdir is touched.
 
 Every step is traced and run under `jax.set_mesh(mesh)`, so layers and kernels see the one mesh the
 command built (MoE experts take the expert-parallel path, Pallas kernels split their rows in shard_map).
@@ -12,21 +13,22 @@ from (train.seed, step) only, so that a resumed run still repeats an uninterrupt
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from common import sharding
 from common.config import ConfigError, require
 from common.flops import peak_flops_per_device
+from common.train import resume
 from common.train.checkpoint import Checkpointer
 from common.train.metrics import MetricsWriter, Progress
 from common.train.optim import learning_rate_schedule, make_optimizer, only_trainable
@@ -51,32 +53,43 @@ def validate_loop_config(cfg, mesh) -> None:
   require(cfg.log.progress in ("auto", "bar", "lines"), "log.progress", "must be 'auto', 'bar' or 'lines'")
 
 
-def _first_difference(old, new, prefix: str) -> str | None:
-  """The first key whose value differs; keys only in `new` (added to the code since `old` was written, with
-  their defaults) do not count."""
-  if isinstance(old, dict) and isinstance(new, dict):
-    for key in old:
-      if key not in new:
-        return f"{prefix}.{key}"
-      found = _first_difference(old[key], new[key], f"{prefix}.{key}")
-      if found:
-        return found
-    return None
-  return None if old == new else prefix
+def check_workdir(workdir: str, cfg, allow_config_change: Sequence[str] = ()) -> dict:
+  """The checks of a workdir before anything is built or written (`train` runs them; a command line runs
+  them before it builds the task's data): it can be written, and a run it holds has the trajectory settings
+  of `cfg` or changes `allow_config_change` allows. Returns those changes ({key: (before, after)})."""
+  _check_workdir_path(workdir)
+  return resume.check_changes(workdir, cfg, allow_config_change)
 
 
-def _check_workdir(workdir: str, cfg) -> None:
-  """A workdir holding a run of another model or data is refused, not overwritten."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = json.load(f)
-  new = json.loads(cfg.to_json())
-  for section in ("model", "data"):
-    key = _first_difference(old.get(section), new.get(section), section)
-    if key:
-      raise ConfigError(f"--workdir '{workdir}' holds a run with a different '{key}'; use another workdir")
+def _check_workdir_path(workdir: str) -> None:
+  """A file, or a folder (or the nearest existing parent of a new one) without write permission."""
+  if not workdir:
+    raise ConfigError("--workdir: empty path")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir '{workdir}' is a file, not a folder")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir '{workdir}': '{existing}' is a file, not a folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir '{workdir}': '{existing}' is not writable")
+
+
+def _check_data(cfg, task: Task) -> None:
+  """The task's data against the model, where the data says enough: no training text (an empty file packs
+  into rows of end-of-document ids only), or a model vocabulary smaller than the data's (ids past the
+  embedding, NaN later)."""
+  if getattr(task.data, "train_bytes", None) == 0:
+    data_cfg = cfg.get("data", {})
+    key = "data.path" if data_cfg.get("source") == "files" else "data.source"
+    raise ConfigError(f"config key '{key}': '{data_cfg.get(key.split('.')[1])}' gives no training text "
+                      "(an empty file?)")
+  data_vocab = getattr(task.data, "vocab_size", None)
+  model_vocab = cfg.get("model", {}).get("vocab_size")
+  if isinstance(data_vocab, int) and isinstance(model_vocab, int) and 0 < model_vocab < data_vocab:
+    raise ConfigError(f"config key 'model.vocab_size': {model_vocab} is smaller than the data's vocabulary "
+                      f"({data_vocab} ids); set at least {data_vocab}, or 0 for the data's")
 
 
 class _Preemption:
@@ -140,47 +153,78 @@ def _log_samples(workdir: str, step: int, samples: dict[str, str], progress, lea
     progress.message(f"step {step} sample: {(prompt + text)[:160]!r}")
 
 
-def init_train_state(task: Task, optimizer, mesh) -> tuple[Any, Any, dict]:
-  """(graphdef, parameter shardings, state): parameters initialised directly into their shardings on
-  `mesh`, then the optimizer state."""
+def train_state_shardings(abstract_state: dict, param_shardings, optimizer, mesh) -> dict:
+  """Shardings of the training state: every parameter-shaped leaf of the optimizer state (Adam's moments)
+  sharded exactly like its parameter, everything else (step, counts) replicated."""
+  replicated = sharding.replicated(mesh)
+  def like_param(leaf, param_sharding):
+    """A frozen parameter's place (only_trainable) holds no state, an empty MaskedNode: it stays one."""
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    return leaf if isinstance(value, optax.MaskedNode) else param_sharding
+
+  opt_shardings = optax.tree_map_params(optimizer, like_param, abstract_state["opt_state"], param_shardings,
+                                        transform_non_params=lambda _: replicated,
+                                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return {**{k: replicated for k in abstract_state}, "params": param_shardings, "opt_state": opt_shardings}
+
+
+def train_state_init(task: Task, optimizer, mesh) -> tuple[Any, Any, dict, Any]:
+  """(graphdef, parameter shardings, state shardings, init): `init()` builds the parameters and the
+  optimizer state directly into their shardings on `mesh` (one jit; `init.lower().compile()` plans it
+  without allocating)."""
   graphdef, abstract_params = nnx.split(nnx.eval_shape(task.build_model), nnx.Param)
   param_shardings = sharding.state_shardings(abstract_params, mesh)
-  params = jax.jit(lambda: nnx.split(task.build_model(), nnx.Param)[1], out_shardings=param_shardings)()
-  return graphdef, param_shardings, jax.jit(lambda p: init_state(p, optimizer))(params)
+  abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
+  state_shardings = train_state_shardings(abstract_state, param_shardings, optimizer, mesh)
+  init = jax.jit(lambda: init_state(nnx.split(task.build_model(), nnx.Param)[1], optimizer),
+                 out_shardings=state_shardings)
+  return graphdef, param_shardings, state_shardings, init
 
 
-def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=None) -> int:
+def init_train_state(task: Task, optimizer, mesh) -> tuple[Any, Any, dict]:
+  """(graphdef, parameter shardings, state) with every leaf in its sharding on `mesh`."""
+  graphdef, param_shardings, _, init = train_state_init(task, optimizer, mesh)
+  return graphdef, param_shardings, init()
+
+
+def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=None,
+          allow_config_change: Sequence[str] = ()) -> int:
   """Runs (or resumes) training to cfg.train.steps; returns the process exit status. `mesh` is the command's
   mesh (`common.train.__main__` builds it once from mesh.shape/mesh.axes); without one it is built from
-  those keys on `devices` (default: all of jax.devices())."""
+  those keys on `devices` (default: all of jax.devices()). A rerun may change only the keys of
+  `common.train.resume.FREE_KEYS` and those in `allow_config_change`."""
   if mesh is None:
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices)
   validate_loop_config(cfg, mesh)
-  _check_workdir(workdir, cfg)
+  changes = check_workdir(workdir, cfg, allow_config_change)
+  _check_data(cfg, task)
   lead = jax.process_index() == 0
   t = cfg.train
 
   optimizer, schedule = make_optimizer(t), learning_rate_schedule(t)
   if task.trainable is not None:
     optimizer = only_trainable(optimizer, nnx.eval_shape(task.build_model), task.trainable)
-  graphdef, param_shardings, state = init_train_state(task, optimizer, mesh)
-  params = state["params"]
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  graphdef, param_shardings, state_shardings, init = train_state_init(task, optimizer, mesh)
+  abstract_state = jax.eval_shape(init)  # shapes with the shardings `init` places them in
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   data_position = 0
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   restored = ckpt.restore_latest(abstract_state)
-  if restored is not None:
+  if restored is None:
+    state = init()
+  else:
     step0, state, meta = restored
     data_position = int(meta["data_position"])
     print(f"resumed from {ckpt.directory}/{step0} (data position {data_position})", flush=True)
+    for key, (before, after) in changes.items():
+      print(f"config change allowed: {key} {before!r} -> {after!r} from step {step0 + 1}", flush=True)
   if lead:
+    record = resume.config_record(workdir, cfg, changes, 0 if restored is None else step0)
     with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+      f.write(record)
     os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
   start = int(jax.device_get(state["step"]))
 
@@ -235,7 +279,7 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
         metrics, bad = jax.device_get((metrics, state["first_bad_step"]))
         if bad >= 0 and t.nan_policy == "stop":
           raise FloatingPointError(
-              f"non-finite loss or gradient at step {int(bad) + 1}; stopping. Parameters were not updated by "
+              f"non-finite loss, gradient or update at step {int(bad) + 1}; stopping. Parameters were not updated by "
               f"it; the last good checkpoint is step {max(ckpt.steps(), default=0)} in {ckpt.directory}")
         if step % cfg.log.every_steps == 0 or last:
           now = time.time()

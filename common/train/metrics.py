@@ -12,6 +12,8 @@ import types
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from common.config import ConfigError
+
 
 def _event_file_writer(logdir: str) -> EventFileWriter:
   """TensorBoard's event writer. Unless TensorFlow is already loaded, TensorBoard is pointed at its own
@@ -29,7 +31,9 @@ def _finite_or_str(v):
 
 class MetricsWriter:
   """Appends to metrics.jsonl and TensorBoard. On resume from step s, lines after s (written by a run that
-  was killed before its next checkpoint) are dropped so the file reads like one uninterrupted run."""
+  was killed before its next checkpoint) are dropped so the file reads like one uninterrupted run, and so is
+  a last line torn by the kill (its step is logged again). TensorBoard gets a restart marker at s + 1 (its
+  `purge_step`), so it drops the killed run's events after s instead of showing those steps twice."""
 
   def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
     self.enabled = enabled
@@ -39,13 +43,29 @@ class MetricsWriter:
     self._truncate_after(resume_step)
     self.file = open(self.path, "a")
     self.tb = _event_file_writer(os.path.join(workdir, "tensorboard"))
+    if resume_step > 0:
+      self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=resume_step + 1,
+                                        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def _read_rows(self) -> list[tuple[str, dict]]:
+    """(line, parsed row) of every line; a last line that does not parse (torn by a kill) is left out."""
+    with open(self.path) as f:
+      lines = [l for l in f.readlines() if l.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+      try:
+        rows.append((line, json.loads(line)))
+      except ValueError:
+        if i < len(lines) - 1 or line.endswith("\n"):
+          raise ConfigError(f"'{self.path}' line {i + 1} is not JSON; fix or remove that line to resume") from None
+    return rows
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
       return
     with open(self.path) as f:
       lines = f.readlines()
-    kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+    kept = [line for line, row in self._read_rows() if row.get("step", 0) <= step]
     if len(kept) != len(lines):
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:

@@ -1,6 +1,8 @@
 """AdamW with linear warmup then cosine decay, global-norm clipping, and weight decay on matrices only."""
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 from flax import nnx
@@ -24,13 +26,15 @@ def decay_mask(params):
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  require(train_cfg.learning_rate > 0, "train.learning_rate", "must be positive")
+  """Clipping then AdamW. The state has the same tree whether clipping is on or off (`identity` in its place
+  holds no state either), so that a run may change train.grad_clip on resume."""
+  require(math.isfinite(train_cfg.learning_rate) and train_cfg.learning_rate > 0, "train.learning_rate",
+          f"must be positive and finite, got {train_cfg.learning_rate}")
   require(train_cfg.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
   adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                       eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=decay_mask)
-  if train_cfg.grad_clip:
-    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
-  return adamw
+  clip = optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip else optax.identity()
+  return optax.chain(clip, adamw)
 
 
 def only_trainable(optimizer: optax.GradientTransformation, abstract_model: nnx.Module,

@@ -1,7 +1,7 @@
 """A training run read back as a model: DIR/config.json and the parameters of the newest complete checkpoint,
 on one device, for generation, scoring or as a frozen component of another model (BLT's entropy model).
 
-Read-only: unlike the trainer's resume, an unreadable checkpoint is skipped, never set aside, since the run
+Read-only: unlike the trainer's resume, a corrupt checkpoint is skipped, never set aside, since the run
 may belong to someone else or still be going. Errors are ConfigErrors naming the config key (or flag) that
 pointed at the run and the path.
 """

@@ -21,7 +21,13 @@ from common.tasks.base import LossFn
 def init_state(params, optimizer: optax.GradientTransformation) -> dict[str, Any]:
   """The whole training state: one pytree, saved and restored as is."""
   return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-              first_bad_step=jnp.full((), -1, jnp.int32))
+              first_bad_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point element of `tree` is finite (integer leaves, such as counts, always are)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def _split_micro(batch: dict, accum: int) -> dict:
@@ -32,8 +38,11 @@ def _split_micro(batch: dict, accum: int) -> dict:
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int = 1, seed: int | None = None) -> Callable:
-  """(state, batch) -> (state, metrics). A step whose loss or gradient is not finite leaves parameters and
-  optimizer state untouched and records its index in `first_bad_step` (the loop stops or skips on it).
+  """(state, batch) -> (state, metrics). A step whose loss, gradient, update, new parameters or new optimizer
+  state is not finite (as `optax.apply_if_finite` judges, and past it: a finite gradient times an overflowing
+  learning rate) leaves parameters and optimizer state untouched, counts itself in `skipped_steps` and
+  records its index in `first_bad_step` (the loop stops or skips on it). The learning rate reported is the one
+  the optimizer applied: its schedule advances with applied updates (step - skipped_steps), not with steps.
   With `seed`, stochastic layers (MoE router noise, second-expert sampling) draw from a key folded from the
   seed, the step number and the micro-batch index, so a resumed run repeats an uninterrupted one exactly."""
 
@@ -67,13 +76,15 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(updates) & all_finite(new_params)
+              & all_finite(opt_state))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     bad = jnp.where(finite | (state["first_bad_step"] >= 0), state["first_bad_step"], state["step"])
+    skipped = state["skipped_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32)
     new_state = dict(step=state["step"] + 1, params=keep(new_params, params),
-                     opt_state=keep(opt_state, state["opt_state"]), first_bad_step=bad)
-    metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
-                   finite=finite, weight=weight, **{k: v / denom for k, v in sums.items()})
+                     opt_state=keep(opt_state, state["opt_state"]), first_bad_step=bad, skipped_steps=skipped)
+    metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"] - state["skipped_steps"]),
+                   skipped_steps=skipped, finite=finite, weight=weight, **{k: v / denom for k, v in sums.items()})
     return new_state, metrics
 
   return train_step

@@ -17,6 +17,7 @@ from flax import nnx
 
 from common.config import ConfigError
 from common.configs.base import dense_model
+from common.generate import generate
 from common.models import build_model
 from common.models.hf_llama import load_hf_llama, mask_padded_vocab, save_hf_llama
 from common.sharding import make_mesh
@@ -30,6 +31,7 @@ VOCAB = 300
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=64)
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 40))
+ATOL = 3e-6  # measured: at most 3.6e-7 of logits up to 1.6 in f32
 
 
 def _hf_model(tied: bool, seed: int = 0) -> transformers.LlamaForCausalLM:
@@ -64,7 +66,20 @@ def test_import_gives_the_logits_of_transformers(checkpoint):
   cfg, model = load_hf_llama(folder)
   assert (cfg.tie_embeddings, cfg.n_kv_heads, cfg.norm_eps, cfg.rope_scaling.original_max_len) == (tied, 2, 1e-6, 64)
   assert (model.lm_head is None) == tied
-  np.testing.assert_allclose(_logits(model), reference, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_logits(model), reference, atol=ATOL, rtol=0)
+
+
+def test_greedy_generation_matches_transformers(checkpoint):
+  """Also the stopping: transformers stops on the eos id of config.json (2, LlamaConfig's default), which
+  the import keeps in model.eos_ids."""
+  folder, _, _ = checkpoint
+  cfg, model = load_hf_llama(folder)
+  reference = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+  prompts = [[5, 17, 42, 9], [201, 3], [2, 2]]
+  expected = [_greedy_hf(reference, p, 16) for p in prompts]
+  assert any(2 in row for row in expected)  # some row stops early
+  assert generate(model, prompts, max_new_tokens=16, stop_ids=cfg.eos_ids) == [
+      row[:row.index(2)] if 2 in row else row for row in expected]  # transformers keeps the eos, we do not
 
 
 def test_parity_depends_on_the_llama3_rope_scaling(checkpoint, tmp_path):
@@ -87,7 +102,7 @@ def test_import_onto_an_8_device_mesh_shards_and_keeps_the_logits(checkpoint):
   q = model.blocks[0].attn.q.kernel[...]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 1, 16)
-  np.testing.assert_allclose(_logits(model), reference, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_logits(model), reference, atol=ATOL, rtol=0)
 
 
 def test_export_loads_back_in_transformers(checkpoint, tmp_path):
@@ -98,7 +113,7 @@ def test_export_loads_back_in_transformers(checkpoint, tmp_path):
   index = json.loads((out / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1 and ("lm_head.weight" in index["weight_map"]) != tied
   reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
-  np.testing.assert_allclose(_hf_logits(reloaded), reference, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_hf_logits(reloaded), reference, atol=ATOL, rtol=0)
 
 
 def test_a_native_model_exports_and_imports_exactly(tmp_path):
@@ -113,7 +128,7 @@ def test_a_native_model_exports_and_imports_exactly(tmp_path):
   reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "native").eval()
   assert (reloaded.config.bos_token_id, reloaded.config.eos_token_id, reloaded.config.head_dim) == (5, 6, 16)
   assert reloaded.config.max_position_embeddings == 96
-  np.testing.assert_allclose(_hf_logits(reloaded), _logits(model), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_hf_logits(reloaded), _logits(model), atol=ATOL, rtol=0)
   cfg2, model2 = load_hf_llama(str(tmp_path / "native"))
   assert cfg2.to_dict() == cfg.to_dict()
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(model2, nnx.Param))):
@@ -128,14 +143,14 @@ def test_padded_vocabulary_is_zero_and_masked_away(tmp_path):
   cfg, model = load_hf_llama(str(tmp_path / "hf"), pad_vocab=True, mesh=mesh)
   assert cfg.vocab_size == 384
   logits = _logits(model)
-  np.testing.assert_allclose(logits[..., :VOCAB], reference, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits[..., :VOCAB], reference, atol=ATOL, rtol=0)
   assert not logits[..., VOCAB:].any()
   masked = jax.nn.log_softmax(mask_padded_vocab(jnp.asarray(logits), VOCAB))
-  np.testing.assert_allclose(np.asarray(masked)[..., :VOCAB], jax.nn.log_softmax(reference), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(masked)[..., :VOCAB], jax.nn.log_softmax(reference), atol=ATOL)
   save_hf_llama(cfg, model, str(tmp_path / "export"), vocab_size=VOCAB)
   reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
   assert reloaded.config.vocab_size == VOCAB
-  np.testing.assert_allclose(_hf_logits(reloaded), reference, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_hf_logits(reloaded), reference, atol=ATOL, rtol=0)
 
 
 def test_bfloat16_checkpoints_import_exactly(tmp_path):

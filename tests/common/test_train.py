@@ -2,7 +2,8 @@
 `common.train.loop.train`, the losses read back from metrics.jsonl and the parameters from the checkpoints.
 
 Facts checked: the mesh changes placement, never the numbers; gradient accumulation equals one big batch;
-a non-finite loss stops the run naming its step (or, with nan_policy='skip', leaves the state as it was).
+a non-finite loss or update stops the run naming its step (or, with nan_policy='skip', leaves the state as it
+was, counts the step in `skipped_steps` and reports the learning rate the optimizer then applies).
 """
 import json
 import os
@@ -187,21 +188,42 @@ def test_nan_skip_completes_and_the_bad_step_changes_nothing(tmp_path):
   assert train(cfg, workdir, task) == 0
   rows = {r["step"]: r for r in train_rows(workdir)}
   assert rows[3]["loss"] == "nan" and isinstance(rows[4]["loss"], float)
+  assert [rows[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+  # Warmup 1 then cosine from 3e-3 to 3e-4 over steps 1..4: the optimizer applied updates at steps 1, 2 and 4,
+  # so step 4 used the schedule's value after 2 updates, 3e-4 + 2.7e-3 * (1 + cos(pi / 3)) / 2 = 2.325e-3
+  # (after 3, what the step count would give: 9.75e-4).
+  np.testing.assert_allclose(rows[4]["learning_rate"], 2.325e-3, rtol=1e-6)
   s2, s3, s4 = (saved_state(workdir, cfg, task, s) for s in (2, 3, 4))
   for a, b in zip(jax.tree.leaves((s2["params"], s2["opt_state"])), jax.tree.leaves((s3["params"], s3["opt_state"]))):
     np.testing.assert_array_equal(a, b)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s3["params"]), jax.tree.leaves(s4["params"]))]
   assert any(changed)  # the step after the bad one trains again
+  assert int(s4["opt_state"][1][0].count) == 3
 
 
 def test_workdir_of_another_model_is_refused_but_newer_default_keys_are_not(tmp_path):
-  import json
   import ml_collections
   from common.config import ConfigError
-  from common.train.loop import _check_workdir
+  from common.train.resume import check_changes
   cfg = ml_collections.ConfigDict(dict(model=dict(d_model=64, moe=dict(num_experts=0)), data=dict(seq_len=32)))
   (tmp_path / "config.json").write_text(json.dumps(dict(model=dict(d_model=64), data=dict(seq_len=32))))
-  _check_workdir(str(tmp_path), cfg)  # written before model.moe existed: still the same run
+  assert check_changes(str(tmp_path), cfg) == {}  # written before model.moe existed: still the same run
   cfg.model.d_model = 128
   with pytest.raises(ConfigError, match="model.d_model"):
-    _check_workdir(str(tmp_path), cfg)
+    check_changes(str(tmp_path), cfg)
+
+
+def test_overflowing_update_stops_before_any_non_finite_checkpoint(tmp_path, capsys):
+  """learning_rate 1e39 overflows float32: loss and gradient stay finite, the update does not. The guard
+  stops at step 1 and no checkpoint (with NaN/Inf parameters) is saved as 'the last good one'."""
+  workdir = str(tmp_path / "run")
+  cfg = make_cfg(steps=2, learning_rate=1e39)
+  cfg.checkpoint.every_steps = 1
+  assert train(cfg, workdir, make_task(cfg)) != 0
+  out = capsys.readouterr().out
+  assert "non-finite" in out and "step 1" in out
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=100)
+  try:
+    assert ckpt.steps() == []
+  finally:
+    ckpt.close()

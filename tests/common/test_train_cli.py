@@ -1,6 +1,6 @@
 """`python -m common.train` as a user runs it (real subprocesses), against the command-line contract of
 ARCHITECTURE.md: resume after SIGKILL ends exactly where an uninterrupted run ends, SIGTERM saves and exits
-143, an unreadable checkpoint is set aside, bad input is one line on stderr with exit status 2.
+143, a corrupt checkpoint is set aside, bad input is one line on stderr with exit status 2.
 
 Subprocesses run on ONE CPU device (XLA_FLAGS sets the device count to 1; they do not get the 8 simulated
 devices of the test process). TF_CPP_MIN_LOG_LEVEL is removed from their environment so that the entry point's
@@ -229,7 +229,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_143(reference, cache_dir, t
   assert_same_run(workdir, reference[0])
 
 
-# --- unreadable checkpoints -----------------------------------------------------------------------------------
+# --- corrupt checkpoints -------------------------------------------------------------------------------------
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
@@ -241,9 +241,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp
   cmd = command(workdir, json.load(open(os.path.join(workdir, "config.json")))["data"]["cache_dir"])
   proc = run(cmd)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "checkpoint step 30" in proc.stdout and "unreadable" in proc.stdout
+  assert "checkpoint step 30" in proc.stdout and "corrupt" in proc.stdout
   assert f"resumed from {ckpt_dir}/25 " in proc.stdout
-  aside = glob.glob(os.path.join(ckpt_dir, "30.unreadable-*"))
+  aside = glob.glob(os.path.join(ckpt_dir, "30.corrupt-*"))
   assert len(aside) == 1  # renamed, not deleted
   assert sorted(str(p.relative_to(aside[0])) for p in pathlib.Path(aside[0]).rglob("*")) == garbage
   assert_same_run(workdir, reference[0])
@@ -284,4 +284,17 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, extra, named):
   lines = proc.stderr.splitlines()
   assert len(lines) == 1, proc.stderr
   assert named in lines[0]
+  assert not workdir.exists()
+
+
+def test_jax_distributed_auto_off_a_cluster_is_one_line_and_exit_2(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(_env(), JAX_DISTRIBUTED_AUTO="1")
+  for var in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+    env.pop(var, None)
+  proc = subprocess.run(command(str(workdir), str(tmp_path / "cache")), cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1 and "JAX_DISTRIBUTED_AUTO=1" in lines[0], proc.stderr
   assert not workdir.exists()
