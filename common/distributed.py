@@ -29,6 +29,13 @@ def _use_gloo_on_cpu() -> None:
     pass
 
 
+def _use_preemption_service() -> None:
+  """JAX's preemption sync manager, which `jax.distributed.initialize` starts when this option is on (its
+  default): the trainer learns from it at which step every process stops on SIGTERM
+  (`common.train.loop`), so it is switched on even where the environment switched it off."""
+  jax.config.update("jax_enable_preemption_service", True)
+
+
 def initialize(flags: dict[str, str] | None = None) -> bool:
   """Initialises jax.distributed when asked to; returns whether it did. Call before any other JAX use."""
   flags = flags or {}
@@ -38,6 +45,7 @@ def initialize(flags: dict[str, str] | None = None) -> bool:
   auto = os.environ.get("JAX_DISTRIBUTED_AUTO") == "1"  # TPU pod / SLURM: let JAX discover everything
   if auto:
     _use_gloo_on_cpu()
+    _use_preemption_service()
     try:
       jax.distributed.initialize()
     except ValueError as e:  # no TPU pod, SLURM or Open MPI environment for JAX to read the cluster from
@@ -56,5 +64,6 @@ def initialize(flags: dict[str, str] | None = None) -> bool:
   if not 0 <= pid < n:
     raise ConfigError(f"--process_id {pid} is outside 0..{n - 1}")
   _use_gloo_on_cpu()
+  _use_preemption_service()
   jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
   return True

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from common.config import ConfigError
 
@@ -55,11 +56,47 @@ def resolve_mesh_shape(shape: Sequence[int], axes: Sequence[str], n_devices: int
   return {**sizes, **{a: 1 for a in MESH_AXES if a not in sizes}}
 
 
-def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
-  """The device mesh of `mesh.shape` x `mesh.axes`; axes not named get size 1 so every rule resolves."""
-  devices = jax.devices() if devices is None else devices
+def _slices(devices) -> int:
+  """How many slices (TPU pods joined over the data-centre network) `devices` span; 1 without slice_index."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def hybrid_device_grid(sizes: dict[str, int], axes: Sequence[str], dcn_shape: Sequence[int], devices) -> np.ndarray:
+  """`devices` as an array of shape `sizes` (`resolve_mesh_shape`) whose axes span slices as `mesh.dcn_shape`
+  says (how many slices each of `axes` spans; the product is the number of slices), by jax's
+  `create_hybrid_device_mesh`: within a slice in the order of its interconnect, and only the axes that span
+  slices cross the slower network. Without slice_index (GPU, CPU), each process counts as a slice."""
+  dcn = tuple(int(d) for d in dcn_shape)
+  if len(dcn) != len(tuple(axes)) or min(dcn) < 1:
+    raise ConfigError(f"config key 'mesh.dcn_shape': {dcn} must give a positive number of slices for each of "
+                      f"mesh.axes {tuple(axes)}")
+  dcn_sizes = {**{a: 1 for a in sizes}, **dict(zip(axes, dcn))}
+  if any(sizes[a] % dcn_sizes[a] for a in sizes):
+    raise ConfigError(f"config key 'mesh.dcn_shape': {dcn} does not divide the mesh's axis sizes "
+                      f"{tuple(sizes[a] for a in axes)} (mesh.shape)")
+  by_process = not hasattr(devices[0], "slice_index")
+  granules = len({getattr(d, "process_index" if by_process else "slice_index") for d in devices})
+  if math.prod(dcn) != granules:
+    raise ConfigError(f"config key 'mesh.dcn_shape': {dcn} spans {math.prod(dcn)} slices, but the devices are in "
+                      f"{granules} {'processes' if by_process else 'slices'}")
+  return mesh_utils.create_hybrid_device_mesh(tuple(sizes[a] // dcn_sizes[a] for a in sizes),
+                                              tuple(dcn_sizes[a] for a in sizes), devices,
+                                              process_is_granule=by_process)
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None, dcn_shape: Sequence[int] = ()) -> Mesh:
+  """The device mesh of `mesh.shape` x `mesh.axes`, axes not named of size 1 so every rule resolves. One slice
+  (`mesh.dcn_shape` empty): `jax.make_mesh`, which orders devices by the chips' interconnect; several:
+  `hybrid_device_grid`. The axes are of the Auto type: shardings come from the rules, not from value types."""
+  devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_mesh_shape(shape, axes, len(devices))
-  return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), tuple(sizes))
+  auto = (AxisType.Auto,) * len(sizes)
+  if dcn_shape:
+    return Mesh(hybrid_device_grid(sizes, axes, dcn_shape, devices), tuple(sizes), axis_types=auto)
+  if _slices(devices) > 1:
+    raise ConfigError(f"config key 'mesh.dcn_shape': empty, but the {len(devices)} devices span "
+                      f"{_slices(devices)} slices; give how many slices each of mesh.axes {tuple(axes)} spans")
+  return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=auto, devices=devices)
 
 
 def make_abstract_mesh(shape: Sequence[int], axes: Sequence[str], n_devices: int) -> AbstractMesh:

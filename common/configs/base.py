@@ -14,7 +14,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
   c.log = dict(every_steps=10, progress="auto")  # progress: 'auto' (bar on a terminal), 'bar', 'lines'
   c.eval = dict(every_steps=100, batches=8)
-  c.mesh = dict(shape=(-1,), axes=("data",))
+  # dcn_shape: how many slices (TPU pods over the data-centre network) each of `axes` spans, () = one slice
+  c.mesh = dict(shape=(-1,), axes=("data",), dcn_shape=())
   c.data = default_data_config()
   return c
 

@@ -34,6 +34,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       max_train_bytes=0,           # 0 = no limit; small values make tiny configs start fast
       max_eval_bytes=0,
       validation_fraction=0.03,    # share of embedded/user files held out (by a stable path hash)
+      eval_on_train=False,         # no held-out files: train on all of them and evaluate on the same ones
+                                   # (needed for a single file, which is refused otherwise)
       cache_dir=DEFAULT_CACHE_DIR,
   ))
 

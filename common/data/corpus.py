@@ -92,7 +92,9 @@ def limit_bytes(root: str, rels: list[str], max_bytes: int) -> list[str]:
 
 
 def list_documents(data_cfg, split: str) -> tuple[str, list[str]]:
-  """(root, relative paths) of the documents of `split` for source 'embedded' or 'files'."""
+  """(root, relative paths) of the documents of `split` for source 'embedded' or 'files'. Refused before any
+  cache is built: training files without text, and a single file (nothing to hold out) unless
+  `data.eval_on_train` says to evaluate on the training files."""
   if data_cfg.source == "embedded":
     root, rels = embedded_files()
   elif data_cfg.source == "files":
@@ -104,7 +106,14 @@ def list_documents(data_cfg, split: str) -> tuple[str, list[str]]:
   frac = float(data_cfg.validation_fraction)
   if not 0.0 <= frac < 1.0:
     raise DataError(f"data.validation_fraction={frac} must be in [0, 1)")
-  chosen = split_files(rels, frac)[split]
+  eval_on_train = bool(data_cfg.get("eval_on_train", False))
+  chosen = rels if eval_on_train or len(rels) == 1 else split_files(rels, frac)[split]
+  if data_cfg.source == "files" and split == "train" and not any(
+      os.path.getsize(os.path.join(root, rel)) for rel in chosen):
+    raise DataError(f"config key 'data.path': {data_cfg.path!r} gives no training text (empty files)")
+  if data_cfg.source == "files" and len(rels) == 1 and not eval_on_train:
+    raise DataError(f"config key 'data.path': {data_cfg.path!r} matches one file, which cannot be both trained "
+                    "on and held out for validation; add files, or set data.eval_on_train=True to evaluate on it")
   limit = data_cfg.max_train_bytes if split == "train" else data_cfg.max_eval_bytes
   return root, limit_bytes(root, chosen, int(limit or 0))
 

@@ -15,7 +15,7 @@ import ml_collections
 from common.data import DataError, corpus, vocab as vocab_lib, with_defaults
 
 SOURCES = ("embedded", "files", "tfds")
-_FILE_KEYS = ("source", "path", "validation_fraction", "max_train_bytes", "max_eval_bytes")
+_FILE_KEYS = ("source", "path", "validation_fraction", "eval_on_train", "max_train_bytes", "max_eval_bytes")
 _TFDS_KEYS = ("source", "tfds_name", "tfds_data_dir", "tfds_train_split", "tfds_eval_split",
               "text_key")
 

@@ -24,9 +24,9 @@ def main(argv, make_task=None, validate=None, resolve=None) -> int:
     raise ConfigError("missing --workdir=DIR")
   allowed = parse_allowed(flags.get("allow_config_change", ""), cfg)
   distributed.initialize(flags)
-  # The one mesh of the run, from mesh.shape/mesh.axes. Cheap checks first, so that bad input fails before
-  # the data cache is built (which logs to stderr).
-  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+  # The one mesh of the run, from mesh.shape/mesh.axes/mesh.dcn_shape. Cheap checks first, so that bad input
+  # fails before the data cache is built (which logs to stderr).
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, dcn_shape=cfg.mesh.get("dcn_shape", ()))
   validate_loop_config(cfg, mesh)
   if make_task is None:  # the dense LM
     make_task, validate, resolve = lm.lm_task, lm.validate, lm.resolve

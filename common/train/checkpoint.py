@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from common.config import ConfigError
+from common.train.workdir import run_path
 
 # Status codes of TensorStore errors that say the bytes are wrong, not that reading them failed for now.
 CORRUPT_STATUS = ("DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE", "INVALID_ARGUMENT", "NOT_FOUND")
@@ -102,8 +102,9 @@ def _agree(value: int) -> int:
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, *, keep: int, async_save: bool = True):
+    """`directory`: a local path or any epath URL (gs://...), which orbax writes to itself."""
+    self.directory = run_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
@@ -192,10 +193,10 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int) -> None:
-    src = os.path.join(self.directory, str(step))
-    dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-    if jax.process_index() == 0 and os.path.isdir(src):
-      os.rename(src, dst)
+    src = self.directory / str(step)
+    dst = src.with_name(f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0 and src.is_dir():
+      src.rename(dst)
       print(f"set the corrupt checkpoint aside as {dst}", flush=True)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

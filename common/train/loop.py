@@ -3,8 +3,11 @@
 Contract (../ARCHITECTURE.md): rerunning the same command on the same workdir resumes from the newest
 intact checkpoint and ends where an uninterrupted run would (the data position is in the checkpoint); a rerun
 that changes the trajectory is refused unless allowed (`common.train.resume`); SIGTERM saves at the current
-step and exits 143; a non-finite loss, gradient or update stops the run naming the step (or the step is
-skipped and counted, `train.nan_policy='skip'`); bad input raises ConfigError before the workdir is touched.
+step (in a multi-process run, every process at the step JAX's preemption sync names) and exits 143; a
+non-finite loss, gradient or update stops the run naming the step (or the step is skipped and counted,
+`train.nan_policy='skip'`); bad input raises ConfigError before the workdir is touched.
+
+The workdir may be local or any epath URL (gs://...): every file of it goes through `common.train.workdir`.
 
 Every step is traced and run under `jax.set_mesh(mesh)`, so layers and kernels see the one mesh the
 command built (MoE experts take the expert-parallel path, Pallas kernels split their rows in shard_map).
@@ -20,7 +23,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -28,7 +30,7 @@ from jax.sharding import Mesh
 from common import sharding
 from common.config import ConfigError, require
 from common.flops import peak_flops_per_device
-from common.train import resume
+from common.train import resume, workdir as workdir_lib
 from common.train.checkpoint import Checkpointer
 from common.train.metrics import MetricsWriter, Progress
 from common.train.optim import learning_rate_schedule, make_optimizer, only_trainable
@@ -62,15 +64,24 @@ def check_workdir(workdir: str, cfg, allow_config_change: Sequence[str] = ()) ->
 
 
 def _check_workdir_path(workdir: str) -> None:
-  """A file, or a folder (or the nearest existing parent of a new one) without write permission."""
+  """A file, or a local folder (or the nearest existing parent of a new one) without write permission. In an
+  object store (gs://...) whether the run may write shows at its first write."""
   if not workdir:
     raise ConfigError("--workdir: empty path")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  path = workdir_lib.run_path(workdir)
+  try:
+    exists = path.exists()
+  except Exception as e:  # an object store's client: no network, no credentials, no such bucket
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConfigError(f"--workdir '{workdir}' cannot be reached ({type(e).__name__}: {reason})") from None
+  if exists and not path.is_dir():
     raise ConfigError(f"--workdir '{workdir}' is a file, not a folder")
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
+  if not workdir_lib.is_local(path):
+    return
+  existing = path
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
     raise ConfigError(f"--workdir '{workdir}': '{existing}' is a file, not a folder")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise ConfigError(f"--workdir '{workdir}': '{existing}' is not writable")
@@ -93,25 +104,30 @@ def _check_data(cfg, task: Task) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Whether to save and stop after a step, asked after every step. With jax.distributed initialised (any
+  multi-process run), JAX's preemption sync manager (started by `jax.distributed.initialize`) catches SIGTERM
+  and tells every process the same step to stop at (`reached_preemption_sync_point`, one step past the
+  furthest any process has reached when the notice arrives): no collective runs per step, and all processes
+  enter the collective checkpoint save together instead of one of them entering the next training step.
+  Alone, SIGTERM sets a flag, read after the step it arrives in."""
 
   def __init__(self):
     self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self.synced = jax.distributed.is_initialized()
+    self._old = None if self.synced else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     self.requested = True
 
-  def agreed(self) -> bool:
-    """Whether any process was asked to stop. All processes must agree, or one would enter the collective
-    checkpoint save while another enters the next training step, and both would hang."""
-    if jax.process_count() == 1:
+  def reached(self, step: int) -> bool:
+    if not self.synced:
       return self.requested
     from jax.experimental import multihost_utils
-    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+    return multihost_utils.reached_preemption_sync_point(step)
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    if not self.synced:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 def _to_global(batch: dict, shardings: dict) -> dict:
@@ -146,9 +162,8 @@ def _log_samples(workdir: str, step: int, samples: dict[str, str], progress, lea
   """Appends `step`'s samples to DIR/samples.txt and shows them (escaped, one line each) in the log."""
   if not lead:
     return
-  with open(os.path.join(workdir, "samples.txt"), "a", encoding="utf-8") as f:
-    for prompt, text in samples.items():
-      f.write(f"=== step {step} | prompt {prompt!r}\n{prompt}{text}\n")
+  workdir_lib.append_text(workdir_lib.run_path(workdir) / "samples.txt", "".join(
+      f"=== step {step} | prompt {prompt!r}\n{prompt}{text}\n" for prompt, text in samples.items()))
   for prompt, text in samples.items():
     progress.message(f"step {step} sample: {(prompt + text)[:160]!r}")
 
@@ -194,7 +209,7 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   those keys on `devices` (default: all of jax.devices()). A rerun may change only the keys of
   `common.train.resume.FREE_KEYS` and those in `allow_config_change`."""
   if mesh is None:
-    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices)
+    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices, cfg.mesh.get("dcn_shape", ()))
   validate_loop_config(cfg, mesh)
   changes = check_workdir(workdir, cfg, allow_config_change)
   _check_data(cfg, task)
@@ -208,8 +223,9 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   abstract_state = jax.eval_shape(init)  # shapes with the shardings `init` places them in
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
 
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+  run_dir = workdir_lib.run_path(workdir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   data_position = 0
   restored = ckpt.restore_latest(abstract_state)
@@ -223,9 +239,7 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
       print(f"config change allowed: {key} {before!r} -> {after!r} from step {step0 + 1}", flush=True)
   if lead:
     record = resume.config_record(workdir, cfg, changes, 0 if restored is None else step0)
-    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-      f.write(record)
-    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    workdir_lib.write_atomic(run_dir / "config.json", record)
   start = int(jax.device_get(state["step"]))
 
   def next_batch(step: int, params) -> tuple[dict, dict]:
@@ -262,6 +276,7 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   tick, tick_step = time.time(), start
 
   def save(step_now: int) -> None:
+    writer.flush()  # the metrics lines up to step_now before the checkpoint that resumes after them
     ckpt.save(step_now, state, {"step": step_now, "data_position": data_position})
 
   try:
@@ -273,7 +288,7 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
       step += 1
       data_position += t.batch_size
       last = step == t.steps
-      stop = preemption.agreed()
+      stop = preemption.reached(step)
       if step % cfg.log.every_steps == 0 or last or step % cfg.checkpoint.every_steps == 0 \
           or stop:
         metrics, bad = jax.device_get((metrics, state["first_bad_step"]))

@@ -8,7 +8,6 @@ pointed at the run and the path.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -16,6 +15,7 @@ import ml_collections
 from flax import nnx
 
 from common.config import ConfigError
+from common.train.workdir import run_path
 
 
 def _refuse(key: str, what: str) -> ConfigError:
@@ -27,12 +27,11 @@ def read_run_config(workdir: str, key: str) -> ml_collections.ConfigDict:
   """DIR/config.json of a training run, as the trainer resolved it."""
   if not workdir:
     raise _refuse(key, "no run given (an empty path)")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = run_path(workdir) / "config.json"
+  if not path.is_file():
     raise _refuse(key, f"'{workdir}' holds no config.json (not a training run's workdir)")
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
   except (OSError, ValueError) as e:
     raise _refuse(key, f"'{path}' is unreadable ({e})") from None
 
@@ -45,8 +44,8 @@ def load_run_model(workdir: str, cfg, build_model: Callable[[], nnx.Module], *, 
   from common.train.checkpoint import Checkpointer
   from common.train.optim import make_optimizer, only_trainable
   from common.train.step import init_state
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(checkpoint_dir):
+  checkpoint_dir = run_path(workdir) / "checkpoints"
+  if not checkpoint_dir.is_dir():
     raise _refuse(key, f"'{workdir}' holds no checkpoints")
   abstract_model = nnx.eval_shape(build_model)
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)

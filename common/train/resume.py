@@ -14,6 +14,7 @@ import os
 from typing import Any, Sequence
 
 from common.config import ConfigError
+from common.train.workdir import run_path
 
 # Keys (or whole sections) that do not change the trajectory: how often and what is logged, evaluated and
 # checkpointed, and the mesh (it changes placement only, common.sharding). Everything else is compared.
@@ -56,12 +57,11 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 
 def read_config(workdir: str) -> dict | None:
   """DIR/config.json, or None when the workdir holds none."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = run_path(workdir) / "config.json"
+  if not path.exists():
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise ConfigError(f"--workdir '{workdir}': its config.json is unreadable ({e}); use another workdir") from None
 

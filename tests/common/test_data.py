@@ -254,6 +254,44 @@ def test_bad_config_raises_data_error(tmp_path, overrides, keys):
   assert not os.path.exists(cfg.cache_dir) or not os.listdir(cfg.cache_dir)
 
 
+def test_empty_training_files_refused_before_the_cache(tmp_path, capsys):
+  """Files of no bytes would pack into rows of end-of-document ids only: refused naming data.path, before the
+  cache is built (no [common.data] lines)."""
+  (tmp_path / "docs").mkdir()
+  for name in ("a.txt", "b.txt", "c.txt"):
+    (tmp_path / "docs" / name).write_text("")
+  cfg = _cfg(tmp_path, source="files", path=str(tmp_path / "docs" / "*.txt"), validation_fraction=0.3)
+  with pytest.raises(DataError, match=r"config key 'data.path'.*no training text"):
+    data.LMData(cfg, batch_size=2, seed=0)
+  assert "[common.data]" not in capsys.readouterr().err
+  assert not os.path.exists(cfg.cache_dir)
+
+
+def test_a_single_file_is_refused_unless_eval_on_train(tmp_path):
+  """One file cannot be split: it is refused naming data.path, and with data.eval_on_train both splits are
+  exactly its packed bytes."""
+  text = "one file, trained on and evaluated on\n" * 20
+  (tmp_path / "only.txt").write_text(text)
+  cfg = _cfg(tmp_path, source="files", path=str(tmp_path / "only.txt"), max_train_bytes=0, max_eval_bytes=0)
+  with pytest.raises(DataError, match=r"config key 'data.path'.*one file.*data.eval_on_train"):
+    data.LMData(cfg, batch_size=2, seed=0)
+  assert not os.path.exists(cfg.cache_dir)
+  cfg.eval_on_train = True
+  lm = data.LMData(cfg, batch_size=2, seed=0)
+  assert lm.train_bytes == lm.eval_bytes == len(text.encode())
+  assert corpus.list_documents(cfg, "train") == corpus.list_documents(cfg, "validation") == (str(tmp_path),
+                                                                                            ["only.txt"])
+
+
+def test_eval_on_train_evaluates_on_every_training_file(files_setup):
+  """With data.eval_on_train nothing is held out: both splits list every file the glob matches."""
+  root, docs, cfg = files_setup
+  cfg = data.with_defaults(cfg)
+  assert set(corpus.list_documents(cfg, "train")[1]) != set(docs)  # held-out files by default
+  cfg.eval_on_train = True
+  assert corpus.list_documents(cfg, "train")[1] == corpus.list_documents(cfg, "validation")[1] == sorted(docs)
+
+
 def test_tfds_data_dir_without_dataset(tmp_path):
   (tmp_path / "tfds").mkdir()
   cfg = _cfg(tmp_path, source="tfds", tfds_name="surely_not_a_dataset",

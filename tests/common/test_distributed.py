@@ -55,6 +55,37 @@ def test_initialize_from_environment(fake_initialize, monkeypatch):
   assert fake_initialize[0][0] == dict(coordinator_address="10.0.0.1:99", num_processes=4, process_id=0)
 
 
+def test_initialize_turns_on_the_preemption_service(fake_initialize, monkeypatch):
+  """The trainer's SIGTERM handling in a multi-process run needs JAX's preemption sync manager, which
+  jax.distributed.initialize starts only with this option on."""
+  was = jax.config.jax_enable_preemption_service
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: fake_initialize.append(
+      jax.config.jax_enable_preemption_service))
+  jax.config.update("jax_enable_preemption_service", False)
+  try:
+    assert distributed.initialize({"coordinator_address": "h:1", "num_processes": "2", "process_id": "0"})
+  finally:
+    jax.config.update("jax_enable_preemption_service", was)
+  assert fake_initialize == [True]
+
+
+def test_a_multi_process_run_stops_at_the_step_jax_syncs_on_without_a_collective(monkeypatch):
+  """With jax.distributed initialised, SIGTERM is JAX's (no Python handler replaces its notifier), the stop
+  step is the preemption sync point, and no step gathers anything from the other processes."""
+  from jax.experimental import multihost_utils
+  from common.train import loop
+  asked = []
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: asked.append(step) or step == 3)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda *a, **k: pytest.fail("a per-step all-gather"))
+  before = signal.getsignal(signal.SIGTERM)
+  preemption = loop._Preemption()  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert [preemption.reached(step) for step in (1, 2, 3)] == [False, False, True] and asked == [1, 2, 3]
+  preemption.restore()
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.parametrize("flags,needle", [
     ({"coordinator_address": "127.0.0.1:1234"}, "together"),
     ({"coordinator_address": "h:1", "num_processes": "2", "process_id": "2"}, "outside"),
@@ -132,8 +163,14 @@ def _metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
-  cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+  """One data cache for this module's runs (the first run builds it)."""
+  return tmp_path_factory.mktemp("cache")
+
+
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path, shared_cache):
+  cache = shared_cache
   single, multi = tmp_path / "single", tmp_path / "multi"
 
   # One process, two devices (this also builds the data cache the two processes then share).
@@ -171,3 +208,33 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   # The shared workdir holds one config and the final checkpoint, written jointly.
   assert json.loads((multi / "config.json").read_text())["train"]["steps"] == 6
   assert (multi / "checkpoints" / "6").is_dir()
+
+
+def _train_lines(workdir):
+  return [r for r in _metrics(workdir) if "loss" in r] if (pathlib.Path(workdir) / "metrics.jsonl").exists() else []
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_exits_143(tmp_path, shared_cache):
+  """SIGTERM reaches process 1 only; JAX's preemption sync tells both the same step, where they save the
+  checkpoint together (the lead's last metrics line is that step) and exit 143."""
+  cache, workdir = shared_cache, tmp_path / "run"
+  port = _free_port()
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  args = [_train_args(workdir, cache) + ["--config.train.steps=400", f"--coordinator_address=127.0.0.1:{port}",
+                                         "--num_processes=2", f"--process_id={i}"] for i in range(2)]
+  procs = [_start(a, _env(1), log) for a, log in zip(args, logs)]
+  try:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not _train_lines(workdir) or _train_lines(workdir)[-1]["step"] < 2:
+      assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
+  finally:
+    for p in procs:
+      _kill(p)
+  assert codes == [143, 143], [log.read_text()[-2000:] for log in logs]
+  last = _train_lines(workdir)[-1]["step"]
+  assert 2 <= last < 400
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == last
+  assert f"saved a checkpoint at step {last}" in logs[0].read_text()
