@@ -13,10 +13,12 @@ numbers are those of the trainer. Exits with status 2 and one line on stderr whe
 accelerator's memory, the mesh names an unknown axis, or the accelerator is unknown.
 
 Memory per device (GiB = 2**30 bytes):
-  parameters  f32, as the trainer stores them (compute casts to model.dtype on the fly);
-  optimizer   AdamW's two f32 moments (Loshchilov & Hutter 2019), sharded like the parameters (as the trainer
-              places them: tests/common/test_train_memory.py compares with its compiled programs);
-  gradients   f32, sharded like the parameters;
+  parameters  in model.param_dtype (default f32), as the trainer stores them (compute casts to model.dtype on
+              the fly);
+  optimizer   AdamW's two moments (Loshchilov & Hutter 2019): the first in train.moment_dtype, the second in
+              the parameters' dtype (as optax keeps them), sharded like the parameters (as the trainer places
+              them: tests/common/test_train_memory.py compares with its compiled programs);
+  gradients   in the parameters' dtype, sharded like the parameters;
   activations the analytic estimate of `dense_lm_activation_bytes`.
 Not counted: XLA's temporaries beyond one layer, the gradient-accumulation buffer, fragmentation.
 """
@@ -34,7 +36,7 @@ from flax import nnx
 from common import flops
 from common.config import ConfigError, parse_argv, run_main
 from common.models import build_model
-from common.models.dense_lm import padded_vocab_size
+from common.models.dense_lm import padded_vocab_size, remat_policy_name
 from common.sharding import MESH_AXES, RULES, make_abstract_mesh, spec_for
 
 GIB = 2 ** 30
@@ -177,6 +179,16 @@ class Plan:
     return self.total_gib <= self.hbm_gib
 
 
+def state_dtype_bytes(cfg) -> tuple[int, int]:
+  """(bytes of a parameter, gradient and second moment; bytes of a first moment) under model.param_dtype and
+  train.moment_dtype (configs written before them: f32)."""
+  param_dtype, moment_dtype = cfg.model.get("param_dtype", "float32"), cfg.train.get("moment_dtype", "float32")
+  for key, name in (("model.param_dtype", param_dtype), ("train.moment_dtype", moment_dtype)):
+    if name not in DTYPE_BYTES:
+      raise ConfigError(f"config key '{key}': must be one of {sorted(DTYPE_BYTES)}, got '{name}'")
+  return DTYPE_BYTES[param_dtype], DTYPE_BYTES[moment_dtype]
+
+
 def plan_mesh(mesh_cfg):
   """The abstract mesh of a config's `mesh` section, every size given."""
   shape = tuple(int(s) for s in mesh_cfg.shape)
@@ -224,11 +236,17 @@ def make_plan(cfg, mesh_sizes: dict[str, int] | None = None, *, accelerator: str
 
   counts = param_totals(m, mesh)
   total, embedding, per_device = counts["total"], counts["embedding"], counts["per_device"]
-  param_gib = per_device * 4 / GIB
+  param_bytes, moment_bytes = state_dtype_bytes(cfg)
+  param_gib = per_device * param_bytes / GIB
+  optimizer_gib = per_device * (moment_bytes + param_bytes) / GIB  # first moment, second moment
+  remat = remat_policy_name(m) != "none"
+  if remat_policy_name(m) == "dots_saveable":
+    notes.append("model.remat 'dots_saveable': activations estimated as for 'full'; the matmul outputs it also "
+                 "keeps are not counted")
   act = ACTIVATIONS_BY_MODEL[m.name](m, batch=local_batch, seq_len=seq_len, tensor=mesh.shape["tensor"],
-                                     remat=bool(m.get("remat", False)), flash=flash)
+                                     remat=remat, flash=flash)
   activation_gib = act["total"] / GIB
-  total_gib = param_gib * 4 + activation_gib  # params + 2 AdamW moments + grads, all f32
+  total_gib = param_gib + optimizer_gib + param_gib + activation_gib  # params, AdamW moments, grads
 
   per_token = flops.training_flops_per_token(m, seq_len)
   per_step = per_token * batch * seq_len
@@ -237,7 +255,7 @@ def make_plan(cfg, mesh_sizes: dict[str, int] | None = None, *, accelerator: str
   return Plan(
       mesh=dict(mesh.shape), n_devices=n_devices, accelerator=acc.name, hbm_gib=float(acc.hbm_gib),
       params_total=total, params_non_embedding=total - embedding, param_gib=param_gib,
-      optimizer_gib=2 * param_gib, grad_gib=param_gib, activation_gib=activation_gib, total_gib=total_gib,
+      optimizer_gib=optimizer_gib, grad_gib=param_gib, activation_gib=activation_gib, total_gib=total_gib,
       local_batch=local_batch, vocab_size=int(m.vocab_size), flops_per_token=per_token,
       flops_per_step=per_step, mfu=mfu,
       step_seconds=step_seconds, tokens_per_sec=batch * seq_len / step_seconds, notes=notes)
@@ -245,6 +263,7 @@ def make_plan(cfg, mesh_sizes: dict[str, int] | None = None, *, accelerator: str
 
 def format_table(plan: Plan, cfg, *, flash: bool) -> str:
   m = cfg.model
+  param_dtype, moment_dtype = m.get("param_dtype", "float32"), cfg.train.get("moment_dtype", "float32")
   mesh = ",".join(f"{a}:{s}" for a, s in plan.mesh.items() if s > 1) or "1 device"
   rows = [
       ("mesh", f"{mesh} ({plan.n_devices} devices)"),
@@ -252,12 +271,12 @@ def format_table(plan: Plan, cfg, *, flash: bool) -> str:
       ("parameters", f"{plan.params_total / 1e9:.3f} B"),
       ("  non-embedding", f"{plan.params_non_embedding / 1e9:.3f} B"),
       ("batch x seq_len", f"{cfg.train.batch_size} x {cfg.data.seq_len} ({plan.local_batch} per device "
-                          f"per microbatch, remat {'on' if m.get('remat', False) else 'off'}, "
+                          f"per microbatch, remat {remat_policy_name(m)}, "
                           f"{'flash' if flash else 'dense'} attention)"),
       ("per device:", ""),
-      ("  parameters (f32)", f"{plan.param_gib:.2f} GiB"),
-      ("  optimizer (AdamW, 2 x f32)", f"{plan.optimizer_gib:.2f} GiB"),
-      ("  gradients (f32)", f"{plan.grad_gib:.2f} GiB"),
+      (f"  parameters ({param_dtype})", f"{plan.param_gib:.2f} GiB"),
+      (f"  optimizer (AdamW, {moment_dtype} + {param_dtype})", f"{plan.optimizer_gib:.2f} GiB"),
+      (f"  gradients ({param_dtype})", f"{plan.grad_gib:.2f} GiB"),
       ("  activations (estimate)", f"{plan.activation_gib:.2f} GiB"),
       ("  total", f"{plan.total_gib:.2f} GiB of {plan.hbm_gib:.2f} GiB"
                   f" ({'fits' if plan.fits else 'DOES NOT FIT'})"),

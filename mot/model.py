@@ -23,7 +23,7 @@ from flax import nnx
 
 from common.config import require
 from common.kernels.grouped_matmul.ops import IMPLS as GROUPED_IMPLS
-from common.models.dense_lm import DenseLM, block_spec, validate_model_config
+from common.models.dense_lm import REMAT_POLICIES, DenseLM, block_spec, remat_policy_name, validate_model_config
 from common.nn import DTYPES, BlockSpec, Embed, Linear, RMSNorm
 from common.nn.attention import blockwise_causal_attention, dot_product_attention
 from common.nn.modality_routing import (ModalityGroups, ModalityLinear, ModalityRMSNorm, from_groups,
@@ -122,15 +122,15 @@ class MoTTransformer(nnx.Module):
     self.blocks = nnx.List([MoTBlock(spec, self.n_groups, cfg.grouped_impl, rngs=rngs)
                             for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=spec.dtype)
-    self.remat = bool(cfg.get("remat", False))
+    self.remat = remat_policy_name(cfg)
 
   def __call__(self, x: jax.Array, modality: jax.Array, ctx: AttentionInputs) -> jax.Array:
     batch_shape, d = x.shape[:2], x.shape[-1]
     groups = group_by_modality(modality, self.n_groups) if self.n_groups > 1 else None
     rows = to_groups(x, groups) if groups is not None else x.reshape(-1, d)
     for block in self.blocks:
-      if self.remat:
-        rows = nnx.remat(lambda blk, r: blk(r, groups, ctx))(block, rows)
+      if self.remat != "none":
+        rows = nnx.remat(lambda blk, r: blk(r, groups, ctx), policy=REMAT_POLICIES[self.remat])(block, rows)
       else:
         rows = block(rows, groups, ctx)
     x = from_groups(rows, groups, batch_shape) if groups is not None else rows.reshape(*batch_shape, d)

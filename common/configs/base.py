@@ -10,6 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
       steps=300, batch_size=16, seed=0, learning_rate=3e-3, min_learning_rate_ratio=0.1, warmup_steps=30,
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, grad_accum=1,
       nan_policy="stop",  # 'stop': exit naming the step, keep the last good checkpoint; 'skip': drop the update
+      moment_dtype="float32",  # Adam's first moment: 'float32' or 'bfloat16' (the second follows the params)
   )
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
   c.log = dict(every_steps=10, progress="auto")  # progress: 'auto' (bar on a terminal), 'bar', 'lines'
@@ -35,8 +36,12 @@ def dense_model(**overrides) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict(dict(
       name="dense_lm", vocab_size=0, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=0,
       d_ff=768, rope_theta=10000.0, rope_scaling=ml_collections.ConfigDict(), norm_eps=1e-5,
-      tie_embeddings=True, window=0, qk_norm=False, dtype="float32", remat=False,
+      tie_embeddings=True, window=0, qk_norm=False, dtype="float32", remat="none",
       qkv_bias=False,  # biases on the query/key/value projections, as Qwen2 has
+      # Scale options (common.models.dense_lm): remat is 'none' | 'full' | 'dots_saveable' (true/false mean
+      # full/none); scan_layers stacks the blocks on a 'layers' axis under one scan; param_dtype stores the
+      # parameters ('float32' or 'bfloat16'; compute stays `dtype`).
+      scan_layers=False, param_dtype="float32",
       # Context length (positions 0 .. max_len - 1; 0: unbounded) and the special ids a Hugging Face export
       # writes (-1 / []: none; a list, as JSON reads it back); configs saved before these keys read the
       # defaults.
@@ -47,5 +52,7 @@ def dense_model(**overrides) -> ml_collections.ConfigDict:
           second_policy="all", num_groups=1, router_noise=0.0, balance_weight=0.01, z_loss_weight=0.0,
           d_ff=0, expert_parallel=True, grouped_impl="auto")),
   ))
+  with m.ignore_type():  # remat may be a bool (true: 'full'), as configs written before the policies say
+    m.remat = overrides.pop("remat", m.remat)
   m.update(overrides)
   return m

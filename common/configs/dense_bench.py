@@ -7,7 +7,7 @@ from common.configs.base import base_config, dense_model
 def get_config():
   c = base_config()
   c.model = dense_model(vocab_size=0, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1536,
-                        tie_embeddings=False, dtype="float32", remat=False)
+                        tie_embeddings=False, dtype="float32", remat="none")
   c.data.seq_len = 512
   c.train.batch_size = 8
   return c

@@ -12,7 +12,7 @@ def get_config():
   c.model = dense_model(
       vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=0, d_ff=28672,
       rope_theta=500000.0, rope_scaling=llama3_rope_scaling(8.0), norm_eps=1e-5, tie_embeddings=False,
-      dtype="bfloat16", remat=True)
+      dtype="bfloat16", remat="full")
   c.data.vocab = "spm"
   c.data.seq_len = 8192
   c.train.batch_size = 512            # 4M tokens a step

@@ -5,10 +5,16 @@ model of the fine-tuning papers.
 With `model.moe.num_experts > 0` every `model.moe.every`-th block (layers every-1, 2*every-1, ..., as fairseq's
 `--moe-freq`; Artetxe et al. 2021 use every other layer) takes a mixture-of-experts FFN (`common.nn.moe.MoE`)
 instead of the SwiGLU. Its auxiliary losses are sown into `nnx.Intermediate`; a loss function collects them
-with `common.nn.moe.moe_loss_terms(model, weight)` after the forward pass."""
+with `common.nn.moe.moe_loss_terms(model, weight)` after the forward pass.
+
+Scale options (MaxText's names): `model.scan_layers` stacks the blocks' parameters on a leading 'layers' axis
+and runs one `jax.lax.scan` over them, so the compiled program (and its compile time) does not grow with the
+depth; `model.remat` picks what the backward pass recomputes (`REMAT_POLICIES`); `model.param_dtype` stores
+the parameters in bfloat16 (the compute dtype stays `model.dtype`)."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +26,24 @@ from common.nn.kv_cache import KVCache, decode_blocks, init_caches
 from common.nn.moe import MoE, MoESettings
 from common.kernels.grouped_matmul.ops import IMPLS as GROUPED_IMPLS
 from common.nn.moe.forward import MODES, ROUTINGS, SECOND_POLICIES
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation of the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep each block's input only, recompute the rest
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs too
+}
+
+
+def remat_policy_name(m) -> str:
+  """`model.remat` as a key of REMAT_POLICIES; true/false (configs written before the policies) mean
+  'full'/'none'."""
+  value = m.get("remat", False)
+  if isinstance(value, bool):
+    return "full" if value else "none"
+  require(isinstance(value, str) and value in REMAT_POLICIES, "model.remat",
+          f"must be one of {sorted(REMAT_POLICIES)} (or true/false), got {value!r}")
+  return value
+
 
 def padded_vocab_size(size: int, multiple: int = 128) -> int:
   """`model.vocab_size` 0 means the data vocabulary rounded up to a multiple of 128, so it shards evenly."""
@@ -38,6 +62,14 @@ def validate_model_config(m) -> None:
   head_dim = m.head_dim or m.d_model // m.n_heads
   require(head_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {head_dim}")
   require(m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got '{m.dtype}'")
+  param_dtype = m.get("param_dtype", "float32")
+  require(param_dtype in DTYPES, "model.param_dtype", f"must be one of {sorted(DTYPES)}, got '{param_dtype}'")
+  remat_policy_name(m)
+  scan = m.get("scan_layers", False)
+  require(isinstance(scan, bool), "model.scan_layers", f"must be true or false, got {scan!r}")
+  moe = m.get("moe")
+  require(not (scan and moe and int(moe.num_experts) > 0), "model.scan_layers",
+          "scanned layers must all be alike; MoE layers (model.moe.num_experts > 0) need scan_layers=false")
   require(m.window >= 0, "model.window", f"must be >= 0 (0 = full causal), got {m.window}")
   require(isinstance(m.get("qkv_bias", False), bool), "model.qkv_bias",
           f"must be true or false, got {m.get('qkv_bias')!r}")
@@ -90,6 +122,18 @@ def moe_settings(m) -> MoESettings:
                      grouped_impl=moe.get("grouped_impl", "auto"))
 
 
+def stack_blocks(blocks: Sequence[Block]) -> Block:
+  """One Block whose parameters hold those of `blocks` stacked on a leading axis, named 'layers' in their
+  logical axes (common.sharding.RULES replicates it), in the layout `jax.lax.scan` runs over."""
+  graphdef, _ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *[nnx.state(block) for block in blocks])
+  block = nnx.merge(graphdef, stacked)
+  for _, var in nnx.iter_graph(block):
+    if isinstance(var, nnx.Variable) and var.get_metadata().get("axes"):
+      var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+  return block
+
+
 def _moe_ffn(m, *, rngs, dtype) -> MoE:
   return MoE(m.d_model, int(m.moe.d_ff) or m.d_ff, moe_settings(m), rngs=rngs, dtype=dtype,
              out_scale=1.0 / math.sqrt(2 * m.n_layers), expert_parallel=bool(m.moe.expert_parallel))
@@ -104,13 +148,21 @@ class DenseLM(nnx.Module):
     spec = block_spec(cfg)
     dtype = spec.dtype
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype)
-    self.blocks = nnx.List([
-        Block(spec, rngs=rngs, ffn=_moe_ffn(cfg, rngs=rngs, dtype=dtype) if is_moe_layer(cfg, i) else None)
-        for i in range(cfg.n_layers)])
+    blocks = [Block(spec, rngs=rngs, ffn=_moe_ffn(cfg, rngs=rngs, dtype=dtype) if is_moe_layer(cfg, i) else None)
+              for i in range(cfg.n_layers)]
+    self.scan_layers = bool(cfg.get("scan_layers", False))
+    # Scanned: the same initial weights as unrolled (same draws, same order), stacked.
+    self.blocks = stack_blocks(blocks) if self.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
     self.lm_head = None if cfg.tie_embeddings else Linear(
         cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=dtype)
-    self.remat = bool(cfg.get("remat", False))
+    self.remat = remat_policy_name(cfg) != "none"
+    self.remat_policy = REMAT_POLICIES[remat_policy_name(cfg)]
+    param_dtype = DTYPES[cfg.get("param_dtype", "float32")]
+    if param_dtype != jnp.float32:
+      # Drawn in f32 as always, then stored rounded: the same model as the f32 one to bf16 precision.
+      params = nnx.state(self, nnx.Param)
+      nnx.update(self, jax.tree.map(lambda p: p.astype(param_dtype), params))
 
   def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
              segment_ids: jax.Array | None = None) -> jax.Array:
@@ -120,12 +172,25 @@ class DenseLM(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     x = self.embed(tokens)
+    if self.scan_layers:
+      return self.final_norm(self._scan_blocks(x, positions, segment_ids))
     for block in self.blocks:
       if self.remat:
-        x = nnx.remat(lambda blk, h: blk(h, positions, segment_ids))(block, x)
+        x = nnx.remat(lambda blk, h: blk(h, positions, segment_ids), policy=self.remat_policy)(block, x)
       else:
         x = block(x, positions, segment_ids)
     return self.final_norm(x)
+
+  def _scan_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """The stacked blocks as one scan step per layer; with remat the step is the checkpointed unit."""
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layer(h, layer_state):
+      return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
+
+    if self.remat:
+      layer = jax.checkpoint(layer, policy=self.remat_policy)
+    return jax.lax.scan(layer, x, stacked)[0]
 
   def logits(self, h: jax.Array) -> jax.Array:
     out = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
@@ -134,9 +199,15 @@ class DenseLM(nnx.Module):
   def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
     return self.logits(self.hidden(tokens, positions, segment_ids))
 
+  def _require_unrolled(self) -> None:
+    if self.scan_layers:
+      raise ConfigError("config key 'model.scan_layers': KV-cached decoding runs the unrolled blocks; "
+                        "set model.scan_layers=false to decode")
+
   def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
     """Empty key/value caches for `decode`, one per block, for rows of up to `max_len` tokens (a windowed
     model keeps a ring buffer of `model.window` slots), in the compute dtype."""
+    self._require_unrolled()
     return init_caches(self.blocks, batch, max_len, dtype=DTYPES[self.cfg.dtype])
 
   def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, caches: list[KVCache],
@@ -144,6 +215,7 @@ class DenseLM(nnx.Module):
     """The cached twin of `__call__`: logits [batch, new, vocab] (f32) of new tokens [batch, new] at absolute
     `positions` given what the caches hold (a prompt, then one token at a time), and the updated caches.
     `last_only`: logits of the last new token only ([batch, 1, vocab]), all a prompt's prefill needs."""
+    self._require_unrolled()
     x, caches = decode_blocks(self.blocks, self.embed(tokens), positions, segment_ids, caches, advance)
     if last_only:
       x = x[:, -1:]

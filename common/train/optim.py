@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -20,6 +21,11 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
       decay_steps=max(train_cfg.steps, warmup + 1), end_value=peak * train_cfg.min_learning_rate_ratio)
 
 
+# train.moment_dtype: the dtype Adam's first moment is kept in (optax's `mu_dtype`); the second moment follows
+# the parameters' dtype (model.param_dtype), as optax keeps it.
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def decay_mask(params):
   """Decay weight matrices; leave norms' scales and other vectors alone (as in Llama and GPT-3)."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -31,8 +37,12 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   require(math.isfinite(train_cfg.learning_rate) and train_cfg.learning_rate > 0, "train.learning_rate",
           f"must be positive and finite, got {train_cfg.learning_rate}")
   require(train_cfg.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+  moment_dtype = train_cfg.get("moment_dtype", "float32")
+  require(moment_dtype in MOMENT_DTYPES, "train.moment_dtype",
+          f"must be one of {sorted(MOMENT_DTYPES)}, got '{moment_dtype}'")
   adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                      eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=decay_mask)
+                      eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=decay_mask,
+                      mu_dtype=MOMENT_DTYPES[moment_dtype])
   clip = optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip else optax.identity()
   return optax.chain(clip, adamw)
 

@@ -71,7 +71,8 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (t0, w0, s0, g0))
       (total, weight, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
     denom = jnp.maximum(weight, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    # In the parameters' dtype (a no-op for f32), so that Adam's second moment keeps model.param_dtype.
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     loss = total / denom
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
