@@ -31,10 +31,9 @@ def _tokenizer(cfg) -> Tokenizer:
   return stored or load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
 
 
-def resolve(cfg):
-  """Fills what the config derives (in place; returns it), before any data or parameter is read: a hub base
-  replaces `model.*` by the entry's model config (keeping `model.init_from`); model.vocab_size 0 becomes the
-  tokenizer's ids padded to a multiple of 128."""
+def adopt_hub_base(cfg) -> None:
+  """A hub base (`model.init_from`) replaces `model.*` by the entry's model config, keeping `model.init_from`:
+  a fine-tuning run has the architecture of what it starts from."""
   name = cfg.model.init_from
   if name:
     try:
@@ -42,6 +41,12 @@ def resolve(cfg):
     except (ConfigError, FileNotFoundError, OSError) as e:
       raise ConfigError(f"config key 'model.init_from': {e}") from None
     cfg.model = ml_collections.ConfigDict({**entry["model_config"], "init_from": name})
+
+
+def resolve(cfg):
+  """Fills what the config derives (in place; returns it), before any data or parameter is read: a hub base's
+  model config (`adopt_hub_base`); model.vocab_size 0 becomes the tokenizer's ids padded to a multiple of 128."""
+  adopt_hub_base(cfg)
   if int(cfg.model.vocab_size) == 0:
     require(cfg.data.tokenizer in TOKENIZERS, "data.tokenizer",
             f"must be one of {TOKENIZERS}, got '{cfg.data.tokenizer}'")

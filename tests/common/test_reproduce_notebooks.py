@@ -48,7 +48,35 @@ def moe_runs(seed):
   return rows
 
 
-RUNS = {"blt": blt_runs, "mot": mot_runs, "moma": moma_runs, "moe_scaling": moe_runs}
+def pit_runs(seed):
+  rows = []
+  for name, setting, em in (("base", "in_domain", 2.0), ("open_book", "in_domain", 5.0), ("it", "in_domain", 20.0),
+                            ("pit", "in_domain", 40.0), ("it_xd", "cross_domain", 10.0),
+                            ("pit_xd", "cross_domain", 30.0)):
+    scores = {f"closed/{k}": em + seed + extra for k, extra in (("em", 0), ("recall", 5), ("rouge_l", 3))}
+    if name == "open_book":
+      scores.update({f"open/{k}": 70.0 + seed for k in ("em", "recall", "rouge_l")})
+    rows.append(dict(name=name, label=name, seed=seed, paper="", variant=name.removesuffix("_xd"), setting=setting,
+                     doc_ppl=1.5 + 10 / em, answer_nll=3.0 - em / 20, flops=1e12, steps=4,
+                     curves=dict(test_answer_loss=curve([3.0, 2.0])), **{"train/em": 50.0}, **scores))
+  return rows
+
+
+def ease_runs(seed):
+  def scores(rouge, compression):
+    return dict(rouge1=rouge + 0.1, rouge2=rouge / 2, rougeL=rouge, evidence_precision=0.6, evidence_recall=0.5,
+                faithfulness=0.7, reference_faithfulness=0.8, compression=compression)
+  rows = [dict(name="abstractive", label="abstractive", seed=seed, paper="", variant="abstractive", level="sentence",
+               eval_nll=1.0, flops=1e12, budgets={"1": scores(0.5 + 0.01 * seed, 1.0)})]
+  for name, level in (("lead", "sentence"), ("ease_sent", "sentence"), ("ease_tok", "token")):
+    rows.append(dict(name=name, label=name, seed=seed, paper="", variant=name.split("_")[0], level=level,
+                     eval_nll=1.2, flops=1e12, budgets={f"{b:g}": scores(0.3 + 0.2 * b + 0.01 * seed, b)
+                                                        for b in (0.2, 0.4, 0.6, 1.0)}))
+  return rows
+
+
+RUNS = {"blt": blt_runs, "mot": mot_runs, "moma": moma_runs, "moe_scaling": moe_runs, "pit": pit_runs,
+        "ease": ease_runs}
 
 
 @pytest.mark.parametrize("paper", sorted(RUNS))
