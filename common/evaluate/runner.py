@@ -21,6 +21,7 @@ from common.eval import fewshot, lm_metrics
 from common.eval.filters import FILTERS
 from common.eval.tasks import Doc, Task, doc_key, load_docs, load_pool
 from common.evaluate.language_model import LanguageModel
+from common.train.workdir import run_path, write_atomic
 
 RESULTS_FILE = "results.json"
 
@@ -97,16 +98,8 @@ def _read_samples(path: str) -> dict[str, dict]:
       except (json.JSONDecodeError, KeyError, TypeError):
         broken = True
   if broken:
-    _write_atomically(path, "".join(json.dumps(line) + "\n" for line in lines.values()))
+    write_atomic(run_path(path), "".join(json.dumps(line) + "\n" for line in lines.values()))
   return lines
-
-
-def _write_atomically(path: str, text: str) -> None:
-  """The whole text or the old file: written beside it, then renamed over it."""
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _generation_line(task: Task, request: Request, output: str) -> dict:
@@ -188,5 +181,5 @@ def run(lm: LanguageModel, prepared_tasks: list[PreparedTask], output_dir: str, 
         log(f"[{task.name}] {task.output_type}: {min(start + lm.batch_size, len(todo))}/{len(todo)}")
     results[task.name] = _aggregate(prepared, [done[key] for key, _ in keyed])
   summary = {"results": results, "config": config or {}}
-  _write_atomically(os.path.join(output_dir, RESULTS_FILE), json.dumps(summary, indent=2) + "\n")
+  write_atomic(run_path(os.path.join(output_dir, RESULTS_FILE)), json.dumps(summary, indent=2) + "\n")
   return summary

@@ -21,6 +21,7 @@ from common.generate import generate
 from common.models import build_model
 from common.models.hf_llama import load_hf_llama, mask_padded_vocab, save_hf_llama
 from common.sharding import make_mesh
+from tests.file_helpers import edited_checkpoint
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -163,15 +164,6 @@ def test_bfloat16_checkpoints_import_exactly(tmp_path):
   np.testing.assert_array_equal(ours.reshape(64, -1).T, expected)
 
 
-def _edited_checkpoint(folder: str, tmp_path, **changes) -> str:
-  out = tmp_path / "edited"
-  shutil.copytree(folder, out)
-  hf = json.loads((out / "config.json").read_text())
-  hf.update(changes)
-  (out / "config.json").write_text(json.dumps(hf))
-  return str(out)
-
-
 @pytest.mark.parametrize("changes, message", [
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type 'yarn'"),
     (dict(model_type="mistral", architectures=["MistralForCausalLM"]), "unsupported architecture"),
@@ -181,7 +173,7 @@ def _edited_checkpoint(folder: str, tmp_path, **changes) -> str:
 ])
 def test_import_rejects_what_it_cannot_represent(checkpoint, tmp_path, changes, message):
   with pytest.raises(ConfigError, match=message):
-    load_hf_llama(_edited_checkpoint(checkpoint[0], tmp_path, **changes))
+    load_hf_llama(edited_checkpoint(checkpoint[0], tmp_path, **changes))
 
 
 def test_import_names_missing_files(tmp_path):
@@ -233,7 +225,7 @@ def test_export_keeps_the_eos_ids_so_transformers_stops_there(tmp_path):
 
 
 def test_import_takes_the_special_ids_of_generation_config(checkpoint, tmp_path):
-  folder = _edited_checkpoint(checkpoint[0], tmp_path, max_position_embeddings=512, pad_token_id=0)
+  folder = edited_checkpoint(checkpoint[0], tmp_path, max_position_embeddings=512, pad_token_id=0)
   with open(os.path.join(folder, "generation_config.json"), "w") as f:
     json.dump(dict(bos_token_id=1, eos_token_id=[2, 7, 9]), f)
   cfg, _ = load_hf_llama(folder)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from common.models.hf_llama import save_hf_llama
 from common.models.hf_qwen2 import load_hf_qwen2, save_hf_qwen2
 from common.sharding import make_mesh
 from common.tokenizers import HFTokenizer, model_special_ids
+from tests.file_helpers import edited_checkpoint
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -152,20 +152,11 @@ def test_a_window_on_every_layer_imports_and_exports(tmp_path):
   cfg, model = load_hf_qwen2(str(tmp_path / "hf"))
   assert cfg.window == 16
   np.testing.assert_allclose(_logits(model), reference, atol=ATOL, rtol=0)
-  full = _edited_checkpoint(str(tmp_path / "hf"), tmp_path, use_sliding_window=False, layer_types=None)
+  full = edited_checkpoint(str(tmp_path / "hf"), tmp_path, use_sliding_window=False, layer_types=None)
   assert np.abs(_logits(load_hf_qwen2(full)[1]) - reference).max() > 1e-3  # the window matters at this length
   save_hf_qwen2(cfg, model, str(tmp_path / "export"))
   reloaded = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager")
   np.testing.assert_allclose(_hf_logits(reloaded.eval()), reference, atol=0, rtol=0)
-
-
-def _edited_checkpoint(folder: str, tmp_path, **changes) -> str:
-  out = tmp_path / "edited"
-  shutil.copytree(folder, out)
-  hf = json.loads((out / "config.json").read_text())
-  hf.update(changes)
-  (out / "config.json").write_text(json.dumps(hf))
-  return str(out)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -178,7 +169,7 @@ def _edited_checkpoint(folder: str, tmp_path, **changes) -> str:
 ])
 def test_import_rejects_what_it_cannot_represent(checkpoint, tmp_path, changes, message):
   with pytest.raises(ConfigError, match=message):
-    load_hf_qwen2(_edited_checkpoint(checkpoint[0], tmp_path, **changes))
+    load_hf_qwen2(edited_checkpoint(checkpoint[0], tmp_path, **changes))
 
 
 def test_export_refuses_the_other_architecture(tmp_path):
@@ -196,7 +187,7 @@ def test_export_refuses_the_other_architecture(tmp_path):
 
 def test_import_takes_the_special_ids_of_generation_config(checkpoint, tmp_path):
   """Qwen2.5 Instruct lists <|im_end|> and <|endoftext|> as eos in generation_config.json only."""
-  folder = _edited_checkpoint(checkpoint[0], tmp_path, eos_token_id=4)
+  folder = edited_checkpoint(checkpoint[0], tmp_path, eos_token_id=4)
   with open(os.path.join(folder, "generation_config.json"), "w") as f:
     json.dump(dict(bos_token_id=1, eos_token_id=[2, 7], pad_token_id=3), f)
   cfg, _ = load_hf_qwen2(folder)

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tests.file_helpers import snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS, EVERY = 30, 5
@@ -112,15 +113,6 @@ def corrupt(step_dir):
   assert files
   for p in files:
     p.write_bytes(b"\xde\xad" * (p.stat().st_size // 2 + 1))
-
-
-def snapshot(root):
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    for name in dirnames + filenames:
-      st = os.stat(os.path.join(dirpath, name))
-      out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
-  return out
 
 
 @pytest.fixture(scope="module")

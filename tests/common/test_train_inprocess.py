@@ -20,6 +20,7 @@ from common.config import run_main
 from common.train import loop
 from common.train.__main__ import main
 from common.train.resume import FREE_KEYS, check_changes, config_changes, config_record, is_free
+from tests.file_helpers import snapshot
 
 
 def argv(workdir, cache_dir, *extra):
@@ -30,15 +31,6 @@ def argv(workdir, cache_dir, *extra):
           f"--config.data.cache_dir={cache_dir}", "--config.checkpoint.every_steps=2",
           "--config.checkpoint.async_save=false", "--config.log.every_steps=1", "--config.log.progress=lines",
           "--config.eval.every_steps=100", "--config.eval.batches=1", *extra]
-
-
-def snapshot(root):
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    for name in dirnames + filenames:
-      st = os.stat(os.path.join(dirpath, name))
-      out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
-  return out
 
 
 def exit_status(args, capsys):
