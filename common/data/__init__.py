@@ -36,6 +36,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       validation_fraction=0.03,    # share of embedded/user files held out (by a stable path hash)
       eval_on_train=False,         # no held-out files: train on all of them and evaluate on the same ones
                                    # (needed for a single file, which is refused otherwise)
+      shards=0,                    # training-data shards, each read and packed by one process (0: one per
+                                   # process); the batch depends on it, not on the process count
       cache_dir=DEFAULT_CACHE_DIR,
   ))
 

@@ -118,6 +118,12 @@ def list_documents(data_cfg, split: str) -> tuple[str, list[str]]:
   return root, limit_bytes(root, chosen, int(limit or 0))
 
 
+def shard_of(rels: list[str], index: int, count: int) -> list[str]:
+  """The files of data shard `index` of `count`: every count-th from `index` (sorted input, so the shards are
+  disjoint, cover the list, and differ in size by at most one file)."""
+  return list(rels[index::count])
+
+
 def read_text(path: str) -> str:
   """File text as UTF-8 (undecodable bytes replaced, so one odd file cannot stop training)."""
   with open(path, "rb") as f:

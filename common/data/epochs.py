@@ -6,18 +6,20 @@ import numpy as np
 
 
 class EpochOrder:
-  """Row indices at any position of the stream; keeps the permutations of the last two epochs it used (a
+  """Row indices at any position of the stream (`stream`: one of several independent orders, e.g. one per data
+  shard); keeps the permutations of the last two epochs it used (a
   batch touches at most a few epochs), so memory stays O(rows)."""
 
-  def __init__(self, num_rows: int, seed: int):
-    self.num_rows, self.seed = int(num_rows), int(seed)
+  def __init__(self, num_rows: int, seed: int, stream: int | None = None):
+    self.num_rows, self.seed, self.stream = int(num_rows), int(seed), stream
     self._perms: dict[int, np.ndarray] = {}
 
   def _perm(self, epoch: int) -> np.ndarray:
     if epoch not in self._perms:
       if len(self._perms) >= 2:
         self._perms.pop(min(self._perms))
-      self._perms[epoch] = np.random.default_rng((self.seed % 2**63, epoch)).permutation(self.num_rows)
+      key = (self.seed % 2**63, epoch) if self.stream is None else (self.seed % 2**63, epoch, self.stream)
+      self._perms[epoch] = np.random.default_rng(key).permutation(self.num_rows)
     return self._perms[epoch]
 
   def rows_at(self, position: int, count: int) -> np.ndarray:

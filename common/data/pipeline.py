@@ -43,13 +43,17 @@ def cache_key(data_cfg) -> str:
   return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _build_split(data_cfg, name: str, split: str) -> dict[str, np.ndarray]:
-  """Tokenizes the split with the seqio task and packs it (tfds byte budgets apply here, on the text)."""
+def _build_split(data_cfg, name: str, split: str, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+  """Tokenizes the split (of a training shard: its files, or its part of the tfds files through seqio's
+  shard_info) with the seqio task and packs it (tfds byte budgets apply here, on the text, split evenly over
+  the shards)."""
   from common.data._tf import import_seqio  # pylint: disable=g-import-not-at-top
   seqio = import_seqio()
+  shard_info = seqio.ShardInfo(*shard) if data_cfg.source == "tfds" and shard[1] > 1 else None
   ds = seqio.get_mixture_or_task(name).get_dataset(
-      sequence_length=None, split=split, shuffle=False, num_epochs=1, trim_output_features=False)
-  budget = int((data_cfg.max_train_bytes if split == "train" else data_cfg.max_eval_bytes) or 0)
+      sequence_length=None, split=split, shuffle=False, num_epochs=1, trim_output_features=False,
+      shard_info=shard_info)
+  budget = int((data_cfg.max_train_bytes if split == "train" else data_cfg.max_eval_bytes) or 0) // shard[1]
   if data_cfg.source != "tfds":
     budget = 0  # file lists are already cut to the budget by corpus.limit_bytes
   stats = {"docs": 0, "bytes": 0}
@@ -64,7 +68,8 @@ def _build_split(data_cfg, name: str, split: str) -> dict[str, np.ndarray]:
 
   start = time.time()
   rows = packing.pack_documents(docs(), int(data_cfg.seq_len))
-  _log(f"packed {split}: {stats['docs']:,} documents, {stats['bytes']:,} bytes -> "
+  where = f"{split} (shard {shard[0]} of {shard[1]})" if shard[1] > 1 else split
+  _log(f"packed {where}: {stats['docs']:,} documents, {stats['bytes']:,} bytes -> "
        f"{len(rows['targets']):,} rows of {int(data_cfg.seq_len)} ({time.time() - start:.1f}s)")
   rows["num_bytes"] = np.asarray(stats["bytes"], np.int64)
   return rows
@@ -87,8 +92,9 @@ def _save_atomic(path: str, arrays: dict[str, np.ndarray]):
     raise
 
 
-def load_rows(data_cfg) -> tuple[dict[str, dict[str, np.ndarray]], int]:
-  """({split: packed arrays}, vocab_size), from the cache or built once and cached."""
+def load_rows(data_cfg, train_shard: tuple[int, int] = (0, 1)) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+  """({split: packed arrays}, vocab_size), from the cache or built once and cached; "train" holds the rows of
+  training shard (index, count) only, "validation" the whole split."""
   data_cfg = with_defaults(data_cfg)
   if int(data_cfg.seq_len) <= 0:
     raise DataError(f"data.seq_len={data_cfg.seq_len} must be positive")
@@ -97,13 +103,15 @@ def load_rows(data_cfg) -> tuple[dict[str, dict[str, np.ndarray]], int]:
   if not cache_dir:
     raise DataError("data.cache_dir is empty")
   paths = {s: os.path.join(cache_dir, f"lm-{data_cfg.source}-{key}-{s}.npz") for s in SPLITS}
+  if train_shard[1] > 1:
+    paths["train"] = paths["train"].replace("-train.npz", "-train-shard{}of{}.npz".format(*train_shard))
   missing = [s for s in SPLITS if not os.path.exists(paths[s])]
   if missing:
-    name = tasks.register_lm_task(data_cfg)
+    name = tasks.register_lm_task(data_cfg, train_shard)
     _log(f"building the packed cache under {cache_dir} (once for this config)")
     vocab_size = vocab_lib.get_vocabulary(data_cfg).vocab_size
     for split in missing:
-      arrays = _build_split(data_cfg, name, split)
+      arrays = _build_split(data_cfg, name, split, train_shard if split == "train" else (0, 1))
       arrays["vocab_size"] = np.asarray(vocab_size, np.int64)
       _save_atomic(paths[split], arrays)
   out = {}
@@ -114,24 +122,49 @@ def load_rows(data_cfg) -> tuple[dict[str, dict[str, np.ndarray]], int]:
 
 
 class LMData:
-  """Deterministic batches: the batch at a data position is a pure function of (seed, position)."""
+  """Deterministic batches: the batch at a data position is a pure function of (seed, position, data.shards).
 
-  def __init__(self, data_cfg, *, batch_size: int, seed: int):
+  With `data.shards` = n > 1 (0: one per process) the training documents are split into n shards (files
+  round-robin; a tfds split by seqio's shard_info), each packed and cached alone, each with its own epoch
+  order; the global batch is shard 0's rows, then shard 1's, ...: batch_size / n rows from each. A process
+  reads, packs and batches only the shards it owns (an equal run of them): `process_rows` is the slice of
+  the global batch its `train_batch` returns, which the loop assembles with
+  `jax.make_array_from_process_local_data`. The content depends on n, not on the process count, so one
+  process with data.shards=2 trains exactly like two processes."""
+
+  def __init__(self, data_cfg, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
     if batch_size <= 0:
       raise DataError(f"batch size must be positive, got {batch_size}")
     self.data_cfg = data_cfg = with_defaults(data_cfg)
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     self.seq_len = int(data_cfg.seq_len)
-    rows, self.vocab_size = load_rows(data_cfg)
-    self._train, self._eval = rows["train"], rows["validation"]
-    self.num_train_rows = int(self._train["targets"].shape[0])
+    shards = int(data_cfg.get("shards", 0)) or process_count
+    if shards < 0 or shards % process_count:
+      raise DataError(f"data.shards={data_cfg.shards} must be a multiple of the process count {process_count} "
+                      "(0: one shard per process)")
+    if self.batch_size % shards:
+      raise DataError(f"data.shards={shards} must divide the batch size {self.batch_size}")
+    per_process = shards // process_count
+    self.shards = shards
+    self.owned = range(process_index * per_process, (process_index + 1) * per_process)
+    self.process_rows = slice(process_index * self.batch_size // process_count,
+                              (process_index + 1) * self.batch_size // process_count)
+    self._train, self._orders = [], []
+    for index in self.owned:
+      rows, self.vocab_size = load_rows(data_cfg, (index, shards))
+      self._train.append(rows["train"])
+      n = int(rows["train"]["targets"].shape[0])
+      if n == 0:
+        raise DataError(f"data.source={data_cfg.source!r} produced no training text" +
+                        (f" for shard {index} of data.shards={shards} (fewer files than shards?)" if shards > 1
+                         else ""))
+      self._orders.append(EpochOrder(n, self.seed, stream=index if shards > 1 else None))
+    self._eval = rows["validation"]
+    self.num_train_rows = sum(int(t["targets"].shape[0]) for t in self._train)
     self.num_eval_rows = int(self._eval["targets"].shape[0])
-    self.train_bytes = int(self._train["num_bytes"])   # text bytes behind the rows (for bits/byte)
+    self.train_bytes = sum(int(t["num_bytes"]) for t in self._train)  # text bytes behind the rows (bits/byte)
     self.eval_bytes = int(self._eval["num_bytes"])
-    if self.num_train_rows == 0:
-      raise DataError(f"data.source={data_cfg.source!r} produced no training text")
-    self._order = EpochOrder(self.num_train_rows, self.seed)
     self._vocab = None
 
   @property
@@ -142,8 +175,10 @@ class LMData:
     return self._vocab
 
   def train_rows_at(self, position: int, count: int) -> np.ndarray:
-    """Indices of packed train rows position .. position+count-1 of the infinite epoch stream."""
-    return self._order.rows_at(position, count)
+    """Indices of packed train rows position .. position+count-1 of the infinite epoch stream (one shard)."""
+    if self.shards > 1:
+      raise ValueError("train_rows_at is defined for one data shard (data.shards=1)")
+    return self._orders[0].rows_at(position, count)
 
   @staticmethod
   def _batch(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -155,8 +190,13 @@ class LMData:
             "loss_mask": (segment_ids > 0).astype(np.float32)}
 
   def train_batch(self, position: int) -> dict[str, np.ndarray]:
-    """Rows position .. position+batch_size-1; each epoch a permutation by rng((seed, epoch))."""
-    return self._batch(self._train, self.train_rows_at(position, self.batch_size))
+    """The rows `process_rows` of the global batch at data position `position` (a multiple of the batch size):
+    from each owned shard its rows position/n .. + batch_size/n of its epoch stream, each epoch a permutation
+    by rng((seed, epoch)) (rng((seed, epoch, shard)) when sharded)."""
+    per_shard = self.batch_size // self.shards
+    parts = [self._batch(rows, order.rows_at(position // self.shards, per_shard))
+             for rows, order in zip(self._train, self._orders)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
 
   def num_eval_batches(self) -> int:
     return math.ceil(self.num_eval_rows / self.batch_size)

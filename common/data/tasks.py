@@ -36,8 +36,10 @@ def source_keys(data_cfg) -> dict:
   return out
 
 
-def task_name(data_cfg) -> str:
+def task_name(data_cfg, shard: tuple[int, int] = (0, 1)) -> str:
   keys = dict(source_keys(data_cfg), vocab=vocab_lib.vocab_fingerprint(data_cfg))
+  if shard[1] > 1 and data_cfg.source != "tfds":  # tfds shards at read time (seqio's shard_info), one task
+    keys["shard"] = list(shard)
   digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
   return f"meta_papers_lm_{data_cfg.source}_{digest}"
 
@@ -62,13 +64,16 @@ def check_tfds_prepared(data_cfg):
   return builder
 
 
-def _file_dataset_fn(frozen: dict, split: str, shuffle_files: bool, seed=None):
+def _file_dataset_fn(frozen: dict, shard: tuple[int, int], split: str, shuffle_files: bool, seed=None):
   """One {'text'} example per document, in the corpus' sorted order (packing relies on the order;
-  shuffling happens later on packed rows, so `shuffle_files` and `seed` are ignored)."""
+  shuffling happens later on packed rows, so `shuffle_files` and `seed` are ignored). The training files of
+  shard (index, count) are every count-th one from index: a process opens only its own."""
   del shuffle_files, seed
   from common.data._tf import import_tf  # pylint: disable=g-import-not-at-top
   tf = import_tf()
   root, rels = corpus.list_documents(ml_collections.ConfigDict(frozen), split)
+  if split == "train":
+    rels = corpus.shard_of(rels, *shard)
 
   def gen():
     for rel in rels:
@@ -78,10 +83,10 @@ def _file_dataset_fn(frozen: dict, split: str, shuffle_files: bool, seed=None):
       gen, output_signature={"text": tf.TensorSpec((), tf.string)})
 
 
-def register_lm_task(data_cfg) -> str:
-  """Registers (once per distinct config) and returns the name of the seqio LM task."""
+def register_lm_task(data_cfg, shard: tuple[int, int] = (0, 1)) -> str:
+  """Registers (once per distinct config and training shard) and returns the name of the seqio LM task."""
   data_cfg = with_defaults(data_cfg)
-  name = task_name(data_cfg)
+  name = task_name(data_cfg, shard)
   from common.data._tf import import_seqio  # pylint: disable=g-import-not-at-top
   seqio = import_seqio()
   if name in seqio.TaskRegistry.names():
@@ -102,7 +107,7 @@ def register_lm_task(data_cfg) -> str:
     frozen = {k: data_cfg.get(k) for k in _FILE_KEYS}
     corpus.list_documents(ml_collections.ConfigDict(frozen), "train")  # fail now on a bad glob
     source = seqio.FunctionDataSource(
-        dataset_fn=functools.partial(_file_dataset_fn, frozen), splits=("train", "validation"))
+        dataset_fn=functools.partial(_file_dataset_fn, frozen, tuple(shard)), splits=("train", "validation"))
     text_key = "text"
   seqio.TaskRegistry.add(
       name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -41,9 +42,12 @@ def nats_summary(sums: dict, *, bytes_per_target: bool) -> dict:
 
 def resolve(cfg):
   """Fills the values the config derives (in place; returns it): model.vocab_size 0 means the vocabulary of
-  `data.vocab`, padded to a multiple of 128 so it shards evenly. Read from data.*, before any row is built."""
+  `data.vocab`, padded to a multiple of 128 so it shards evenly; data.shards 0 in a multi-process run means one
+  training-data shard per process. Read from data.*, before any row is built."""
   if int(cfg.model.vocab_size) == 0:
     cfg.model.vocab_size = padded_vocab_size(vocab_size(cfg.data))
+  if jax.process_count() > 1 and not int(cfg.data.get("shards", 0)):
+    cfg.data.shards = jax.process_count()  # recorded, so a resume on another process count is a config change
   return cfg
 
 
@@ -54,7 +58,8 @@ def validate(cfg) -> None:
 
 def lm_task(cfg) -> Task:
   """The Task of a resolved config (`resolve`)."""
-  data = LMData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+  data = LMData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
   seq_len = cfg.data.seq_len
   is_bytes = cfg.data.vocab == "byte"
   return Task(

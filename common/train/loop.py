@@ -130,11 +130,32 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _to_global(batch: dict, shardings: dict) -> dict:
-  """A batch onto the mesh: host numpy arrays (the same global batch on every process) become sharded global
-  arrays; device arrays (a jitted rollout's output) are resharded."""
-  return {k: jax.device_put(v, shardings[k]) if isinstance(v, jax.Array) else
-          jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx]) for k, v in batch.items()}
+def _to_global(batch: dict, shardings: dict, global_rows: int = 0) -> dict:
+  """A batch onto the mesh: host numpy arrays become sharded global arrays, either from the same global batch
+  on every process or (`global_rows` > 0) from each process's own rows of a batch of `global_rows`; device
+  arrays (a jitted rollout's output) are resharded."""
+  def put(v, s):
+    if isinstance(v, jax.Array):
+      return jax.device_put(v, s)
+    if global_rows:
+      return jax.make_array_from_process_local_data(s, v, (global_rows, *v.shape[1:]))
+    return jax.make_array_from_callback(v.shape, s, lambda idx: v[idx])
+  return {k: put(v, shardings[k]) for k, v in batch.items()}
+
+
+def process_local_rows(data, batch_sharding, batch_size: int) -> int:
+  """`batch_size` when the data gives this process only its own rows of each batch (`data.process_rows`, a
+  slice: per-host input), else 0 (every process holds the whole batch). Those rows must be the ones this
+  process's devices hold on the mesh, or the batch would be assembled wrongly."""
+  rows = getattr(data, "process_rows", None)
+  if rows is None or (rows.start, rows.stop) == (0, batch_size):
+    return 0
+  held = [idx[0] for idx in batch_sharding.addressable_devices_indices_map((batch_size, 1)).values()]
+  lo, hi = min(s.start or 0 for s in held), max(batch_size if s.stop is None else s.stop for s in held)
+  require((lo, hi) == (rows.start, rows.stop), "data.shards",
+          f"process {jax.process_index()} reads rows {rows.start}..{rows.stop} of each batch but its devices hold "
+          f"rows {lo}..{hi} on this mesh; put the batch axes (data, fsdp) across processes or set data.shards=1")
+  return batch_size
 
 
 def rollout_key(seed: int, step: int) -> jax.Array:
@@ -251,6 +272,8 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   with jax.set_mesh(mesh):
     pending = next_batch(start, state["params"])  # also the first step's batch
   batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in pending[0].items()}
+  local_rows = 0 if task.rollout is not None else process_local_rows(
+      task.data, next(iter(batch_shardings.values())), t.batch_size)
   step_fn = jax.jit(make_train_step(graphdef, task.loss_fn, optimizer, schedule, t.grad_accum, seed=t.seed),
                     in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
                     donate_argnums=0)
@@ -264,7 +287,7 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   progress = Progress(t.steps, start, cfg.log.progress, enabled=lead)
   t_compile = time.time()
   with jax.set_mesh(mesh):
-    compiled = step_fn.lower(state, _to_global(pending[0], batch_shardings)).compile()
+    compiled = step_fn.lower(state, _to_global(pending[0], batch_shardings, local_rows)).compile()
   progress.message(
       f"{n_params / 1e6:.2f} M parameters | mesh {dict(mesh.shape)} on {n_dev} {mesh.devices.flat[0].platform} "
       f"device(s) | {flops_per_step / 1e9:.1f} GFLOP/step | compiled in {time.time() - t_compile:.1f}s | "
@@ -284,7 +307,7 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
       with jax.set_mesh(mesh):
         batch, rollout_metrics = pending or next_batch(step, state["params"])
         pending = None
-        state, metrics = compiled(state, _to_global(batch, batch_shardings))
+        state, metrics = compiled(state, _to_global(batch, batch_shardings, local_rows))
       step += 1
       data_position += t.batch_size
       last = step == t.steps

@@ -364,3 +364,66 @@ def test_tfds_source(tmp_path):
   got = _documents(_segments(rows["train"]))
   sizes = np.cumsum([len(t.encode()) for t in texts["train"]])
   assert len(got) == int(np.searchsorted(sizes, 300)) + 1
+  # Two training shards (seqio's shard_info): disjoint, and together the whole split.
+  cfg.max_train_bytes = 0
+  halves = [[bytes((d - BYTE_OFFSET).astype(np.uint8)).decode()
+             for d in _documents(_segments(pipeline.load_rows(cfg, (i, 2))[0]["train"]))] for i in (0, 1)]
+  assert halves[0] and halves[1] and sorted(halves[0] + halves[1]) == sorted(texts["train"])
+
+
+# ------------------------------------------------------------------------ per-process training shards
+
+def test_training_shards_split_the_files_and_each_process_packs_only_its_own(files_setup, monkeypatch, tmp_path):
+  """Two processes (simulated) with data.shards=2: each opens only its round-robin half of the training files,
+  its cache holds exactly those documents, and the halves are disjoint and cover the split."""
+  root, docs, cfg = files_setup
+  _, train = corpus.list_documents(cfg, "train")
+  _, validation = corpus.list_documents(cfg, "validation")
+  cfg = data.with_defaults(cfg)
+  cfg.shards, cfg.cache_dir = 2, str(tmp_path / "cache")  # a fresh cache: every process builds its own
+  opened = []
+  real_read = corpus.read_text
+  monkeypatch.setattr(corpus, "read_text", lambda path: opened.append(path) or real_read(path))
+  halves = []
+  for process in (0, 1):
+    opened.clear()
+    lm = data.LMData(cfg, batch_size=4, seed=0, process_index=process, process_count=2)
+    mine = train[process::2]
+    assert {os.path.relpath(p, root) for p in opened} - set(validation) == set(mine)  # + the validation split
+    got = _documents(_segments(lm._train[0]))
+    assert [bytes((d - BYTE_OFFSET).astype(np.uint8)) for d in got] == [docs[r] for r in mine]
+    assert lm.train_bytes == sum(len(docs[r]) for r in mine)
+    assert lm.process_rows == slice(2 * process, 2 * process + 2)
+    halves.append(set(mine))
+  assert not halves[0] & halves[1] and halves[0] | halves[1] == set(train)
+
+
+def test_one_process_with_two_shards_batches_like_two_processes(files_setup):
+  """The global batch depends on data.shards, not on the process count: one process owning both shards
+  returns the rows the two processes return, concatenated, at every position (epochs included)."""
+  _, _, cfg = files_setup
+  cfg = data.with_defaults(cfg)
+  cfg.shards = 2
+  whole = data.LMData(cfg, batch_size=6, seed=5)
+  parts = [data.LMData(cfg, batch_size=6, seed=5, process_index=i, process_count=2) for i in (0, 1)]
+  assert whole.process_rows == slice(0, 6) and whole.num_train_rows == sum(p.num_train_rows for p in parts)
+  for position in range(0, 6 * whole.num_train_rows, 6):
+    want = whole.train_batch(position)
+    got = [p.train_batch(position) for p in parts]
+    for k in want:
+      np.testing.assert_array_equal(want[k], np.concatenate([got[0][k], got[1][k]]))
+  # Each shard cycles through its own rows: over one of its epochs every row appears once.
+  rows0 = parts[0]._train[0]["targets"]
+  seen = np.concatenate([parts[0].train_batch(p)["targets"] for p in range(0, 2 * len(rows0) * 3, 6)])
+  assert {r.tobytes() for r in seen[:len(rows0)]} == {r.tobytes() for r in rows0}
+
+
+@pytest.mark.parametrize("shards, processes, batch, needle", [(3, 2, 6, "multiple of the process count"),
+                                                               (4, 2, 6, "divide the batch size")])
+def test_bad_shard_counts_are_refused_naming_the_key(files_setup, shards, processes, batch, needle):
+  _, _, cfg = files_setup
+  cfg = data.with_defaults(cfg)
+  cfg.shards = shards
+  with pytest.raises(DataError, match=needle) as e:
+    data.LMData(cfg, batch_size=batch, seed=0, process_count=processes)
+  assert "data.shards" in str(e.value)

@@ -170,24 +170,31 @@ def shared_cache(tmp_path_factory):
 
 
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path, shared_cache):
+  """Per-host input: each process reads and packs only its half of the training files (data.shards defaults
+  to one shard per process) and builds only its rows of each batch; one process with two devices and
+  data.shards=2 sees the same global batches, so the losses agree."""
   cache = shared_cache
   single, multi = tmp_path / "single", tmp_path / "multi"
 
-  # One process, two devices (this also builds the data cache the two processes then share).
+  # One process, two devices, the same two data shards.
   log = tmp_path / "single.log"
-  _wait_all([_start(_train_args(single, cache), _env(2), log)], [log], RUN_TIMEOUT_S)
+  _wait_all([_start(_train_args(single, cache) + ["--config.data.shards=2"], _env(2), log)], [log], RUN_TIMEOUT_S)
+  assert "shard 0 of 2" in log.read_text() and "shard 1 of 2" in log.read_text()
 
-  # Two processes, one device each, one coordinator, one shared workdir.
+  # Two processes, one device each, one coordinator, one shared workdir, a cache of their own.
   port = _free_port()
   logs = [tmp_path / f"process{i}.log" for i in range(2)]
   procs = []
   try:
     for i in range(2):
-      args = _train_args(multi, cache) + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                          f"--process_id={i}"]
+      args = _train_args(multi, tmp_path / "cache2") + [f"--coordinator_address=127.0.0.1:{port}",
+                                                        "--num_processes=2", f"--process_id={i}"]
       procs.append(_start(args, _env(1), logs[i]))
   finally:
     _wait_all(procs, logs, RUN_TIMEOUT_S)
+  for i in range(2):  # each packed its own shard and never the other's
+    text = logs[i].read_text()
+    assert f"shard {i} of 2" in text and f"shard {1 - i} of 2" not in text, text[-2000:]
 
   # They formed one mesh of 2 devices (not two independent 1-device runs, which would also match).
   lead_log = logs[0].read_text()
@@ -205,8 +212,9 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path, shared_
   assert len(got_eval) == len(want_eval) == 1
   assert got_eval[0] == pytest.approx(want_eval[0], rel=1e-5)
 
-  # The shared workdir holds one config and the final checkpoint, written jointly.
-  assert json.loads((multi / "config.json").read_text())["train"]["steps"] == 6
+  # The shared workdir holds one config (the shard count it ran with) and the final checkpoint, written jointly.
+  record = json.loads((multi / "config.json").read_text())
+  assert record["train"]["steps"] == 6 and record["data"]["shards"] == 2
   assert (multi / "checkpoints" / "6").is_dir()
 
 
