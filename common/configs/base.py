@@ -11,9 +11,12 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, grad_accum=1,
       nan_policy="stop",  # 'stop': exit naming the step, keep the last good checkpoint; 'skip': drop the update
       moment_dtype="float32",  # Adam's first moment: 'float32' or 'bfloat16' (the second follows the params)
+      init_from="",  # a new run's parameters from a run folder or hub entry (fresh optimizer); '' = random
   )
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
-  c.log = dict(every_steps=10, progress="auto")  # progress: 'auto' (bar on a terminal), 'bar', 'lines'
+  # progress: 'auto' (bar on a terminal), 'bar', 'lines'; profile_steps 'N:M': a jax.profiler trace of steps
+  # N..M in DIR/profile (TensorBoard's profile tab)
+  c.log = dict(every_steps=10, progress="auto", profile_steps="")
   c.eval = dict(every_steps=100, batches=8)
   # dcn_shape: how many slices (TPU pods over the data-centre network) each of `axes` spans, () = one slice
   c.mesh = dict(shape=(-1,), axes=("data",), dcn_shape=())

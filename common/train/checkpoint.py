@@ -209,3 +209,39 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def read_params(directory, abstract_params: Any) -> tuple[int, Any]:
+  """(step, parameters) of the newest checkpoint of another run that holds `abstract_params`' names and shapes,
+  read onto their shardings without the optimizer state (orbax's partial restore) and checked against the
+  recorded checksums. Raises ConfigError when the run has none, or when its parameters are other ones."""
+  directory = run_path(directory)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                 "meta": ocp.JsonCheckpointHandler()})
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise ConfigError(f"'{directory}' holds no checkpoint")
+    step = steps[-1]
+    metadata = manager.item_metadata(step)["state"]
+    saved = {name: tuple(m.shape) for name, m in _names(getattr(metadata, "tree", metadata)).items()
+             if name.startswith("params.") and hasattr(m, "shape")}
+    wanted = {f"params.{name}": tuple(x.shape) for name, x in _names(abstract_params).items()}
+    if saved != wanted:
+      differ = sorted(set(saved) ^ set(wanted) | {k for k in set(saved) & set(wanted) if saved[k] != wanted[k]})
+      raise ConfigError(f"checkpoint step {step} in '{directory}' holds other parameters than this config builds "
+                        f"({len(differ)} differ, first '{differ[0]}')")
+    item = {"params": abstract_params}
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                     partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  recorded = out["meta"].get("checksums", {})
+  actual = state_checksums(out["state"])
+  bad = sorted(k for k in actual if k in recorded and recorded[k] != actual[k])
+  if bad:
+    raise CorruptCheckpoint(f"checkpoint step {step} in '{directory}': checksum mismatch in '{bad[0]}'")
+  return step, out["state"]["params"]

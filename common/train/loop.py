@@ -16,6 +16,7 @@ from (train.seed, step) only, so that a resumed run still repeats an uninterrupt
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -34,6 +35,8 @@ from common.train import resume, workdir as workdir_lib
 from common.train.checkpoint import Checkpointer
 from common.train.metrics import MetricsWriter, Progress
 from common.train.optim import learning_rate_schedule, make_optimizer, only_trainable
+from common.train.profiling import RECOMPUTE, Goodput, StepProfiler, parse_window
+from common.train.restore import initial_params
 from common.tasks.base import Task
 from common.train.step import init_state, make_eval_step, make_train_step
 
@@ -49,6 +52,7 @@ def validate_loop_config(cfg, mesh) -> None:
   require(t.batch_size % (dp * t.grad_accum) == 0, "train.batch_size",
           f"{t.batch_size} is not divisible by data-parallel size {dp} x train.grad_accum {t.grad_accum}")
   require(t.nan_policy in ("stop", "skip"), "train.nan_policy", f"must be 'stop' or 'skip', got '{t.nan_policy}'")
+  parse_window(cfg.log.get("profile_steps", ""))
   for key in ("checkpoint.every_steps", "checkpoint.keep", "log.every_steps", "eval.every_steps"):
     section, name = key.split(".")
     require(cfg[section][name] > 0, key, f"must be positive, got {cfg[section][name]}")
@@ -61,6 +65,13 @@ def check_workdir(workdir: str, cfg, allow_config_change: Sequence[str] = ()) ->
   of `cfg` or changes `allow_config_change` allows. Returns those changes ({key: (before, after)})."""
   _check_workdir_path(workdir)
   return resume.check_changes(workdir, cfg, allow_config_change)
+
+
+def check_eval_only(workdir: str, cfg) -> None:
+  """`--eval_only` needs parameters: a checkpoint in the workdir or `train.init_from`."""
+  if not cfg.train.get("init_from") and not (workdir_lib.run_path(workdir) / "checkpoints").is_dir():
+    raise ConfigError(f"--eval_only: '{workdir}' holds no checkpoint and train.init_from is empty: nothing to "
+                      "evaluate")
 
 
 def _check_workdir_path(workdir: str) -> None:
@@ -224,11 +235,14 @@ def init_train_state(task: Task, optimizer, mesh) -> tuple[Any, Any, dict]:
 
 
 def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=None,
-          allow_config_change: Sequence[str] = ()) -> int:
+          allow_config_change: Sequence[str] = (), eval_only: bool = False) -> int:
   """Runs (or resumes) training to cfg.train.steps; returns the process exit status. `mesh` is the command's
   mesh (`common.train.__main__` builds it once from mesh.shape/mesh.axes); without one it is built from
   those keys on `devices` (default: all of jax.devices()). A rerun may change only the keys of
-  `common.train.resume.FREE_KEYS` and those in `allow_config_change`."""
+  `common.train.resume.FREE_KEYS` and those in `allow_config_change`. A new run starts from the parameters of
+  `train.init_from` (a run folder or a hub entry) with a fresh optimizer when it is set. `eval_only`: evaluate
+  the newest checkpoint (or `train.init_from`) once, write DIR/eval/step_N.json, train nothing."""
+  goodput = Goodput()
   if mesh is None:
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices, cfg.mesh.get("dcn_shape", ()))
   validate_loop_config(cfg, mesh)
@@ -236,6 +250,10 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   _check_data(cfg, task)
   lead = jax.process_index() == 0
   t = cfg.train
+  profile_window = parse_window(cfg.log.get("profile_steps", ""))
+  run_dir = workdir_lib.run_path(workdir)
+  if eval_only:
+    check_eval_only(workdir, cfg)
 
   optimizer, schedule = make_optimizer(t), learning_rate_schedule(t)
   if task.trainable is not None:
@@ -244,20 +262,27 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   abstract_state = jax.eval_shape(init)  # shapes with the shardings `init` places them in
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
 
-  run_dir = workdir_lib.run_path(workdir)
   run_dir.mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   data_position = 0
-  restored = ckpt.restore_latest(abstract_state)
-  if restored is None:
-    state = init()
-  else:
-    step0, state, meta = restored
-    data_position = int(meta["data_position"])
-    print(f"resumed from {ckpt.directory}/{step0} (data position {data_position})", flush=True)
-    for key, (before, after) in changes.items():
-      print(f"config change allowed: {key} {before!r} -> {after!r} from step {step0 + 1}", flush=True)
+  with goodput.overhead():
+    restored = ckpt.restore_latest(abstract_state)
+    if restored is None:
+      state, origin = init(), "a fresh initialisation"
+      if t.get("init_from"):
+        params, origin = initial_params(t.init_from, abstract_state["params"], mesh)
+        state = {**state, "params": params}
+        print(f"parameters from {origin}, a fresh optimizer", flush=True)
+    else:
+      step0, state, meta = restored
+      data_position, origin = int(meta["data_position"]), f"{ckpt.directory}/{step0}"
+      print(f"resumed from {origin} (data position {data_position})", flush=True)
+      for key, (before, after) in changes.items():
+        print(f"config change allowed: {key} {before!r} -> {after!r} from step {step0 + 1}", flush=True)
+  if eval_only:
+    ckpt.close()
+    return _evaluate_only(cfg, run_dir, task, graphdef, param_shardings, state, mesh, origin)
   if lead:
     record = resume.config_record(workdir, cfg, changes, 0 if restored is None else step0)
     workdir_lib.write_atomic(run_dir / "config.json", record)
@@ -284,9 +309,11 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   flops_per_step = task.train_flops_per_example * t.batch_size
   units_per_step = task.units_per_example * t.batch_size
   writer = MetricsWriter(workdir, resume_step=start, enabled=lead)
+  profiler = StepProfiler(profile_window, str(run_dir / "profile"))
+  recompute = RECOMPUTE.get(str(cfg.get("model", {}).get("remat", "none")), 1.0)
   progress = Progress(t.steps, start, cfg.log.progress, enabled=lead)
   t_compile = time.time()
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), goodput.overhead():
     compiled = step_fn.lower(state, _to_global(pending[0], batch_shardings, local_rows)).compile()
   progress.message(
       f"{n_params / 1e6:.2f} M parameters | mesh {dict(mesh.shape)} on {n_dev} {mesh.devices.flat[0].platform} "
@@ -299,16 +326,19 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
   tick, tick_step = time.time(), start
 
   def save(step_now: int) -> None:
-    writer.flush()  # the metrics lines up to step_now before the checkpoint that resumes after them
-    ckpt.save(step_now, state, {"step": step_now, "data_position": data_position})
+    with goodput.overhead():
+      writer.flush()  # the metrics lines up to step_now before the checkpoint that resumes after them
+      ckpt.save(step_now, state, {"step": step_now, "data_position": data_position})
 
   try:
     while step < t.steps:
       with jax.set_mesh(mesh):
         batch, rollout_metrics = pending or next_batch(step, state["params"])
         pending = None
+        profiler.before(step + 1)
         state, metrics = compiled(state, _to_global(batch, batch_shardings, local_rows))
       step += 1
+      profiler.after(step, metrics)
       data_position += t.batch_size
       last = step == t.steps
       stop = preemption.reached(step)
@@ -327,12 +357,14 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
           row.update({k: float(v) for k, v in jax.device_get(rollout_metrics).items()})
           row[task.throughput_key] = units_per_step / dt
           row["mfu"] = flops_per_step / dt / (peak * n_dev)
+          row["hfu"] = row["mfu"] * recompute  # hardware FLOPs: remat's recomputation counted too
+          row["goodput"] = goodput.fraction()
           row["step_time"] = dt
           writer.write(step, row)
           progress.update(step, row, task.throughput_key)
       if step % cfg.eval.every_steps == 0 or last:
         if task.data is not None:
-          with jax.set_mesh(mesh):
+          with jax.set_mesh(mesh), goodput.overhead():
             ev = evaluate(eval_fn, state["params"], task.data, cfg.eval.batches, batch_shardings, task.eval_summary)
           if ev:
             writer.write(step, ev)
@@ -351,11 +383,31 @@ def train(cfg, workdir: str, task: Task, *, mesh: Mesh | None = None, devices=No
     progress.message(f"error: {e}")
     exit_code = 1
   finally:
+    profiler.close()
     ckpt.close()
     writer.close()
     progress.close()
     preemption.restore()
   return exit_code
+
+
+def _evaluate_only(cfg, run_dir, task: Task, graphdef, param_shardings, state: dict, mesh, origin: str) -> int:
+  """`--eval_only`: the eval metrics of `state`'s parameters over eval.batches batches, printed and written to
+  DIR/eval/step_N.json (N: the checkpoint's step, 0 for train.init_from); nothing else in DIR changes."""
+  if task.data is None or not hasattr(task.data, "eval_batches"):
+    raise ConfigError("--eval_only: this task has no evaluation data")
+  sample = next(iter(task.data.eval_batches(1)))
+  shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in sample.items()}
+  eval_fn = jax.jit(make_eval_step(graphdef, task.loss_fn), in_shardings=(param_shardings, shardings))
+  with jax.set_mesh(mesh):
+    ev = evaluate(eval_fn, state["params"], task.data, cfg.eval.batches, shardings, task.eval_summary)
+  step = int(jax.device_get(state["step"]))
+  record = {"step": step, "parameters": origin, "batches": int(cfg.eval.batches), **ev}
+  print("eval only, " + origin + ": " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True)
+  if jax.process_index() == 0:
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    workdir_lib.write_atomic(run_dir / "eval" / f"step_{step}.json", json.dumps(record, indent=1) + "\n")
+  return 0
 
 
 def train_to_completion(cfg, workdir: str, task: Task, *, what: str, **kwargs) -> None:

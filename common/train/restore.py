@@ -66,3 +66,32 @@ def load_run_model(workdir: str, cfg, build_model: Callable[[], nnx.Module], *, 
     raise _refuse(key, f"'{workdir}' holds no complete checkpoint")
   step, state, _ = restored
   return nnx.merge(graphdef, state["params"]), step
+
+
+def initial_params(source: str, abstract_params: Any, mesh: jax.sharding.Mesh) -> tuple[Any, str]:
+  """(parameters, where from) for a new run's `train.init_from`: a training run's folder (its newest
+  checkpoint's parameters, without its optimizer state) or a hub entry, read onto the shardings of
+  `abstract_params`; they must be the parameters this config builds (names and shapes)."""
+  from common.models import checkpoint_library
+  from common.train.checkpoint import CorruptCheckpoint, read_params
+  run = run_path(source)
+  if (run / "checkpoints").is_dir():
+    try:
+      step, params = read_params(run / "checkpoints", abstract_params)
+    except (ConfigError, CorruptCheckpoint) as e:
+      raise _refuse("train.init_from", str(e)) from None
+    return params, f"run '{source}' step {step}"
+  try:
+    _, model, _, _ = checkpoint_library.load(source, mesh=mesh)
+  except ConfigError as e:
+    raise _refuse("train.init_from", f"'{source}' is neither a run folder with checkpoints nor usable as a hub "
+                  f"entry ({e})") from None
+  loaded = nnx.split(model, nnx.Param)[1]
+  have = {k: v.shape for k, v in nnx.to_flat_state(loaded)}
+  want = {k: v.shape for k, v in nnx.to_flat_state(abstract_params)}
+  if have != want:
+    differ = sorted(set(have) ^ set(want) | {k for k in set(have) & set(want) if have[k] != want[k]}, key=str)
+    raise _refuse("train.init_from", f"hub entry '{source}' holds other parameters than this config builds "
+                  f"({len(differ)} differ, first {'.'.join(map(str, differ[0]))}); set model.* to its model.json")
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+  return jax.device_put(loaded, shardings), f"hub entry '{source}'"

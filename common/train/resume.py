@@ -19,7 +19,8 @@ from common.train.workdir import run_path
 # Keys (or whole sections) that do not change the trajectory: how often and what is logged, evaluated and
 # checkpointed, the mesh (it changes placement only, common.sharding) and what the backward pass recomputes
 # (model.remat: memory, not numbers). Everything else is compared.
-FREE_KEYS = ("log", "eval", "checkpoint", "mesh", "model.remat", "data.max_eval_bytes", "data.tfds_eval_split")
+FREE_KEYS = ("log", "eval", "checkpoint", "mesh", "model.remat", "train.init_from", "data.max_eval_bytes",
+             "data.tfds_eval_split")
 # Keys whose change a rerun accepts without being told, recorded like an allowed one: the run's length
 # (rerunning with more steps is how a run is extended; the schedule's new horizon is in the history).
 RECORDED_KEYS = ("train.steps",)
