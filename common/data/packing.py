@@ -6,15 +6,17 @@ makes the packed cache easy to verify and deterministic across TF versions.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
 
-def pack_documents(docs: Iterable[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-  """Next-fit packing of `docs` (1-D token arrays, EOS included) into [rows, seq_len] int32 arrays.
+def pack_chunks(docs: Iterable[np.ndarray], seq_len: int, rows_per_chunk: int = 8192
+                ) -> Iterator[dict[str, np.ndarray]]:
+  """Next-fit packing of `docs` (1-D token arrays, EOS included) into [rows, seq_len] int32 arrays, yielded
+  `rows_per_chunk` finished rows at a time, so that a split of any size is packed in bounded memory.
 
-  Returns `targets`, `segment_ids` (1, 2, ... within a row, 0 on padding) and `positions`
+  Each chunk has `targets`, `segment_ids` (1, 2, ... within a row, 0 on padding) and `positions`
   (0, 1, ... restarting at each segment, 0 on padding).
   """
   if seq_len <= 0:
@@ -26,10 +28,18 @@ def pack_documents(docs: Iterable[np.ndarray], seq_len: int) -> dict[str, np.nda
     for start in range(0, len(doc), seq_len):
       chunk = doc[start:start + seq_len]
       if used + len(chunk) > seq_len:
+        if len(rows) == rows_per_chunk:
+          yield _rows_to_arrays(rows, seq_len)
+          rows = []
         rows.append([])
         used = 0
       rows[-1].append(chunk)
       used += len(chunk)
+  if rows:
+    yield _rows_to_arrays(rows, seq_len)
+
+
+def _rows_to_arrays(rows: list[list[np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
   targets = np.zeros((len(rows), seq_len), np.int32)
   segment_ids = np.zeros_like(targets)
   positions = np.zeros_like(targets)
@@ -42,6 +52,14 @@ def pack_documents(docs: Iterable[np.ndarray], seq_len: int) -> dict[str, np.nda
       positions[r, offset:offset + n] = np.arange(n, dtype=np.int32)
       offset += n
   return {"targets": targets, "segment_ids": segment_ids, "positions": positions}
+
+
+def pack_documents(docs: Iterable[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """All rows of `pack_chunks` at once (small corpora)."""
+  chunks = list(pack_chunks(docs, seq_len))
+  if not chunks:
+    return {k: np.zeros((0, seq_len), np.int32) for k in ("targets", "segment_ids", "positions")}
+  return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def make_inputs(targets: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -1,15 +1,18 @@
-"""LMData: packed rows cached once as .npz, then batches as a pure function of (seed, position).
+"""LMData: packed rows cached once (raw int32 files, memory-mapped: a split of any size is neither built nor
+read whole in RAM), then batches as a pure function of (seed, position).
 
 The trainer checkpoints only the data position (rows consumed); because the batch at a position does
 not depend on history, a resumed or multi-process run sees exactly the same data as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -20,7 +23,7 @@ import numpy as np
 from common.data import DataError, corpus, packing, tasks, vocab as vocab_lib, with_defaults
 from common.data.epochs import EpochOrder
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _ROW_KEYS = ("targets", "segment_ids", "positions")
 SPLITS = ("train", "validation")
 
@@ -43,10 +46,10 @@ def cache_key(data_cfg) -> str:
   return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _build_split(data_cfg, name: str, split: str, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+def _build_split(data_cfg, name: str, split: str, path: str, vocab_size: int, shard: tuple[int, int] = (0, 1)):
   """Tokenizes the split (of a training shard: its files, or its part of the tfds files through seqio's
-  shard_info) with the seqio task and packs it (tfds byte budgets apply here, on the text, split evenly over
-  the shards)."""
+  shard_info) with the seqio task and packs it into the cache folder `path`, a chunk of rows at a time (tfds
+  byte budgets apply here, on the text, split evenly over the shards)."""
   from common.data._tf import import_seqio  # pylint: disable=g-import-not-at-top
   seqio = import_seqio()
   shard_info = seqio.ShardInfo(*shard) if data_cfg.source == "tfds" and shard[1] > 1 else None
@@ -67,12 +70,50 @@ def _build_split(data_cfg, name: str, split: str, shard: tuple[int, int] = (0, 1
       yield ex["targets"]
 
   start = time.time()
-  rows = packing.pack_documents(docs(), int(data_cfg.seq_len))
+  seq_len = int(data_cfg.seq_len)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+  try:
+    files = {k: open(os.path.join(tmp, f"{k}.i32"), "wb") for k in _ROW_KEYS}
+    rows = 0
+    with contextlib.ExitStack() as stack:
+      for f in files.values():
+        stack.enter_context(f)
+      for chunk in packing.pack_chunks(docs(), seq_len):
+        for k in _ROW_KEYS:
+          files[k].write(np.ascontiguousarray(chunk[k], np.int32).tobytes())
+        rows += len(chunk["targets"])
+    meta = dict(version=CACHE_VERSION, rows=rows, seq_len=seq_len, num_bytes=stats["bytes"], vocab_size=vocab_size)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f)
+    for name_ in os.listdir(tmp):
+      os.chmod(os.path.join(tmp, name_), 0o644)  # a shared cache must be readable by other users
+    os.chmod(tmp, 0o755)
+    try:
+      os.rename(tmp, path)  # atomic; readers (other processes) never see a partial folder
+    except OSError:
+      if not os.path.exists(os.path.join(path, "meta.json")):
+        raise
+      shutil.rmtree(tmp)  # another process finished the same split first
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   where = f"{split} (shard {shard[0]} of {shard[1]})" if shard[1] > 1 else split
   _log(f"packed {where}: {stats['docs']:,} documents, {stats['bytes']:,} bytes -> "
-       f"{len(rows['targets']):,} rows of {int(data_cfg.seq_len)} ({time.time() - start:.1f}s)")
-  rows["num_bytes"] = np.asarray(stats["bytes"], np.int64)
-  return rows
+       f"{rows:,} rows of {seq_len} ({time.time() - start:.1f}s)")
+
+
+def _open_split(path: str) -> dict[str, np.ndarray]:
+  """The cached rows of a split, memory-mapped read-only, with `num_bytes` and `vocab_size`."""
+  with open(os.path.join(path, "meta.json")) as f:
+    meta = json.load(f)
+  shape = (int(meta["rows"]), int(meta["seq_len"]))
+  out = {k: np.memmap(os.path.join(path, f"{k}.i32"), np.int32, "r", shape=shape) if shape[0] else
+         np.zeros(shape, np.int32) for k in _ROW_KEYS}
+  out["num_bytes"] = np.asarray(meta["num_bytes"], np.int64)
+  out["vocab_size"] = np.asarray(meta["vocab_size"], np.int64)
+  return out
 
 
 def _save_atomic(path: str, arrays: dict[str, np.ndarray]):
@@ -102,22 +143,17 @@ def load_rows(data_cfg, train_shard: tuple[int, int] = (0, 1)) -> tuple[dict[str
   cache_dir = os.path.expanduser(data_cfg.cache_dir or "")
   if not cache_dir:
     raise DataError("data.cache_dir is empty")
-  paths = {s: os.path.join(cache_dir, f"lm-{data_cfg.source}-{key}-{s}.npz") for s in SPLITS}
+  paths = {s: os.path.join(cache_dir, f"lm-{data_cfg.source}-{key}-{s}") for s in SPLITS}
   if train_shard[1] > 1:
-    paths["train"] = paths["train"].replace("-train.npz", "-train-shard{}of{}.npz".format(*train_shard))
-  missing = [s for s in SPLITS if not os.path.exists(paths[s])]
+    paths["train"] += "-shard{}of{}".format(*train_shard)
+  missing = [s for s in SPLITS if not os.path.exists(os.path.join(paths[s], "meta.json"))]
   if missing:
     name = tasks.register_lm_task(data_cfg, train_shard)
     _log(f"building the packed cache under {cache_dir} (once for this config)")
     vocab_size = vocab_lib.get_vocabulary(data_cfg).vocab_size
     for split in missing:
-      arrays = _build_split(data_cfg, name, split, train_shard if split == "train" else (0, 1))
-      arrays["vocab_size"] = np.asarray(vocab_size, np.int64)
-      _save_atomic(paths[split], arrays)
-  out = {}
-  for split in SPLITS:
-    with np.load(paths[split]) as z:
-      out[split] = {k: z[k] for k in z.files}
+      _build_split(data_cfg, name, split, paths[split], vocab_size, train_shard if split == "train" else (0, 1))
+  out = {split: _open_split(paths[split]) for split in SPLITS}
   return out, int(out["train"]["vocab_size"])
 
 

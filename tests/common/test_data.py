@@ -199,13 +199,17 @@ def test_eval_batches_padded(tmp_path):
   np.testing.assert_array_equal(next(again.eval_batches(1))["targets"], batches[0]["targets"])
 
 
-def test_cache_reused_and_import_is_light(tmp_path, capsys):
+def test_cache_reused_memory_mapped_and_import_is_light(tmp_path, capsys):
   cfg = _cfg(tmp_path)
   data.LMData(cfg, batch_size=2, seed=0)
   capsys.readouterr()
   files = sorted(os.listdir(cfg.cache_dir))
-  assert len(files) == 2 and all(f.endswith(".npz") for f in files)
-  data.LMData(cfg, batch_size=2, seed=0)
+  assert len(files) == 2 and all(f.endswith(("-train", "-validation")) for f in files)
+  lm = data.LMData(cfg, batch_size=2, seed=0)
+  # The rows are memory-mapped from the cache, not read into RAM; their bytes are the cached files'.
+  train = lm._train[0]["targets"]
+  assert isinstance(train, np.memmap) and train.filename.endswith("targets.i32")
+  assert os.path.getsize(train.filename) == train.size * 4
   assert "building" not in capsys.readouterr().err
   assert sorted(os.listdir(cfg.cache_dir)) == files
   # A fresh process with the cache in place needs neither TensorFlow nor seqio.
@@ -427,3 +431,14 @@ def test_bad_shard_counts_are_refused_naming_the_key(files_setup, shards, proces
   with pytest.raises(DataError, match=needle) as e:
     data.LMData(cfg, batch_size=batch, seed=0, process_count=processes)
   assert "data.shards" in str(e.value)
+
+
+def test_packing_in_chunks_equals_packing_at_once():
+  """The cache is written a chunk of rows at a time: the chunks are the rows of packing everything at once."""
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(3, 50, size=int(rng.integers(1, 40))) for _ in range(200)]
+  whole = data.pack_documents(docs, 16)
+  chunks = list(pipeline.packing.pack_chunks(docs, 16, rows_per_chunk=7))
+  assert {len(c["targets"]) for c in chunks[:-1]} == {7} and 1 <= len(chunks[-1]["targets"]) <= 7
+  for k in whole:
+    np.testing.assert_array_equal(np.concatenate([c[k] for c in chunks]), whole[k])
