@@ -325,7 +325,7 @@ def main(argv: list[str]) -> int:
   if name in hub.list_checkpoints(root) and not overwrite:
     raise ConfigError(f"hub checkpoint '{name}': already exists in '{hub.hub_root(root)}' (pass --overwrite "
                       "to replace it, or --name=OTHER)")
-  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, dcn_shape=cfg.mesh.get("dcn_shape", ()))
   validate_loop_config(cfg, mesh)
   validate(resolve(cfg, workdir))
   tokenizer = prepare_tokenizer(cfg, workdir)
