@@ -11,6 +11,7 @@ from flax import nnx
 
 from common.config import ConfigError
 from common.models import build_model
+from common.models.dense_lm import unrolled
 from common.models.checkpoint_library import entry_tokenizer, hub_root, save
 from common.nn import lora
 from common.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
@@ -65,7 +66,10 @@ def publish(workdir: str, name: str, *, merge_lora: bool = False, root: str | os
   model, step = load_run_model(workdir, cfg, build, key="--workdir", trainable=lora.LoRAParam if rank else None)
   if rank:
     lora.merge_lora(model)
+  model = unrolled(model)  # a scanned run is stored unrolled: what decoding, LoRA and the HF export read
   model_cfg = ml_collections.ConfigDict({k: v for k, v in cfg.model.to_dict().items() if k != "init_from"})
+  if "scan_layers" in model_cfg:
+    model_cfg.scan_layers = False
   metadata = {"source_run": os.path.abspath(workdir), "step": step, "base": cfg.model.get("init_from", ""),
               "lora_rank_merged": rank, "eval": _last_eval(workdir)}
   return save(name, model_cfg, model, tokenizer=run_tokenizer(cfg), metadata=metadata, root=root)

@@ -134,6 +134,21 @@ def stack_blocks(blocks: Sequence[Block]) -> Block:
   return block
 
 
+def unrolled(model: "DenseLM") -> "DenseLM":
+  """`model` with its blocks unrolled (model.scan_layers=False), each block's parameters a slice of the stacked
+  ones: the layout KV-cached decoding, LoRA, the hub and the Hugging Face export read. Unchanged if already
+  unrolled."""
+  if not model.scan_layers:
+    return model
+  cfg = model.cfg.copy_and_resolve_references()
+  cfg.scan_layers = False
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: DenseLM(cfg, rngs=nnx.Rngs(0))))
+  scanned = nnx.to_pure_dict(nnx.state(model))
+  layers = {i: jax.tree.map(lambda x, i=i: x[i], scanned["blocks"]) for i in range(int(cfg.n_layers))}
+  nnx.replace_by_pure_dict(state, {**scanned, "blocks": layers})
+  return nnx.merge(graphdef, state)
+
+
 def _moe_ffn(m, *, rngs, dtype) -> MoE:
   return MoE(m.d_model, int(m.moe.d_ff) or m.d_ff, moe_settings(m), rngs=rngs, dtype=dtype,
              out_scale=1.0 / math.sqrt(2 * m.n_layers), expert_parallel=bool(m.moe.expert_parallel))
@@ -201,8 +216,8 @@ class DenseLM(nnx.Module):
 
   def _require_unrolled(self) -> None:
     if self.scan_layers:
-      raise ConfigError("config key 'model.scan_layers': KV-cached decoding runs the unrolled blocks; "
-                        "set model.scan_layers=false to decode")
+      raise ConfigError("config key 'model.scan_layers': KV-cached decoding runs the unrolled blocks; decode "
+                        "common.models.dense_lm.unrolled(model) (what `common.hub publish` stores)")
 
   def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
     """Empty key/value caches for `decode`, one per block, for rows of up to `max_len` tokens (a windowed

@@ -43,7 +43,7 @@ from safetensors.numpy import save_file
 
 from common.config import ConfigError
 from common.configs.base import dense_model
-from common.models.dense_lm import DenseLM, padded_vocab_size
+from common.models.dense_lm import DenseLM, padded_vocab_size, unrolled
 from common.sharding import state_shardings
 from common.tokenizers import Tokenizer, check_tokenizer_fits, model_special_ids
 
@@ -390,6 +390,8 @@ def write_hf_checkpoint(model: nnx.Module, path: str, hf_config: dict, *, dtype:
   `check_export_target`). The special ids are `hf_config`'s, or those of `tokenizer` where given (its bos,
   its stop ids as eos, its pad); the generation config follows config.json's ids. Tensors are gathered one
   shard file at a time; only process 0 writes."""
+  if isinstance(model, DenseLM):
+    model = unrolled(model)  # Hugging Face names one tensor per layer
   vocab = int(hf_config["vocab_size"])
   hf_config = dict(hf_config)
   if tokenizer is not None:

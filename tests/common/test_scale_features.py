@@ -134,6 +134,29 @@ def test_scanned_decoding_and_scanned_moe_are_refused():
     DenseLM(not_bool, rngs=nnx.Rngs(params=0))
 
 
+def test_unrolled_gives_the_unrolled_twin_that_decodes_and_exports(tmp_path):
+  """`unrolled(scanned)` holds exactly the unrolled model's weights (same init seed), decodes, and exports the
+  same Hugging Face tensors as the model built unrolled."""
+  from common.models.dense_lm import unrolled
+  from common.models.hf_llama import save_hf_llama
+  from safetensors.numpy import load_file
+  built = DenseLM(tiny(qk_norm=False), rngs=nnx.Rngs(params=0))  # Llama has no QK-norm
+  scanned = DenseLM(tiny(qk_norm=False, scan_layers=True), rngs=nnx.Rngs(params=0))
+  twin = unrolled(scanned)
+  assert not twin.scan_layers and not twin.cfg.scan_layers and scanned.scan_layers
+  want, got = named_arrays(nnx.state(built, nnx.Param)), named_arrays(nnx.state(twin, nnx.Param))
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  twin.init_cache(1, SEQ)  # decodes
+  for name, model in (("built", built), ("scanned", scanned)):
+    save_hf_llama(tiny(qk_norm=False), model, str(tmp_path / name))
+  a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("built", "scanned"))
+  assert sorted(a) == sorted(b) and any("layers.2." in k for k in a)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 POLICY_NAMES = {"full": "nothing_saveable", "dots_saveable": "DotsSaveable"}
 
 
