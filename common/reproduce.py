@@ -138,6 +138,7 @@ class Study:
   prog = ""     # e.g. 'blt.reproduce'
   out = ""      # the default output folder
   plot_name = "loss_vs_flops.png"
+  arm_groups: dict[str, tuple[str, ...]] = {}  # named selections for --arms (the first is its default)
 
   def __init__(self, args: argparse.Namespace):
     self.args = args
@@ -157,8 +158,32 @@ class Study:
   def prepare(self) -> None:
     """Shared artefacts the arms need (a tokenizer, an entropy model, a classifier), made once per OUT."""
 
-  def arms(self) -> list[Arm]:
+  @classmethod
+  def add_arms_flag(cls, parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--arms: one of `arm_groups` by name, or a comma list of arm names."""
+    groups = ", ".join(f"'{name}' ({','.join(arms)})" for name, arms in cls.arm_groups.items())
+    parser.add_argument("--arms", default=next(iter(cls.arm_groups)),
+                        help=f"{groups}, or a comma list of arm names{note}")
+
+  def arm_names(self) -> list[str]:
+    """The arms --arms selects, in order."""
+    a = self.args.arms
+    return list(self.arm_groups[a]) if a in self.arm_groups else [n.strip() for n in a.split(",") if n.strip()]
+
+  def unknown_arm(self) -> str:
+    """A message naming the first selected arm that no group holds, or ''."""
+    known = list(dict.fromkeys(n for arms in self.arm_groups.values() for n in arms))
+    names = self.arm_names()
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+      return f"--arms: unknown arm '{bad[0] if bad else self.args.arms}' (known: {', '.join(known)})"
+    return ""
+
+  def arm_of(self, name: str) -> Arm:
     raise NotImplementedError
+
+  def arms(self) -> list[Arm]:
+    return [self.arm_of(n) for n in self.arm_names()]
 
   def config(self, arm: Arm, seed: int) -> ml_collections.ConfigDict:
     """The trainer config of one run: the arm's config file, --set overrides, the seed and the cache."""

@@ -128,29 +128,16 @@ class Study(reproduce.Study):
   prog = "pit.reproduce"
   out = "runs/pit"
   plot_name = "em_by_variant.png"
+  arm_groups = dict(default=DEFAULT_ARMS, ablations=ABLATION_ARMS, all=DEFAULT_ARMS + ABLATION_ARMS)
+  arm_of = staticmethod(arm_of)
 
   @classmethod
   def add_flags(cls, p) -> None:
-    p.add_argument("--arms", default="default",
-                   help=f"'default' ({','.join(DEFAULT_ARMS)}), 'ablations' ({','.join(ABLATION_ARMS)}), 'all', "
-                        "or a comma list of arm names")
+    cls.add_arms_flag(p)
     p.add_argument("--max_questions", type=int, default=0, help="test questions scored per run (0: all)")
 
   def check(self) -> str:
-    names = self.arm_names()
-    known = set(DEFAULT_ARMS) | set(ABLATION_ARMS)
-    bad = [n for n in names if n not in known]
-    return f"--arms: unknown arm '{bad[0]}' (known: {', '.join(sorted(known))})" if bad else ""
-
-  def arm_names(self) -> list[str]:
-    a = self.args.arms
-    if a in ("default", "ablations", "all"):
-      return list({"default": DEFAULT_ARMS, "ablations": ABLATION_ARMS,
-                   "all": DEFAULT_ARMS + ABLATION_ARMS}[a])
-    return [n.strip() for n in a.split(",") if n.strip()]
-
-  def arms(self) -> list[reproduce.Arm]:
-    return [arm_of(n) for n in self.arm_names()]
+    return self.unknown_arm()
 
   @property
   def tokenizer_path(self) -> str:

@@ -93,6 +93,22 @@ def test_table_prints_the_paper_figure_in_the_last_column():
   assert lines == ["| model | loss | paper (1T) |", "|---|---|---|", "| MoMa | 1.25 | 3.7x |", "| dense | 1.5 | - |"]
 
 
+class Grouped(Toy):
+  arm_groups = dict(default=("a", "b"), only_b=("b",))
+
+  @classmethod
+  def add_flags(cls, p):
+    cls.add_arms_flag(p)
+
+
+@pytest.mark.parametrize("arms,names,error", [
+    (None, ["a", "b"], ""), ("only_b", ["b"], ""), ("b, a", ["b", "a"], ""),
+    ("a,c", ["a", "c"], "--arms: unknown arm 'c' (known: a, b)"), (",", [], "--arms: unknown arm ',' (known: a, b)")])
+def test_arms_flag_picks_a_group_by_name_or_a_comma_list_and_names_an_unknown_arm(arms, names, error):
+  s = Grouped(reproduce.parser(Grouped, "grouped").parse_args([f"--arms={arms}"] if arms else []))
+  assert (s.arm_names(), s.unknown_arm()) == (names, error)
+
+
 def test_a_new_run_trains_and_a_scored_one_is_read_back_without_training(tmp_path, calls):
   s = study(tmp_path)
   arm = s.arms()[0]
