@@ -9,6 +9,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = dict(
       steps=300, batch_size=16, seed=0, learning_rate=3e-3, min_learning_rate_ratio=0.1, warmup_steps=30,
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, grad_accum=1,
+      schedule="cosine",  # the decay after warmup: 'cosine' or 'linear'
       nan_policy="stop",  # 'stop': exit naming the step, keep the last good checkpoint; 'skip': drop the update
       moment_dtype="float32",  # Adam's first moment: 'float32' or 'bfloat16' (the second follows the params)
       init_from="",  # a new run's parameters from a run folder or hub entry (fresh optimizer); '' = random

@@ -1,4 +1,5 @@
-"""AdamW with linear warmup then cosine decay, global-norm clipping, and weight decay on matrices only."""
+"""AdamW with linear warmup then cosine (or linear) decay, global-norm clipping, and weight decay on matrices
+only."""
 from __future__ import annotations
 
 import math
@@ -11,14 +12,22 @@ from flax import nnx
 from common.config import require
 
 
+SCHEDULES = ("cosine", "linear")
+
+
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  """Linear warmup to `learning_rate` over `warmup_steps`, cosine decay to
-  `learning_rate * min_learning_rate_ratio` at `steps`."""
+  """Linear warmup to `learning_rate` over `warmup_steps`, then `train.schedule`'s decay ('cosine', or
+  'linear' as OPT and OPT-IML train) to `learning_rate * min_learning_rate_ratio` at `steps`."""
+  kind = train_cfg.get("schedule", "cosine")
+  require(kind in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}, got '{kind}'")
   peak = train_cfg.learning_rate
   warmup = min(train_cfg.warmup_steps, max(train_cfg.steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(train_cfg.steps, warmup + 1), end_value=peak * train_cfg.min_learning_rate_ratio)
+  steps, end = max(train_cfg.steps, warmup + 1), peak * train_cfg.min_learning_rate_ratio
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
+                                              decay_steps=steps, end_value=end)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                               optax.linear_schedule(peak, end, steps - warmup)], [warmup])
 
 
 # train.moment_dtype: the dtype Adam's first moment is kept in (optax's `mu_dtype`); the second moment follows

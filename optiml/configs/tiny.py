@@ -54,10 +54,10 @@ def get_config(arg=None):
   c.model.init_from = ""  # a hub checkpoint name; '' = random init (or init.run)
   c.init = ml_collections.ConfigDict(dict(run=""))  # a pretrain workdir to fine-tune from
   c.data = data_config(a["stage"])
-  # The paper's recipe (sec. 4.1): Adam with b1 0.9, b2 0.95, eps 1e-8, warmup, clipping at 1.0; its decay is
-  # linear to zero, the shared optimizer has warmup-cosine only, so cosine to zero stands in for it.
-  c.train.update(steps=1, batch_size=16, learning_rate=3e-3, min_learning_rate_ratio=0.0, warmup_steps=20,
-                 weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0)
+  # The paper's recipe (sec. 4.1): Adam with b1 0.9, b2 0.95, eps 1e-8, warmup, linear decay to zero,
+  # clipping at 1.0.
+  c.train.update(steps=1, batch_size=16, learning_rate=3e-3, schedule="linear", min_learning_rate_ratio=0.0,
+                 warmup_steps=20, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0)
   c.eval.update(every_steps=100, batches=4)
   c.checkpoint.update(every_steps=100, keep=1)
   return c

@@ -24,7 +24,8 @@ from common.train.checkpoint import Checkpointer
 from common.tasks.lm import next_token_loss
 from common.tasks.base import Task
 from common.train.loop import train
-from common.train.optim import make_optimizer
+from common.config import ConfigError
+from common.train.optim import learning_rate_schedule, make_optimizer
 from common.train.step import init_state
 
 VOCAB, SEQ, BATCH = 128, 32, 8
@@ -227,3 +228,21 @@ def test_overflowing_update_stops_before_any_non_finite_checkpoint(tmp_path, cap
     assert ckpt.steps() == []
   finally:
     ckpt.close()
+
+
+@pytest.mark.parametrize("schedule,warmup,expected", [
+    ("linear", 2, [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]),
+    ("linear", 0, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]),
+    # cosine after warmup: 0.5 * (1 + cos(pi * t / 8)) at t = step - 2
+    ("cosine", 2, [0.0, 0.5] + [0.5 * (1 + np.cos(np.pi * t / 8)) for t in range(9)])])
+def test_learning_rate_schedules_by_hand(schedule, warmup, expected):
+  cfg = base_config().train
+  cfg.update(learning_rate=1.0, warmup_steps=warmup, steps=10, min_learning_rate_ratio=0.0, schedule=schedule)
+  np.testing.assert_allclose([float(learning_rate_schedule(cfg)(s)) for s in range(11)], expected, atol=1e-6)
+
+
+def test_an_unknown_schedule_names_the_key():
+  cfg = base_config().train
+  cfg.schedule = "step"
+  with pytest.raises(ConfigError, match="train.schedule"):
+    learning_rate_schedule(cfg)

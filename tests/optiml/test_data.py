@@ -143,3 +143,21 @@ def test_k_shot_demonstrations_never_include_the_instance():
         assert prompt.count(f"Input: {item.input}\n") == 1 and prompt.endswith("Output:")
   only = D.instance("x", "y")
   assert D.pick_demos([only], only, 2, rng) == []
+
+
+def test_seqio_registration_gives_each_task_its_prompts_and_the_mixture_its_rates(tmp_path):
+  import seqio
+  tasks = [D.read_niv2_task(write(tmp_path / "task001_reverse.json", OLD_SCHEMA)),
+           D.read_niv2_task(write(tmp_path / "task002_qa.json", NEW_SCHEMA))]
+  name = D.register_seqio(tasks, [3.0, 1.0], prefix="optiml_test")
+  assert D.register_seqio(tasks, [3.0, 1.0], prefix="optiml_test") == name  # idempotent
+  mixture = seqio.get_mixture_or_task(name)
+  assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {"optiml_test_task001_reverse": 3.0,
+                                                                   "optiml_test_task002_qa": 1.0}
+  task = seqio.get_mixture_or_task("optiml_test_task001_reverse")
+  rows = list(task.get_dataset(sequence_length=None, split="train", shuffle=False).as_numpy_iterator())
+  decode = task.output_features["inputs"].vocabulary.decode
+  assert [decode(r["inputs"].tolist()) for r in rows] == [D.render_prompt(tasks[0], i) for i in tasks[0].instances]
+  assert [decode(r["targets"].tolist()) for r in rows] == ["cba", "yx"]
+  assert rows[0]["targets"][-1] == 1  # eos after the target
+  assert task.metric_fns[0](["cba", "yx"], ["cba", "xy"]) == {"rouge_l": 50.0}
