@@ -75,8 +75,57 @@ def ease_runs(seed):
   return rows
 
 
-RUNS = {"blt": blt_runs, "mot": mot_runs, "moma": moma_runs, "moe_scaling": moe_runs, "pit": pit_runs,
-        "ease": ease_runs}
+def icl_explanations_runs(seed):
+  keys = ([f"perturb/arith/{p}" for p in ("none", "mask_ops", "incorrect_values", "no_nl", "no_trace")]
+          + ["select/random"] + [f"select/{s}/{m}" for s in ("embedding", "bm25", "likelihood", "token_match")
+                                 for m in ("nn", "mmr")]
+          + [f"lambda/{lam:g}" for lam in (1.0, 0.8, 0.6, 0.5, 0.4, 0.2, 0.0)]
+          + [f"compose/{c}" for c in ("add_only", "mul_only", "add_and_mul")])
+  evals = {k: dict(n=8, accuracy=30.0 + i + seed, rule_accuracy=50.0 + seed, no_answer=0.0) for i, k in enumerate(keys)}
+  return [dict(name="meta", label="meta", seed=seed, paper="", families="arith", evals=evals, steps=4, eval_loss=0.5)]
+
+
+def optiml_runs(seed):
+  rows = []
+  for name, label, gain in (("base", "base", 0.0), ("it", "instruction-tuned", 10.0)):
+    scores = {f"{level}/{k}shot": 20.0 + gain + i + seed for i, level in
+              enumerate(("heldout_category", "heldout_task", "heldout_instance", "avg")) for k in (0, 2)}
+    scores.update({f"{level}/0shot/{c}": 10.0 + gain + seed for level in ("heldout_category", "heldout_task")
+                   for c in ("logic", "counting")})
+    rows.append(dict(name=name, label=label, seed=seed, paper="", ablation=False, shots=2, flops=1e12, steps=4,
+                     curves=dict(heldout_instance_answer_loss=curve([3.0, 2.0])), **scores))
+  return rows
+
+
+def slag_runs(seed):
+  def method(success, edges):
+    scores = dict(update_success=success, paraphrase_success=success - 10, entailed_accuracy=60.0 + seed,
+                  consistency=70.0, retain_rate=90.0 - seed, delta_accuracy=-2.0, mean_steps=3.0, updates=8)
+    graph = dict(edges=len(edges), mean_out_degree=len(edges) / 6, share_updates_flipping_any=0.5,
+                 mean_corrupted_per_update=0.5, mean_path_length=1.2)
+    return dict(single=scores, sequential={**scores, "update_success": success - 20}, sequential_r=4, graph=graph,
+                edges=edges, num_beliefs=6)
+  return [dict(name="base", label="base", seed=seed, paper="", base=dict(accuracy=90.0, consistency=80.0),
+               methods=dict(sgd=method(95.0, [[0, 1]]), adam=method(99.0, [[0, 1], [2, 3]]))),
+          dict(name="learned_slag", label="slag", seed=seed, paper="",
+               methods=dict(learned_slag=method(97.0 + seed, [[1, 2]])))]
+
+
+def astro_runs(seed):
+  rows = []
+  for name, acc, backtracks in (("base", 20.0, 0.0), ("sft_direct", 25.0, 0.0), ("sft_astro", 30.0, 0.8),
+                                ("rl_direct", 35.0, 0.0), ("rl_astro", 40.0, 1.2)):
+    rows.append({"name": name, "label": name, "seed": seed, "paper": "", "stage": name, "parent": "",
+                 "pass@1": acc + seed, "maj@4": acc + 5, "pass@4": acc + 10, "backtracks": backtracks,
+                 "backtrack_share": 10.0 * backtracks, "backtrack_correlation": 0.1 * seed, "length": 60.0,
+                 "flops": 1e12, "steps": 4, "by_difficulty": {"2": acc + 10, "3": acc, "4": acc - 10},
+                 "curves": {"eval/loss": curve([1.0, 0.5])}})
+  rows[2]["search"] = dict(trees=8, solved=5, nodes=12.0, trace_backtracks=1.5)
+  return rows
+
+
+RUNS = {"astro": astro_runs, "blt": blt_runs, "mot": mot_runs, "moma": moma_runs, "moe_scaling": moe_runs, "pit": pit_runs,
+        "ease": ease_runs, "icl_explanations": icl_explanations_runs, "optiml": optiml_runs, "slag": slag_runs}
 
 
 @pytest.mark.parametrize("paper", sorted(RUNS))
