@@ -95,8 +95,10 @@ def time_parts(cfg, task, steps: int) -> dict[str, float]:
   seg, pos = jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["positions"])
   byte_ids = seqio_to_blt(jnp.asarray(batch["inputs"]), seg, pos)
   targets = seqio_to_blt(jnp.asarray(batch["targets"]), seg, jnp.ones_like(pos))
-  patch_ids = patch(byte_ids, method=p.method, max_patches=max_patches, patch_size=int(p.patch_size),
-                    threshold=float(p.threshold), max_patch_length=int(p.max_patch_length)).patch_ids
+  patches_of = patch(byte_ids, method=p.method, max_patches=max_patches, patch_size=int(p.patch_size),
+                     threshold=float(p.threshold), max_patch_length=int(p.max_patch_length))
+  patch_ids = patches_of.patch_ids
+  readable = patches_of.next_patch_ids if model.grouping == "official" else patch_ids  # the decoder's grouping
   enc, glob, dec = model.local_encoder, model.global_transformer, model.local_decoder
   h, patches = jax.jit(lambda: enc(byte_ids, patch_ids, max_patches, pos, seg))()
   global_out = jax.jit(lambda: glob(patches))()
@@ -114,7 +116,7 @@ def time_parts(cfg, task, steps: int) -> dict[str, float]:
                                     (byte_ids, patch_ids, pos, seg)),
       "global transformer": (glob, lambda g, x: jnp.sum(g(x) * g_cot), (patches,)),
       "local decoder + loss": (dec, lambda d, hh, go, i, q, s, t: nll(d(hh, go, i, q, s), t),
-                               (h, global_out, patch_ids, pos, seg, targets)),
+                               (h, global_out, readable, pos, seg, targets)),
   }
   out = {}
   for name, (module, loss_of, inputs) in parts.items():

@@ -69,8 +69,10 @@ class PatchingData:
     out = dict(batch)
     if self.entropy_scorer is not None:
       out["entropies"] = self.entropy_scorer(byte_ids, pos, seg)
-    if self.sentencepiece_processor is not None:
-      out["patch_starts"] = bpe_starts(byte_ids, seg, self.sentencepiece_processor)
+    if self.sentencepiece_processor is not None:  # with the byte after the row (the last target)
+      following = seqio_to_blt(batch["targets"][:, -1:], seg[:, -1:], np.ones_like(pos[:, -1:]))
+      out["patch_starts"] = bpe_starts(np.concatenate([byte_ids, following], axis=1),
+                                       np.concatenate([seg, seg[:, -1:]], axis=1), self.sentencepiece_processor)
     return out
 
   def train_batch(self, position: int) -> dict:

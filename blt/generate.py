@@ -4,13 +4,16 @@ Incremental byte-by-byte generation with a BLT (Pagnoni et al. 2024, Sec. 3 and 
 its own cache (`common.nn.kv_cache`):
 
 - the entropy model (a dense byte LM) takes one step per byte and gives H(t), the entropy of its prediction
-  of byte t+1; the patch rule (static, space, entropy with the global or monotonic constraint, and
-  `max_patch_length`) decides online, from bytes <= t, whether byte t opens a new patch, as `blt.patcher`;
+  of byte t+1; the patch rule (static, space, entropy with the global or monotonic constraint, the forced
+  first starts and `max_patch_length`) decides online, from bytes <= t, whether byte t+1 opens a new patch,
+  as `blt.patcher`;
 - the local encoder takes one step per byte (windowed self-attention, hash n-grams of the last bytes);
-- when byte t opens patch j, patch j-1 is complete: its representation is pooled and cross-attended from its
-  bytes' encoder states, and the global transformer takes ONE step for it. Byte t (in patch j) then reads
-  the global outputs of patches < j only, exactly as in the full model;
-- the local decoder takes one step per byte and gives the logits of the next byte.
+- when a patch is complete its representation is pooled and cross-attended from its bytes' encoder states,
+  and the global transformer takes ONE step for it: under the 'official' decoder grouping as soon as byte t
+  is known to end it (byte t+1 opens the next), so byte t reads it; under 'lagged' when byte t opens the next
+  patch, so byte t reads the patches before its own (`blt.model`);
+- the local decoder takes one step per byte, reading the global outputs of the completed patches, and gives
+  the logits of the next byte.
 
 Greedy output is identical to running the full model on the whole sequence at every byte
 (tests/blt/test_generate.py). `generate_samples` is the entry point for sample logging during training.
@@ -31,7 +34,7 @@ from flax import nnx
 from blt.data import BOS, EOS, blt_to_seqio
 from blt.entropy import entropy_from_logits, load_entropy_model
 from blt.model import BLT
-from blt.patcher import is_space_like
+from blt.patcher import FORCED_STARTS, is_space_like
 from common.cli import ArgumentParser
 from common.config import ConfigError
 from common.generate import Sampling, sample_tokens, until_stop_id
@@ -85,33 +88,35 @@ class _Spec(NamedTuple):
   max_len: int  # bytes per row, prompt included
 
 
-def _opens_patch(spec: _Spec, state: dict, byte: jax.Array) -> jax.Array:
-  """bool [batch]: does byte t open a patch? The rules of `blt.patcher`, from bytes <= t."""
+def _next_opens(spec: _Spec, state: dict, byte: jax.Array) -> jax.Array:
+  """bool [batch]: does byte t+1 open a patch? The rules of `blt.patcher`, from bytes <= t; `state` is the
+  one after byte t (its run, entropies [H(t), H(t-1)] and context)."""
   t, r = state["t"], spec.rule
   if r.method == "static":
-    rule = jnp.broadcast_to(t % r.patch_size == 0, byte.shape)
+    rule = jnp.broadcast_to((t + 1) % r.patch_size == 0, byte.shape)
   elif r.method == "space":
     previous = jax.lax.dynamic_index_in_dim(state["context"], spec.context - 2 + t, axis=1, keepdims=False)
-    rule = is_space_like(previous) & ~is_space_like(byte) & (t >= 1)
+    rule = (is_space_like(byte) & ~(is_space_like(previous) & (t >= 1))) | (byte >= 256)
   elif r.method == "entropy":
-    rule = (state["entropies"][:, 0] > r.threshold) & (t >= 1)
+    rule = state["entropies"][:, 0] > r.threshold
   else:
-    rule = (state["entropies"][:, 0] - state["entropies"][:, 1] > r.threshold) & (t >= 2)
-  starts = rule | (t == 0)
+    rule = state["entropies"][:, 0] - state["entropies"][:, 1] > r.threshold
+  opens = rule | (t + 1 < FORCED_STARTS.get(r.method, 1))
   if r.max_patch_length > 0:
-    starts |= state["run"] >= r.max_patch_length
-  return starts
+    opens |= state["run"] >= r.max_patch_length
+  return opens
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _consume_byte(graph: _Graph, entropy_graph: _Graph | None, spec: _Spec, params, entropy_params, state: dict,
                   byte: jax.Array):
   """Byte t [batch] enters: patch bookkeeping, entropy model and local encoder steps. Returns (state,
-  starts): where byte t opens a patch (for t > 0 the previous patch is then complete)."""
+  starts, next_opens): where byte t opens a patch (for t > 0 the previous patch is then complete), and where
+  byte t+1 will (byte t then ends its patch)."""
   model = nnx.merge(graph.graphdef, params)
   entropy_model = None if entropy_graph is None else nnx.merge(entropy_graph.graphdef, entropy_params)
   t, s = state["t"], dict(state)
-  starts = _opens_patch(spec, state, byte)
+  starts = state["opens"]
   s["closed_start"] = state["patch_start"]
   s["patch_index"] = state["patch_index"] + (starts & (t > 0))
   s["patch_start"] = jnp.where(starts, t, state["patch_start"])
@@ -128,26 +133,29 @@ def _consume_byte(graph: _Graph, entropy_graph: _Graph | None, spec: _Spec, para
     x, s["entropy"] = decode_blocks(entropy_model.blocks, x, position, jnp.ones_like(position), state["entropy"])
     entropy = entropy_from_logits(entropy_model.logits(entropy_model.final_norm(x)))[:, 0]
     s["entropies"] = jnp.stack([entropy, state["entropies"][:, 0]], axis=1)
-  return s, starts
+  s["opens"] = _next_opens(spec, s, byte)
+  return s, starts, s["opens"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _close_patch(graph: _Graph, spec: _Spec, params, state: dict, closes: jax.Array) -> dict:
-  """Rows where `closes`: the patch of bytes [closed_start, t) is complete; its representation (max-pooled
-  byte states plus cross-attention to them, Sec. 3.2.2) takes one global transformer step."""
+def _close_patch(graph: _Graph, spec: _Spec, params, state: dict, closes: jax.Array, first: jax.Array,
+                 end: jax.Array) -> dict:
+  """Rows where `closes`: the patch of bytes [first, end) is complete; its representation (max-pooled byte
+  states plus cross-attention to them, Sec. 3.2.2) takes one global transformer step, as patch `closed`."""
   model = nnx.merge(graph.graphdef, params)
   enc, s = model.local_encoder, dict(state)
   byte_index = jnp.arange(spec.max_len)[None, :]
-  in_patch = (byte_index >= state["closed_start"][:, None]) & (byte_index < state["t"])  # [batch, max_len]
+  in_patch = (byte_index >= first[:, None]) & (byte_index < end[:, None])  # [batch, max_len]
   pooled = jnp.max(jnp.where(in_patch[..., None], state["enc_h"], -jnp.inf), axis=1, keepdims=True)
   pooled = jnp.where(in_patch.any(-1)[:, None, None], pooled, 0.0)  # rows that close nothing
   key_owner = jnp.where(in_patch, 0, 1)  # the one patch query owns its bytes; other bytes: no query
   patch = enc.to_global(pooled + enc.cross(pooled, state["enc_h"], key_owner=key_owner))
-  index = jnp.maximum(state["patch_index"] - 1, 0)  # the closed patch j-1
+  index = state["closed"]
   out, s["global_"] = model.global_transformer.decode(patch, index[:, None], state["global_"], closes)
   rows = jnp.arange(closes.shape[0])
   written = state["global_out"].at[rows, index].set(out[:, 0])
   s["global_out"] = jnp.where(closes[:, None, None], written, state["global_out"])
+  s["closed"] = index + closes
   return s
 
 
@@ -157,7 +165,7 @@ def _decode_byte(graph: _Graph, spec: _Spec, params, state: dict):
   model = nnx.merge(graph.graphdef, params)
   t, s = state["t"], dict(state)
   h = jax.lax.dynamic_index_in_dim(state["enc_h"], t, axis=1)  # [batch, 1, d_local]
-  visible = jnp.arange(spec.max_len)[None, :] < state["patch_index"][:, None]
+  visible = jnp.arange(spec.max_len)[None, :] < state["closed"][:, None]  # the completed patches
   position = jnp.full((h.shape[0], 1), t)
   logits, s["decoder"] = model.local_decoder.decode_byte(h, state["global_out"], visible, position,
                                                          state["decoder"])
@@ -173,6 +181,7 @@ class Generator:
     if rule.method in ENTROPY_METHODS and entropy_model is None:
       raise ConfigError(f"config key 'model.patching.entropy_model': '{rule.method}' patching needs an entropy model")
     self.model = model
+    self.official = model.grouping == "official"
     self.entropy_model = entropy_model if rule.method in ENTROPY_METHODS else None
     self.spec = _Spec(rule, model.local_encoder.hash_embed.ns[-1], max_len)
     graphdef, self.params = nnx.split(model)
@@ -192,7 +201,9 @@ class Generator:
         run=jnp.zeros((batch,), jnp.int32),             # bytes in the current patch
         patch_index=jnp.zeros((batch,), jnp.int32),     # j, the current patch
         patch_start=jnp.zeros((batch,), jnp.int32),     # its first byte
-        closed_start=jnp.zeros((batch,), jnp.int32),    # first byte of the patch closed by the last byte
+        closed_start=jnp.zeros((batch,), jnp.int32),    # first byte of the patch before the current one
+        opens=jnp.ones((batch,), bool),                 # does the next byte open a patch
+        closed=jnp.zeros((batch,), jnp.int32),          # patches through the global model so far
         entropies=jnp.zeros((batch, 2), jnp.float32),   # H(t-1), H(t-2)
         enc_h=jnp.zeros((batch, n, d_local), jnp.float32),
         global_out=jnp.zeros((batch, n, d_global), jnp.float32),
@@ -205,8 +216,8 @@ class Generator:
   def consume(self, state: dict, byte: jax.Array):
     return _consume_byte(self.graph, self.entropy_graph, self.spec, self.params, self.entropy_params, state, byte)
 
-  def close(self, state: dict, closes: jax.Array) -> dict:
-    return _close_patch(self.graph, self.spec._replace(rule=None), self.params, state, closes)
+  def close(self, state: dict, closes: jax.Array, first: jax.Array, end: jax.Array) -> dict:
+    return _close_patch(self.graph, self.spec._replace(rule=None), self.params, state, closes, first, end)
 
   def decode(self, state: dict):
     return _decode_byte(self.graph, self.spec._replace(rule=None), self.params, state)
@@ -230,11 +241,14 @@ class Generator:
     done = np.zeros(batch, bool)
     state = self.init_state(batch)
     for t in range(total - 1):
-      state, starts = self.consume(state, jnp.asarray(ids[:, t]))
+      state, starts, next_opens = self.consume(state, jnp.asarray(ids[:, t]))
       starts = np.asarray(starts)
-      closes = starts & (t > 0)
+      if self.official:  # byte t ends its patch: it goes through the global model before t is decoded
+        closes, first, end = np.asarray(next_opens), state["patch_start"], jnp.full((batch,), t + 1)
+      else:  # byte t opened a patch: the one before it is complete
+        closes, first, end = starts & (t > 0), state["closed_start"], jnp.full((batch,), t)
       if closes.any():
-        state = self.close(state, jnp.asarray(closes))
+        state = self.close(state, jnp.asarray(closes), first, end)
         global_steps += closes
         global_calls += 1
       state, logits = self.decode(state)

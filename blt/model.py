@@ -4,8 +4,14 @@ and a small LocalDecoder turns the global output back into next-byte logits.
 
 Causality (Sec. 3): the logits at byte t depend only on bytes <= t, given patch boundaries that are
 themselves causal (`blt.patcher`). The encoder's self-attention is causal, its patch queries see only their
-own patch, the global model is causal over patches, and a byte in patch j reads the global output of patches
-k < j only: patch j-1's global state (which has seen every byte before patch j) predicts patch j's bytes.
+own patch, the global model is causal over patches, and the decoder groups bytes by `model.decoder_grouping`:
+- 'official' (the default, as the official code's decoder patch ids, the encoder's shifted by one byte): byte
+  t reads the global outputs of the patches before the patch of byte t+1. The last byte of patch j, whose
+  next byte opens patch j+1, thus reads patch j itself (its global state has seen bytes <= t), so the byte
+  that opens a patch, under entropy patching the hard one, is predicted with the patch that just ended.
+  The patchers decide whether byte t+1 opens a patch from bytes <= t, which keeps this causal;
+- 'lagged' (the ablation): a byte in patch j reads patches k < j only, so the first byte of every patch is
+  predicted without the patch just before it.
 
 Documents packed into one row stay apart at the patch level too: a patch belongs to the document of its first
 byte (`patch_documents`; the patchers open a patch at every document start), the global model attends only to
@@ -40,14 +46,23 @@ def blt_model(**overrides) -> ml_collections.ConfigDict:
       n_layers_encoder=1, n_layers_decoder=2, n_heads_cross=4,
       d_global=128, n_layers_global=2, n_heads_global=4, d_ff_global=0,
       hash_n_min=3, hash_n_max=8, hash_table_size=4096, norm_eps=1e-5, rope_theta=10000.0,
+      decoder_grouping="official",  # 'official' or 'lagged' (module docstring)
       dtype="float32"))  # compute dtype (common.nn.DTYPES); parameters stay f32
   m.update(overrides)
   return m
 
 
+DECODER_GROUPINGS = ("official", "lagged")
+
+
 def compute_dtype(m):
   """The compute dtype of `model.dtype` (configs written before the key existed: f32)."""
   return DTYPES[m.get("dtype", "float32")]
+
+
+def decoder_grouping(m) -> str:
+  """`model.decoder_grouping`; runs configured before the key existed decoded 'lagged'."""
+  return m.get("decoder_grouping", "lagged")
 
 
 def _block_spec(d_model, n_heads, n_layers, d_ff, window, m) -> BlockSpec:
@@ -189,8 +204,8 @@ class GlobalTransformer(nnx.Module):
 
 class LocalDecoder(nnx.Module):
   """(byte states, global patch outputs) -> next-byte logits [batch, length, vocab] (Sec. 3.3): each layer
-  cross-attends from bytes to the global outputs of the patches before the byte's own, then applies a
-  windowed causal self-attention block."""
+  cross-attends from bytes to the global outputs of the patches before `readable` (per byte; the grouping of
+  the module docstring), then applies a windowed causal self-attention block."""
 
   def __init__(self, m, *, rngs: nnx.Rngs):
     spec = _block_spec(m.d_local, m.n_heads_local, m.n_layers_decoder, m.d_ff_local, m.local_window, m)
@@ -200,9 +215,9 @@ class LocalDecoder(nnx.Module):
     self.norm = RMSNorm(m.d_local, eps=m.norm_eps, dtype=spec.dtype)
     self.lm_head = Linear(m.d_local, m.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=spec.dtype)
 
-  def __call__(self, h, global_out, patch_ids, positions, segment_ids, patch_segment_ids=None):
+  def __call__(self, h, global_out, readable, positions, segment_ids, patch_segment_ids=None):
     max_patches = global_out.shape[1]
-    visible = jnp.arange(max_patches)[None, None, :] < patch_ids[:, :, None]  # [batch, length, patches]
+    visible = jnp.arange(max_patches)[None, None, :] < readable[:, :, None]  # [batch, length, patches]
     if patch_segment_ids is not None:
       visible &= patch_segment_ids[:, None, :] == segment_ids[:, :, None]
     for cross, layer in zip(self.cross, self.layers):
@@ -224,20 +239,28 @@ class LocalDecoder(nnx.Module):
 
 
 class BLT(nnx.Module):
-  """byte_ids [batch, length] and patch_ids [batch, length] (from `blt.patcher`) -> logits
-  [batch, length, vocab]; logits[:, t] predict byte t+1. `max_patches` is static."""
+  """byte_ids [batch, length] and patch_ids, next_patch_ids [batch, length] (from `blt.patcher`) -> logits
+  [batch, length, vocab]; logits[:, t] predict byte t+1. `max_patches` is static; `next_patch_ids` is needed
+  by the 'official' decoder grouping only."""
 
   def __init__(self, m, *, rngs: nnx.Rngs):
+    if decoder_grouping(m) not in DECODER_GROUPINGS:
+      raise ValueError(f"model.decoder_grouping: must be one of {DECODER_GROUPINGS}, got '{decoder_grouping(m)}'")
+    self.grouping = decoder_grouping(m)
     self.local_encoder = LocalEncoder(m, rngs=rngs)
     self.global_transformer = GlobalTransformer(m, rngs=rngs)
     self.local_decoder = LocalDecoder(m, rngs=rngs)
 
-  def __call__(self, byte_ids, patch_ids, max_patches: int, positions=None, segment_ids=None):
+  def __call__(self, byte_ids, patch_ids, max_patches: int, positions=None, segment_ids=None,
+               next_patch_ids=None):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(byte_ids.shape[1]), byte_ids.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(byte_ids)
+    if self.grouping == "official" and next_patch_ids is None:
+      raise ValueError("the 'official' decoder grouping needs next_patch_ids (blt.patcher.patch gives them)")
     h, patches = self.local_encoder(byte_ids, patch_ids, max_patches, positions, segment_ids)
     patch_segment_ids, patch_positions = patch_documents(patch_ids, segment_ids, max_patches)
     global_out = self.global_transformer(patches, patch_segment_ids, patch_positions)
-    return self.local_decoder(h, global_out, patch_ids, positions, segment_ids, patch_segment_ids)
+    readable = next_patch_ids if self.grouping == "official" else patch_ids
+    return self.local_decoder(h, global_out, readable, positions, segment_ids, patch_segment_ids)

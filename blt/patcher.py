@@ -1,21 +1,24 @@
 """Patching: segmenting a byte stream into patches (Pagnoni et al. 2024, Sec. 2).
 
 Every patcher returns per-byte `patch_starts` (bool [batch, length], True where a patch begins; position 0
-always begins one), `patch_ids` (int32 [batch, length], the patch index of each byte, 0-based) and
-`bytes_per_patch` (int32 [batch, max_patches]; 0 for patch slots past the last patch). All functions but
-`bpe_starts` are pure jnp, batched and jit-able with `max_patches`, `patch_size` and `max_patch_length` static.
+always begins one), `patch_ids` (int32 [batch, length], the patch index of each byte, 0-based),
+`next_patch_ids` (int32 [batch, length], the patch of byte t+1, the byte after the row included, when
+it continues byte t's document: what the BLT decoder groups by, `blt.model`) and `bytes_per_patch` (int32 [batch, max_patches]; 0 for patch slots past
+the last patch). All functions but `bpe_starts` are pure jnp, batched and jit-able with `max_patches`,
+`patch_size` and `max_patch_length` static.
 
 Rules (a byte at position t+1 opens a patch when ...):
 - `static` (Sec. 2.1): t+1 is a multiple of `patch_size` (given segment ids and positions: the position of
   t+1 in its segment is).
-- `space` (Sec. 2.2, after Slagle 2024's SpaceByte): byte t is space-like and byte t+1 is not. Space-like
-  bytes are the ASCII bytes that are neither letters nor digits (0x00-0x7F minus [0-9A-Za-z]): space, tab,
-  newline, the other control bytes and ASCII punctuation. A run of space-like bytes (", " or ".\\n\\n") thus
-  stays with the word before it, and the next word opens a patch. Bytes >= 0x80 (UTF-8 multi-byte
-  characters) and special ids >= 256 are not space-like.
+- `space` (Sec. 2.2, after Slagle 2024's SpaceByte, as the official patcher): byte t is space-like and byte
+  t-1 is not, or byte t is a special id (BOS, EOS). Space-like bytes are the ASCII bytes that are neither
+  letters nor digits (0x00-0x7F minus [0-9A-Za-z]: space, tab, newline, the other control bytes, ASCII
+  punctuation) and the UTF-8 lead bytes 0xC0-0xFF; continuation bytes 0x80-0xBF and special ids >= 256 are
+  not. The first space-like byte after a word closes its patch: "hello, world" is "hello," | " world".
 - `entropy`, global constraint (Sec. 2.3): H(t) > theta.
-- `entropy`, approximate monotonic constraint (Sec. 2.3): H(t) - H(t-1) > theta, for t >= 1 (position 1
-  never opens a patch by this rule, since H(-1) is undefined).
+- `entropy`, approximate monotonic constraint (Sec. 2.3): H(t) - H(t-1) > theta.
+Under `space` and the entropy rules, positions 0 and 1 always open a patch (0, 1 and 2 under the monotonic
+rule), as in the official patcher: BOS is a patch alone, and the first byte's prediction reads it.
 - `bpe` (the paper's BPE-patching baseline, Sec. 2.4): byte t+1 begins a SentencePiece token of the text.
   Computed on the host (`bpe_starts`, numpy + sentencepiece) and passed in as `patch_starts`. Unlike the
   rules above it looks ahead: whether a token boundary falls at t+1 can depend on bytes after t+1 (the
@@ -27,8 +30,9 @@ includes the start of row padding).
 
 Here H(t) = `entropies[:, t]` is the entropy of the entropy model's prediction *of byte t+1* made at
 position t (see `blt.entropy`); in the paper's notation H(t) is H(x_{t+1}), so "x_{t+1} opens a patch when
-the model is uncertain about it". Every rule decides patch_starts[t+1] from bytes <= t+1 only (entropy rules
-from bytes <= t), which keeps a BLT causal.
+the model is uncertain about it". Every rule but `bpe` decides patch_starts[t+1] from bytes <= t, so
+whether the *next* byte opens a patch is known at byte t: the decoder's grouping needs it (`next_patch_ids`;
+for the last byte of a row the rule is applied to the byte after it), and a BLT stays causal.
 
 `max_patch_length` (> 0) forces a new patch once the current one holds that many bytes; it is applied after
 the rule, left to right, so a forced start resets the count (a `lax.scan` over the length).
@@ -41,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# 256-entry lookup: is byte value v space-like? (ASCII non-alphanumerics, see module docstring).
-_SPACE_LIKE = np.array([v < 128 and not chr(v).isalnum() for v in range(256)], bool)
+# 256-entry lookup: is byte value v space-like? (ASCII non-alphanumerics and UTF-8 lead bytes, module docstring)
+_SPACE_LIKE = np.array([(v < 128 and not chr(v).isalnum()) or v >= 0xC0 for v in range(256)], bool)
 
 
 METHODS = ("static", "space", "entropy", "entropy_monotonic", "bpe")
@@ -51,12 +55,14 @@ METHODS = ("static", "space", "entropy", "entropy_monotonic", "bpe")
 class Patches(NamedTuple):
   patch_starts: jax.Array     # bool [batch, length]
   patch_ids: jax.Array        # int32 [batch, length]
+  next_patch_ids: jax.Array   # int32 [batch, length]: the patch of byte t+1 if it continues t's document
   bytes_per_patch: jax.Array  # int32 [batch, max_patches]
   num_patches: jax.Array      # int32 [batch]; may exceed max_patches (then the tail is not counted)
 
 
 def is_space_like(byte_ids: jax.Array) -> jax.Array:
-  """bool, same shape: ASCII non-alphanumeric bytes; False for bytes >= 128 and special ids >= 256."""
+  """bool, same shape: ASCII non-alphanumeric bytes and UTF-8 lead bytes (>= 0xC0); False for continuation
+  bytes and special ids >= 256."""
   table = jnp.asarray(np.concatenate([_SPACE_LIKE, [False]]))
   return table[jnp.clip(byte_ids, 0, 256)]
 
@@ -77,30 +83,32 @@ def enforce_max_length(patch_starts: jax.Array, max_patch_length: int) -> jax.Ar
   return starts.T
 
 
-def patches_from_starts(patch_starts: jax.Array, max_patches: int, max_patch_length: int = 0) -> Patches:
-  """Patch ids and sizes from boolean starts [batch, length] (position 0 is always a start)."""
+def patches_from_starts(patch_starts: jax.Array, max_patches: int, max_patch_length: int = 0,
+                        rule_next: jax.Array | None = None) -> Patches:
+  """Patch ids and sizes from boolean starts [batch, length] (position 0 is always a start). `rule_next`
+  (bool [batch, length]) says where the rule opens a patch at byte t+1 had byte t's document gone on; by
+  default the starts themselves, none after the row. `max_patch_length` applies to both."""
   starts = enforce_max_length(patch_starts.astype(bool), max_patch_length)
   patch_ids = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1
+  if rule_next is None:
+    rule_next = jnp.concatenate([starts[:, 1:], jnp.zeros_like(starts[:, :1])], axis=1)
+  if max_patch_length > 0:  # bytes of t's patch through t
+    index = jnp.arange(starts.shape[1])
+    run = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1) + 1
+    rule_next = rule_next | (run >= max_patch_length)
   batch = jnp.arange(starts.shape[0])[:, None]
   bytes_per_patch = jnp.zeros((starts.shape[0], max_patches), jnp.int32).at[batch, patch_ids].add(
       1, mode="drop")
-  return Patches(starts, patch_ids, bytes_per_patch, patch_ids[:, -1] + 1)
-
-
-def static_starts(shape: tuple[int, int], patch_size: int, segment_ids: jax.Array | None = None,
-                  positions: jax.Array | None = None) -> jax.Array:
-  """Fixed-size patches (Sec. 2.1): a start every `patch_size` bytes of the row, or, given packed
-  `segment_ids` and `positions`, of each segment (the row padding, segment 0, opens none)."""
-  if segment_ids is None or positions is None:
-    return jnp.broadcast_to(jnp.arange(shape[1]) % patch_size == 0, shape)
-  return (positions % patch_size == 0) & (segment_ids > 0)
+  return Patches(starts, patch_ids, patch_ids + rule_next.astype(jnp.int32), bytes_per_patch, patch_ids[:, -1] + 1)
 
 
 def space_starts(byte_ids: jax.Array) -> jax.Array:
-  """Space patching (Sec. 2.2): start at t+1 when byte t is space-like and byte t+1 is not."""
+  """Space patching (Sec. 2.2): start at t+1 when byte t is space-like and byte t-1 is not, or byte t is a
+  special id; from bytes <= t (position 1 by the rule only after a special or space-like byte 0)."""
   space = is_space_like(byte_ids)
-  after_space = space[:, :-1] & ~space[:, 1:]
-  return jnp.concatenate([jnp.ones_like(space[:, :1]), after_space], axis=1)
+  first_space = space & ~jnp.concatenate([jnp.zeros_like(space[:, :1]), space[:, :-1]], axis=1)
+  ends = first_space | (byte_ids >= 256)  # byte t ends its patch
+  return jnp.concatenate([jnp.ones_like(space[:, :1]), ends[:, :-1]], axis=1)
 
 
 def entropy_starts(entropies: jax.Array, threshold: float, monotonic: bool = False) -> jax.Array:
@@ -122,29 +130,54 @@ def segment_starts(segment_ids: jax.Array, positions: jax.Array | None = None) -
   return changed | ((positions == 0) & (segment_ids > 0))
 
 
+# positions (within a segment) that always open a patch, as the official patcher: BOS alone, then the rule
+FORCED_STARTS = {"space": 2, "entropy": 2, "entropy_monotonic": 3}
+
+
+def _then_next(x: jax.Array) -> jax.Array:
+  """x [batch, length] with one more column (a copy of the last): rules that read bytes <= t for start t+1
+  then also decide whether the byte after the row opens a patch."""
+  return jnp.concatenate([x, x[:, -1:]], axis=1)
+
+
 def patch(byte_ids: jax.Array, *, method: str, max_patches: int, patch_size: int = 4,
           entropies: jax.Array | None = None, threshold: float = 0.0, max_patch_length: int = 0,
           patch_starts: jax.Array | None = None, segment_ids: jax.Array | None = None,
           positions: jax.Array | None = None) -> Patches:
   """One entry point: `method` in {'static', 'space', 'entropy', 'entropy_monotonic', 'bpe'}; 'bpe' takes
-  the host-computed `patch_starts`. With `segment_ids`, every segment start also opens a patch."""
+  the host-computed `patch_starts` ([batch, length], or [batch, length + 1] with the byte after the row).
+  With `segment_ids`, every segment start also opens a patch.
+
+  Each rule gives `rule_next[t]`: does byte t+1 open a patch if it continues byte t's document (from bytes
+  <= t, so also for the byte after the row; static patches count positions within the document). A
+  document's later bytes open patches where it says, so `next_patch_ids` of a document's last byte follows
+  the rule, not what comes after it in the row: a document's patches are the same wherever it sits."""
+  batch, length = byte_ids.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(length), byte_ids.shape)
+  in_document = jnp.ones(byte_ids.shape, bool) if segment_ids is None else segment_ids > 0
   if method == "static":
-    starts = static_starts(byte_ids.shape, patch_size, segment_ids, positions)
-  elif method == "space":
-    starts = space_starts(byte_ids)
+    rule_next = ((positions + 1) % patch_size == 0) & in_document
+  elif method == "space":  # the row padding (special ids) is one patch
+    rule_next = space_starts(_then_next(byte_ids))[:, 1:] & in_document
   elif method in ("entropy", "entropy_monotonic"):
     if entropies is None:
       raise ValueError(f"patching method '{method}' needs entropies")
-    starts = entropy_starts(entropies, threshold, monotonic=method == "entropy_monotonic")
+    rule_next = entropy_starts(_then_next(entropies), threshold, monotonic=method == "entropy_monotonic")[:, 1:]
   elif method == "bpe":
     if patch_starts is None:
       raise ValueError("patching method 'bpe' needs patch_starts (from bpe_starts)")
-    starts = patch_starts.astype(bool)
+    given = patch_starts.astype(bool)
+    rule_next = given[:, 1:] if given.shape[1] > length else jnp.concatenate(
+        [given[:, 1:], jnp.zeros((batch, 1), bool)], axis=1)
   else:
     raise ValueError(f"unknown patching method '{method}' (known: {', '.join(METHODS)})")
+  if method in FORCED_STARTS:
+    rule_next |= (positions + 1 < FORCED_STARTS[method]) & in_document
+  starts = jnp.concatenate([jnp.ones((batch, 1), bool), rule_next[:, :-1]], axis=1)
   if segment_ids is not None:
     starts = starts | segment_starts(segment_ids, positions)
-  return patches_from_starts(starts, max_patches, max_patch_length)
+  return patches_from_starts(starts, max_patches, max_patch_length, rule_next=rule_next)
 
 
 def bpe_starts(byte_ids: np.ndarray, segment_ids: np.ndarray, sentencepiece_processor) -> np.ndarray:

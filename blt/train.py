@@ -28,7 +28,7 @@ from blt.calibrate import calibrate_threshold, sample_patching_inputs
 from blt.data import ENTROPY_METHODS, blt_data, max_segments_per_row, seqio_to_blt
 from blt.entropy import EntropyScorer, load_entropy_model
 from blt.generate import generate_samples
-from blt.model import BLT, VOCAB_SIZE
+from blt.model import BLT, DECODER_GROUPINGS, VOCAB_SIZE, decoder_grouping
 from blt.patcher import METHODS, patch
 from common.config import require
 from common.flops import training_flops_per_token
@@ -40,9 +40,9 @@ def resolve_max_patches(p, seq_len: int, max_segments: int = 1) -> int:
   """`model.patching.max_patches`, or for 0 an upper bound on the patches of one row of `seq_len` bytes
   holding at most `max_segments` segments (the row padding counts as one), each of which opens its own
   patches: static sum_s ceil(n_s / k) <= (L + S (k - 1)) // k with k = min(patch_size, max_patch_length);
-  space L // 2 + S (within a segment every space patch but the first holds a non-space byte and the
-  space-like byte before the next one, i.e. >= 2 bytes, and splitting at max_patch_length keeps the count
-  <= half the bytes); entropy and bpe L."""
+  space L // 2 + 2 S (within a segment the two forced first patches may hold one byte each, every later
+  one but the last ends at a space-like byte after a non-space-like one, i.e. holds >= 2 bytes, and
+  splitting at max_patch_length keeps the count <= half the bytes); entropy and bpe L."""
   if int(p.max_patches) > 0:
     return int(p.max_patches)
   if p.method == "static":
@@ -51,7 +51,7 @@ def resolve_max_patches(p, seq_len: int, max_segments: int = 1) -> int:
       size = min(size, int(p.max_patch_length))
     return min((seq_len + max_segments * (size - 1)) // size, seq_len)
   if p.method == "space":
-    return min(seq_len // 2 + max_segments, seq_len)
+    return min(seq_len // 2 + 2 * max_segments, seq_len)
   return seq_len
 
 
@@ -70,6 +70,8 @@ def validate_blt_config(cfg) -> None:
             f"RoPE needs an even head dimension, got model.{d}/model.{h} = {int(m[d]) // int(m[h])}")
   require(int(m.local_window) >= 0, "model.local_window", f"must be >= 0, got {m.local_window}")
   require(m.get("dtype", "float32") in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got '{m.get('dtype')}'")
+  require(decoder_grouping(m) in DECODER_GROUPINGS, "model.decoder_grouping",
+          f"must be one of {', '.join(DECODER_GROUPINGS)}, got '{decoder_grouping(m)}'")
   require("patching" in m, "model.patching", "missing (method, patch_size, max_patches, threshold, ...)")
   p = m.patching
   require(p.method in METHODS, "model.patching.method", f"must be one of {', '.join(METHODS)}, got '{p.method}'")
@@ -101,7 +103,7 @@ def blt_loss(model, batch, *, patching, max_patches: int):
                   entropies=batch.get("entropies"), threshold=float(patching.threshold),
                   max_patch_length=int(patching.max_patch_length), patch_starts=batch.get("patch_starts"),
                   segment_ids=seg, positions=pos)
-  logits = model(byte_ids, patches.patch_ids, max_patches, pos, seg)
+  logits = model(byte_ids, patches.patch_ids, max_patches, pos, seg, patches.next_patch_ids)
   mask = batch["loss_mask"]
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   byte_mask = mask * (targets < 256)

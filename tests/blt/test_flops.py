@@ -53,8 +53,8 @@ def test_matches_xla_cost_analysis_of_forward():
   graphdef, params = nnx.split(BLT(m, rngs=nnx.Rngs(0)))
 
   def forward(params, x):
-    ids = patch(x, method="static", max_patches=length // p, patch_size=p).patch_ids
-    return nnx.merge(graphdef, params)(x, ids, length // p)
+    q = patch(x, method="static", max_patches=length // p, patch_size=p)
+    return nnx.merge(graphdef, params)(x, q.patch_ids, length // p, next_patch_ids=q.next_patch_ids)
 
   x = jnp.zeros((2, length), jnp.int32)
   cost = jax.jit(forward).lower(params, x).compile().cost_analysis()

@@ -1,6 +1,6 @@
 """blt.generate: cached byte-by-byte generation equals recomputing the whole sequence with the full model at
-every byte (greedy; static, space, entropy and monotonic-entropy patching), and the global transformer runs
-exactly once per completed patch."""
+every byte (greedy; static, space, entropy and monotonic-entropy patching; both decoder groupings), and the
+global transformer runs exactly once per completed patch."""
 import functools
 
 import jax
@@ -29,9 +29,9 @@ MODEL = dict(d_local=32, n_heads_local=2, local_window=6, n_heads_cross=2, d_glo
 SPACE = dict(method="space", patch_size=4, threshold=0.0, max_patch_length=6)
 
 
-@pytest.fixture(scope="module")
-def model():
-  return BLT(blt_model(**MODEL), rngs=nnx.Rngs(params=0))
+@pytest.fixture(scope="module", params=["official", "lagged"])
+def model(request):
+  return BLT(blt_model(**MODEL, decoder_grouping=request.param), rngs=nnx.Rngs(params=0))
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +60,22 @@ def _patches(ids, entropies, rule):
 
 
 @nnx.jit
-def _forward(model, ids, patch_ids):
-  return model(ids, patch_ids, ids.shape[1])
+def _forward(model, ids, patch_ids, next_patch_ids):
+  return model(ids, patch_ids, ids.shape[1], next_patch_ids=next_patch_ids)
 
 
 def _full_forward(model, ids, entropies, rule):
   """The full model on a whole sequence, patched by `blt.patcher`: (logits, patch_starts)."""
   patches = _patches(ids, entropies, rule)
-  return _forward(model, ids, patches.patch_ids), patches.patch_starts
+  return _forward(model, ids, patches.patch_ids, patches.next_patch_ids), patches.patch_starts
+
+
+def _completed(model, starts):
+  """Patches a generator has sent through the global model after the bytes whose full-model `starts`
+  (bool [batch, length]) are given, the byte after the last included: every patch but the last open one, and
+  under the official grouping also the one the last byte ends."""
+  closed = starts[:, :-1].sum(1) - 1
+  return closed + starts[:, -1] if model.grouping == "official" else closed
 
 
 def _recompute(model, rule, scorer, prompt_ids, n_new):
@@ -86,7 +94,7 @@ def _recompute(model, rule, scorer, prompt_ids, n_new):
   for t in range(n_prompt - 1, total - 1):
     ids[:, t + 1] = forward()[0][:, t].argmax(-1)
   logits, starts = forward()
-  return ids, logits[:, :-1], starts[:, :-1]
+  return ids, logits[:, :-1], starts
 
 
 def _rule(method, scorer):
@@ -111,12 +119,12 @@ def test_cached_greedy_generation_equals_recompute(model, entropy_model, method)
     assert gap > 1e-4, gap
   gen = Generator(model, rule, max_len=prompt.shape[1] + N_NEW,
                   entropy_model=entropy_model if entropic else None).run(prompt, N_NEW)
-  np.testing.assert_array_equal(gen.patch_starts, ref_starts)
+  np.testing.assert_array_equal(gen.patch_starts, ref_starts[:, :-1])
   np.testing.assert_array_equal(gen.byte_ids, ref_ids)
   np.testing.assert_allclose(gen.logits, ref_logits, atol=1e-5, rtol=1e-5)
-  n_patches = ref_starts.sum(1)
-  assert (n_patches >= 4).all() and (n_patches < ref_starts.shape[1] - 2).all(), n_patches
-  np.testing.assert_array_equal(gen.global_steps, n_patches - 1)  # every patch but the open last one
+  n_patches = ref_starts[:, :-1].sum(1)
+  assert (n_patches >= 4).all() and (n_patches < ref_starts.shape[1] - 3).all(), n_patches
+  np.testing.assert_array_equal(gen.global_steps, _completed(model, ref_starts))
 
 
 def test_global_transformer_runs_once_per_completed_patch(model, monkeypatch):
@@ -125,11 +133,11 @@ def test_global_transformer_runs_once_per_completed_patch(model, monkeypatch):
   calls, final = [], {}
   generator = Generator(model, rule, max_len=prompt.shape[1] + N_NEW)
   close, decode = generator.close, generator.decode
-  monkeypatch.setattr(generator, "close", lambda state, closes: calls.append(np.asarray(closes)) or close(state, closes))
+  monkeypatch.setattr(generator, "close",
+                      lambda state, closes, *span: calls.append(np.asarray(closes)) or close(state, closes, *span))
   monkeypatch.setattr(generator, "decode", lambda state: final.update(state=state) or decode(state))
   gen = generator.run(prompt, N_NEW)
-  starts = np.asarray(_full_forward(model, jnp.asarray(gen.byte_ids), None, rule)[1])[:, :-1]
-  completed = starts.sum(1) - 1  # a global step when each patch but the first is opened
+  completed = _completed(model, np.asarray(_full_forward(model, jnp.asarray(gen.byte_ids), None, rule)[1]))
   assert (completed >= 4).all()
   assert all(c.any() for c in calls)  # the global model never runs for nothing ...
   np.testing.assert_array_equal(np.sum(calls, axis=0), completed)  # ... and once per completed patch of a row
@@ -163,7 +171,7 @@ def test_cli_prints_the_continuation_of_a_saved_run(model, tmp_path, capsys):
   from common.train.optim import make_optimizer
   from common.train.step import init_state
   cfg = base_config()
-  cfg.model = blt_model(**MODEL)
+  cfg.model = blt_model(**MODEL, decoder_grouping=model.grouping)
   cfg.model.patching = SPACE
   checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
   checkpointer.save(7, init_state(nnx.split(model, nnx.Param)[1], make_optimizer(cfg.train)),

@@ -1,5 +1,6 @@
-"""The BLT (blt.model): shapes, end-to-end causality under static, space and entropy patching, and that
-both the local path and the global (earlier patches) path reach the logits."""
+"""The BLT (blt.model): shapes, end-to-end causality under static, space and entropy patching (both decoder
+groupings), which global outputs each byte reads, and that both the local path and the global (earlier
+patches) path reach the logits."""
 import os
 
 import jax
@@ -19,11 +20,13 @@ from tests.mesh_invariance import assert_train_step_mesh_invariant
 LENGTH, MAX_PATCHES = 24, 24
 
 
-@pytest.fixture(scope="module")
-def model():
-  cfg = blt_model(d_local=32, n_heads_local=2, local_window=6, n_heads_cross=2, d_global=48, n_heads_global=2,
-                  n_layers_global=2, hash_table_size=101)
-  return BLT(cfg, rngs=nnx.Rngs(params=0))
+SMALL = dict(d_local=32, n_heads_local=2, local_window=6, n_heads_cross=2, d_global=48, n_heads_global=2,
+             n_layers_global=2, hash_table_size=101)
+
+
+@pytest.fixture(scope="module", params=["official", "lagged"])
+def model(request):
+  return BLT(blt_model(**SMALL, decoder_grouping=request.param), rngs=nnx.Rngs(params=0))
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +35,17 @@ def entropy_model():
   return DenseLM(cfg, rngs=nnx.Rngs(params=1))
 
 
-def _patch_ids(x, method, entropy_model, threshold=5.05):
+def _patches(x, method, entropy_model, threshold=5.05):
   if method == "static":
-    return patch(x, method="static", patch_size=4, max_patches=MAX_PATCHES).patch_ids
+    return patch(x, method="static", patch_size=4, max_patches=MAX_PATCHES)
   if method == "space":
-    return patch(x, method="space", max_patches=MAX_PATCHES, max_patch_length=6).patch_ids
+    return patch(x, method="space", max_patches=MAX_PATCHES, max_patch_length=6)
   h = next_byte_entropies(entropy_model, x)
-  return patch(x, method="entropy", entropies=h, threshold=threshold, max_patches=MAX_PATCHES,
-               max_patch_length=6).patch_ids
+  return patch(x, method="entropy", entropies=h, threshold=threshold, max_patches=MAX_PATCHES, max_patch_length=6)
 
 
 def _forward(model):
-  return nnx.jit(lambda mdl, x, ids: mdl(x, ids, MAX_PATCHES))
+  return nnx.jit(lambda mdl, x, p: mdl(x, p.patch_ids, MAX_PATCHES, next_patch_ids=p.next_patch_ids))
 
 
 def _text_like(rng, shape):
@@ -54,7 +56,7 @@ def _text_like(rng, shape):
 
 def test_logits_shape_and_finite(model):
   x = _text_like(np.random.default_rng(0), (2, LENGTH))
-  logits = _forward(model)(model, x, _patch_ids(x, "static", None))
+  logits = _forward(model)(model, x, _patches(x, "static", None))
   assert logits.shape == (2, LENGTH, 260) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
 
@@ -64,14 +66,14 @@ def test_changing_later_bytes_never_changes_earlier_logits(model, entropy_model,
   rng = np.random.default_rng(1)
   fwd = _forward(model)
   x = _text_like(rng, (2, LENGTH))
-  base = np.asarray(fwd(model, x, _patch_ids(x, method, entropy_model)))
+  base = np.asarray(fwd(model, x, _patches(x, method, entropy_model)))
   if method == "entropy":  # untrained model: H ~ 5 nats; the fixed threshold must make several patches for the test to mean anything
     n = patch(x, method="entropy", entropies=next_byte_entropies(entropy_model, x), threshold=5.05,
               max_patches=MAX_PATCHES).num_patches
     assert (n > 3).all() and (n < LENGTH).all(), n
   for t in (0, 3, 4, 9, 17, LENGTH - 2):
     y = x.at[:, t + 1:].set(_text_like(rng, (2, LENGTH - t - 1)))
-    out = np.asarray(fwd(model, y, _patch_ids(y, method, entropy_model)))
+    out = np.asarray(fwd(model, y, _patches(y, method, entropy_model)))
     np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5, err_msg=f"t={t}")
 
 
@@ -79,12 +81,37 @@ def test_earlier_patches_reach_the_logits_through_the_global_model(model):
   # Static patches of 4 and a local window of 6: byte 0 is out of the decoder's window at byte 20, so only
   # the global path (patches 0..4 before patch 5) can carry it there.
   x = _text_like(np.random.default_rng(2), (1, LENGTH))
-  ids = _patch_ids(x, "static", None)
+  ids = _patches(x, "static", None)
   fwd = _forward(model)
   base = np.asarray(fwd(model, x, ids))
   changed = np.asarray(fwd(model, x.at[0, 0].set((x[0, 0] + 1) % 256), ids))
   assert np.abs(changed[0, 20] - base[0, 20]).max() > 1e-6
   assert np.abs(changed[0, 0] - base[0, 0]).max() > 1e-6  # and the local path at byte 0 itself
+
+
+@pytest.mark.parametrize("grouping, first", [("official", 11), ("lagged", 12)])
+def test_the_byte_that_ends_a_patch_reads_it_only_under_the_official_grouping(grouping, first):
+  """Static patches of 4: patch 2 holds bytes 8..11. A change of its global output reaches the decoder from
+  byte 11 on (the byte whose next byte opens patch 3) under the official grouping, from byte 12 on (patch
+  3's first byte) under the lagged one."""
+  m = BLT(blt_model(**SMALL, decoder_grouping=grouping), rngs=nnx.Rngs(params=0))
+  x = _text_like(np.random.default_rng(4), (1, LENGTH))
+  p = _patches(x, "static", None)
+  pos, seg = jnp.arange(LENGTH)[None], jnp.ones_like(x)
+  h, patches = m.local_encoder(x, p.patch_ids, MAX_PATCHES, pos, seg)
+  g = m.global_transformer(patches)
+  readable = p.next_patch_ids if grouping == "official" else p.patch_ids
+  base = m.local_decoder(h, g, readable, pos, seg)
+  bumped = m.local_decoder(h, g.at[:, 2].add(1.0), readable, pos, seg)
+  changed = np.flatnonzero(np.abs(np.asarray(bumped - base)).max(-1)[0] > 1e-6)
+  assert changed.tolist() == list(range(first, LENGTH))
+
+
+def test_the_official_grouping_needs_the_next_patch_ids():
+  m = BLT(blt_model(**SMALL), rngs=nnx.Rngs(params=0))
+  x = _text_like(np.random.default_rng(5), (1, 8))
+  with pytest.raises(ValueError, match="next_patch_ids"):
+    m(x, _patches(x, "static", None).patch_ids, MAX_PATCHES)
 
 
 def test_default_config_follows_the_paper_hash_range():
@@ -93,8 +120,8 @@ def test_default_config_follows_the_paper_hash_range():
 
 
 @nnx.jit
-def _packed_forward(model, x, patch_ids, positions, segment_ids):
-  return model(x, patch_ids, MAX_PATCHES, positions, segment_ids)
+def _packed_forward(model, x, p, positions, segment_ids):
+  return model(x, p.patch_ids, MAX_PATCHES, positions, segment_ids, p.next_patch_ids)
 
 
 @pytest.mark.parametrize("method", ["static", "space"])
@@ -110,9 +137,9 @@ def test_packed_documents_get_the_logits_they_get_alone(model, method):
   segs = jnp.stack([jnp.where(first, 1, 2), jnp.where(first, 1, 0), jnp.where(first, 1, 0)])
   positions = jnp.broadcast_to(jnp.where(first, jnp.arange(LENGTH), jnp.arange(LENGTH) - 12), x.shape)
   kwargs = dict(patch_size=4) if method == "static" else dict(max_patch_length=6)
-  ids = patch(x, method=method, max_patches=MAX_PATCHES, segment_ids=segs, positions=positions, **kwargs).patch_ids
-  assert int(ids[0, 12]) > int(ids[0, 11])  # b opens a patch of its own
-  logits = np.asarray(_packed_forward(model, x, ids, positions, segs))
+  p = patch(x, method=method, max_patches=MAX_PATCHES, segment_ids=segs, positions=positions, **kwargs)
+  assert int(p.patch_ids[0, 12]) > int(p.patch_ids[0, 11])  # b opens a patch of its own
+  logits = np.asarray(_packed_forward(model, x, p, positions, segs))
   np.testing.assert_allclose(logits[0, :12], logits[1, :12], atol=1e-5)
   np.testing.assert_allclose(logits[0, 12:], logits[2, :12], atol=1e-5)
 
@@ -182,8 +209,8 @@ def test_bfloat16_compute_keeps_f32_params_and_close_logits():
   for x, y in zip(p16, p32):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   x = jnp.asarray(np.frombuffer(b"def f(x):\n  return x + 1\n", np.uint8)[None].astype(np.int32))
-  patch_ids = patch(x, method="static", patch_size=4, max_patches=8).patch_ids
-  l16, l32 = m16(x, patch_ids, 8), m32(x, patch_ids, 8)
+  p = patch(x, method="static", patch_size=4, max_patches=8)
+  l16, l32 = m16(x, p.patch_ids, 8, next_patch_ids=p.next_patch_ids), m32(x, p.patch_ids, 8, next_patch_ids=p.next_patch_ids)
   assert l16.dtype == jnp.float32
   l16, l32 = np.asarray(l16), np.asarray(l32)
   assert np.abs(l16 - l32).max() < 0.05 * np.abs(l32).max()

@@ -64,7 +64,8 @@ def test_extra_starts_count_before_the_length_limit_as_blt_segments_do():
   h = blt_entropy.entropy_from_logits(logits)
   expected = blt_patcher.patch(jnp.zeros((2, 40), jnp.int32), method="entropy", max_patches=40, entropies=h,
                                threshold=threshold, max_patch_length=5, segment_ids=segment_ids)
-  extra = blt_patcher.segment_starts(segment_ids)
+  # the forced first starts (bytes 0 and 1 of the row: no positions given) count as extra starts too
+  extra = blt_patcher.segment_starts(segment_ids) | (jnp.arange(40) < 2)
   for impl in ("reference", "interpret"):
     got = entropy_patching(logits, threshold, max_patch_length=5, extra_starts=extra, impl=impl)
     assert_same(got, (h, expected.patch_starts, expected.patch_ids))
