@@ -213,6 +213,17 @@ class Study:
     raise NotImplementedError
 
 
+def paced(cfg: ml_collections.ConfigDict, evals: int) -> ml_collections.ConfigDict:
+  """`cfg` with its warmup, evals, checkpoints and logs scaled to its resolved `train.steps`: warmup at most
+  a tenth of the run, `evals` evaluations, two checkpoints, a log line at least every 10 steps."""
+  steps = int(cfg.train.steps)
+  cfg.train.warmup_steps = min(int(cfg.train.warmup_steps), max(1, steps // 10))
+  cfg.eval.every_steps = max(1, math.ceil(steps / evals))
+  cfg.checkpoint.every_steps = max(1, math.ceil(steps / 2))
+  cfg.log.every_steps = max(1, min(10, cfg.eval.every_steps))
+  return cfg
+
+
 def workdir_of(out: str, arm: Arm, seed: int) -> str:
   return os.path.join(out, "runs", f"{arm.name}_s{seed}")
 

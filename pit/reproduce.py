@@ -177,12 +177,7 @@ class Study(reproduce.Study):
     if not cfg.data.docs_path:
       cfg.data.tokenizer, cfg.data.tokenizer_path = "spm", os.path.abspath(self.tokenizer_path)
     pit_train.resolve(cfg)
-    steps = int(cfg.train.steps)
-    cfg.train.warmup_steps = min(int(cfg.train.warmup_steps), max(1, steps // 10))
-    cfg.eval.every_steps = max(1, math.ceil(steps / EVALS_PER_RUN))
-    cfg.checkpoint.every_steps = max(1, math.ceil(steps / 2))
-    cfg.log.every_steps = max(1, min(10, cfg.eval.every_steps))
-    return cfg
+    return reproduce.paced(cfg, EVALS_PER_RUN)
 
   @staticmethod
   def make_task(cfg):

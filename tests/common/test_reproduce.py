@@ -177,3 +177,10 @@ def test_help_lists_the_shared_and_the_paper_flags(paper, capsys):
   for flag in ("--out", "--seeds", "--quick", "--emit_commands", "--cache_dir", "--set"):
     assert flag in text
   assert f"python -m {paper}.reproduce" in text
+
+
+def test_paced_scales_warmup_evals_checkpoints_and_logs_to_the_steps():
+  cfg = reproduce.load(CONFIG)
+  cfg.train.update(steps=45, warmup_steps=30)
+  reproduce.paced(cfg, 4)
+  assert (cfg.train.warmup_steps, cfg.eval.every_steps, cfg.checkpoint.every_steps, cfg.log.every_steps) == (4, 12, 23, 10)
