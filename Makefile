@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# Test files run this many at a time (pytest-xdist; one file's tests stay in one worker, sharing its fixtures).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench install clean-demo
 
@@ -19,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m common.train --config=common/configs/dense_tiny.py --workdir=$(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) -m bench.train_throughput
