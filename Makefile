@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The design's main job in miniature (blt/README.md): BLT's entropy model, then a BLT patched by it. A rerun resumes.
 demo: $(STAMP)
-	$(PY) -m common.train --config=common/configs/dense_tiny.py --workdir=$(DEMO_DIR)
+	$(PY) -m blt.train_entropy --config=blt/configs/entropy_tiny.py --workdir=$(DEMO_DIR)/entropy_model
+	$(PY) -m blt.train --config=blt/configs/tiny.py:patcher=entropy,entropy_model=$(DEMO_DIR)/entropy_model \
+	  --workdir=$(DEMO_DIR)/blt
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests

@@ -11,6 +11,9 @@ Mean patch size is counted as `eval/bytes_per_patch` of `blt.train`: non-padding
 open on them, with a patch forced at every packed segment start and `max_patch_length` applied. It does not
 decrease as θ grows (a higher θ opens a subset of the patches; merging two patches never adds forced
 max-length splits), so bisection on θ converges to the target up to the step the finite sample allows.
+
+The same sample (the first training rows) sizes the patch slots of entropy and BPE patching: `patches_per_row`
+counts its patches at the resolved θ for `blt.train.resolve_max_patches`.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt.data import PatchingData
+from blt.data import PatchingData, seqio_to_blt
 from blt.entropy import EntropyScorer, load_entropy_model
 from blt.patcher import patch
 from common.cli import ArgumentParser
@@ -78,11 +81,31 @@ def calibrate_threshold(entropies, target_patch_size: float, *, monotonic: bool 
 
 
 def sample_patching_inputs(data, sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> dict[str, np.ndarray]:
-  """`entropies`, `segment_ids`, `positions` [rows, length] of the first training rows (data positions 0, 1,
-  ...; about `sample_bytes` bytes) of a `blt.data.PatchingData` with an entropy scorer."""
+  """The first training rows (data positions 0, 1, ...; about `sample_bytes` bytes) of a `blt.data.PatchingData`
+  as the trainer patches them: `inputs`, `segment_ids`, `positions` [rows, length] and what the pipeline adds
+  (`entropies` of an entropy scorer; BPE `patch_starts`, [rows, length + 1])."""
   rows = max(1, sample_bytes // data.seq_len)
   batches = [data.train_batch(position) for position in range(0, rows, data.batch_size)]
-  return {k: np.concatenate([b[k] for b in batches])[:rows] for k in ("entropies", "segment_ids", "positions")}
+  keys = ("inputs", "segment_ids", "positions", "entropies", "patch_starts")
+  return {k: np.concatenate([b[k] for b in batches])[:rows] for k in keys if k in batches[0]}
+
+
+@functools.partial(jax.jit, static_argnames=("method", "patch_size", "max_patch_length"))
+def _patches_per_row(sample, threshold, *, method: str, patch_size: int, max_patch_length: int):
+  seg, pos = sample["segment_ids"], sample["positions"]
+  return patch(seqio_to_blt(sample["inputs"], seg, pos), method=method, max_patches=1, patch_size=patch_size,
+               entropies=sample.get("entropies"), threshold=threshold, max_patch_length=max_patch_length,
+               patch_starts=sample.get("patch_starts"), segment_ids=seg, positions=pos).num_patches  # all, unslotted
+
+
+def patches_per_row(sample, patching) -> np.ndarray:
+  """int [rows]: the patches of each row of `sample` (`sample_patching_inputs`) under `patching` (a resolved
+  `model.patching`), counted as `blt.train.blt_loss` opens them, through `blt.patcher.patch`: segment starts
+  (the row padding is one patch), forced starts and `max_patch_length` included."""
+  sample = {k: jnp.asarray(v) for k, v in sample.items()}
+  return np.asarray(_patches_per_row(sample, jnp.float32(patching.get("threshold", 0.0)), method=patching.method,
+                                     patch_size=int(patching.patch_size),
+                                     max_patch_length=int(patching.max_patch_length)))
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,8 @@ Incremental byte-by-byte generation with a BLT (Pagnoni et al. 2024, Sec. 3 and 
 its own cache (`common.nn.kv_cache`):
 
 - the entropy model (a dense byte LM) takes one step per byte and gives H(t), the entropy of its prediction
-  of byte t+1; the patch rule (static, space, entropy with the global or monotonic constraint, the forced
+  of byte t+1, as `blt.entropy.EntropyScorer` (real vocabulary; under `reset_at_newline` a newline opens a
+  new segment of its cache, positions counting from it); the patch rule (static, space, entropy with the global or monotonic constraint, the forced
   first starts and `max_patch_length`) decides online, from bytes <= t, whether byte t+1 opens a new patch,
   as `blt.patcher`;
 - the local encoder takes one step per byte (windowed self-attention, hash n-grams of the last bytes);
@@ -14,6 +15,10 @@ its own cache (`common.nn.kv_cache`):
   patch, so byte t reads the patches before its own (`blt.model`);
 - the local decoder takes one step per byte, reading the global outputs of the completed patches, and gives
   the logits of the next byte.
+
+Every architecture switch of `blt.model.Ablations` is supported: the encoder step keeps the byte states of
+each layer an encoder cross-attention reads, and a completed patch's global output is stored as the decoder's
+k key/value slots (`LocalDecoder.patch_slots`), of which the decoder step reads those its scope allows.
 
 Greedy output is identical to running the full model on the whole sequence at every byte
 (tests/blt/test_generate.py). `generate_samples` is the entry point for sample logging during training.
@@ -32,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from blt.data import BOS, EOS, blt_to_seqio
-from blt.entropy import entropy_from_logits, load_entropy_model
+from blt.entropy import ENTROPY_VOCAB_SIZE, NEWLINE, entropy_from_logits, load_entropy_model
 from blt.model import BLT
 from blt.patcher import FORCED_STARTS, is_space_like
 from common.cli import ArgumentParser
@@ -50,13 +55,15 @@ class PatchRule(NamedTuple):
   patch_size: int = 4
   threshold: float = 0.0
   max_patch_length: int = 0
+  reset_at_newline: bool = False  # the entropy model's context restarts at each newline (blt.entropy)
 
   @classmethod
   def from_config(cls, p) -> PatchRule:
     if p.method not in ONLINE_METHODS:
       raise ConfigError(f"config key 'model.patching.method': generation needs a patcher that decides online "
                         f"({', '.join(ONLINE_METHODS)}); '{p.method}' looks ahead")
-    return cls(p.method, int(p.patch_size), float(p.get("threshold", 0.0)), int(p.get("max_patch_length", 0)))
+    return cls(p.method, int(p.patch_size), float(p.get("threshold", 0.0)), int(p.get("max_patch_length", 0)),
+               bool(p.get("reset_at_newline", False)))
 
 
 class Generation(NamedTuple):
@@ -129,9 +136,15 @@ def _consume_byte(graph: _Graph, entropy_graph: _Graph | None, spec: _Spec, para
       window, jnp.broadcast_to(window_segs, window.shape), position, state["encoder"])
   s["enc_h"] = jax.lax.dynamic_update_index_in_dim(state["enc_h"], h[:, 0], t, axis=1)
   if entropy_model is not None:
+    if spec.rule.reset_at_newline:  # a newline opens a new segment of the entropy cache (blt.entropy.line_segments)
+      new_line = byte == NEWLINE
+      s["entropy_line"] = state["entropy_line"] + new_line
+      s["entropy_line_start"] = jnp.where(new_line, t, state["entropy_line_start"])
     x = entropy_model.embed(blt_to_seqio(byte)[:, None])
-    x, s["entropy"] = decode_blocks(entropy_model.blocks, x, position, jnp.ones_like(position), state["entropy"])
-    entropy = entropy_from_logits(entropy_model.logits(entropy_model.final_norm(x)))[:, 0]
+    x, s["entropy"] = decode_blocks(entropy_model.blocks, x, (t - s["entropy_line_start"])[:, None],
+                                    s["entropy_line"][:, None], state["entropy"])
+    logits = entropy_model.logits(entropy_model.final_norm(x))
+    entropy = entropy_from_logits(logits, vocab_size=ENTROPY_VOCAB_SIZE)[:, 0]
     s["entropies"] = jnp.stack([entropy, state["entropies"][:, 0]], axis=1)
   s["opens"] = _next_opens(spec, s, byte)
   return s, starts, s["opens"]
@@ -141,19 +154,20 @@ def _consume_byte(graph: _Graph, entropy_graph: _Graph | None, spec: _Spec, para
 def _close_patch(graph: _Graph, spec: _Spec, params, state: dict, closes: jax.Array, first: jax.Array,
                  end: jax.Array) -> dict:
   """Rows where `closes`: the patch of bytes [first, end) is complete; its representation (max-pooled byte
-  states plus cross-attention to them, Sec. 3.2.2) takes one global transformer step, as patch `closed`."""
+  states plus cross-attention to them, Sec. 3.2.2) takes one global transformer step, as patch `closed`, and
+  its output is kept as the decoder's k key/value slots (`LocalDecoder.patch_slots`)."""
   model = nnx.merge(graph.graphdef, params)
   enc, s = model.local_encoder, dict(state)
   byte_index = jnp.arange(spec.max_len)[None, :]
   in_patch = (byte_index >= first[:, None]) & (byte_index < end[:, None])  # [batch, max_len]
-  pooled = jnp.max(jnp.where(in_patch[..., None], state["enc_h"], -jnp.inf), axis=1, keepdims=True)
-  pooled = jnp.where(in_patch.any(-1)[:, None, None], pooled, 0.0)  # rows that close nothing
-  key_owner = jnp.where(in_patch, 0, 1)  # the one patch query owns its bytes; other bytes: no query
-  patch = enc.to_global(pooled + enc.cross(pooled, state["enc_h"], key_owner=key_owner))
+  key_owner = jnp.where(in_patch, 0, 1)  # the one patch owns its bytes; other bytes: none (rows closing none: 0)
+  states = [state["enc_h"][:, :, i] for i in range(state["enc_h"].shape[2])]
+  patch = enc.patches(states, key_owner, 1)
   index = state["closed"]
   out, s["global_"] = model.global_transformer.decode(patch, index[:, None], state["global_"], closes)
-  rows = jnp.arange(closes.shape[0])
-  written = state["global_out"].at[rows, index].set(out[:, 0])
+  slots = model.local_decoder.patch_slots(out)  # [batch, k, d_kv]
+  rows, k = jnp.arange(closes.shape[0]), slots.shape[1]
+  written = state["global_out"].at[rows[:, None], index[:, None] * k + jnp.arange(k)].set(slots)
   s["global_out"] = jnp.where(closes[:, None, None], written, state["global_out"])
   s["closed"] = index + closes
   return s
@@ -164,10 +178,10 @@ def _decode_byte(graph: _Graph, spec: _Spec, params, state: dict):
   """Local decoder step of byte t: (state with t + 1, next-byte logits [batch, vocab])."""
   model = nnx.merge(graph.graphdef, params)
   t, s = state["t"], dict(state)
-  h = jax.lax.dynamic_index_in_dim(state["enc_h"], t, axis=1)  # [batch, 1, d_local]
-  visible = jnp.arange(spec.max_len)[None, :] < state["closed"][:, None]  # the completed patches
+  h = jax.lax.dynamic_index_in_dim(state["enc_h"], t, axis=1)[:, :, -1]  # [batch, 1, d_local]: final states
   position = jnp.full((h.shape[0], 1), t)
-  logits, s["decoder"] = model.local_decoder.decode_byte(h, state["global_out"], visible, position,
+  # The completed patches are the readable ones (with the official grouping, byte t's own if t ends it).
+  logits, s["decoder"] = model.local_decoder.decode_byte(h, state["global_out"], state["closed"], position,
                                                          state["decoder"])
   s["t"] = t + 1
   return s, logits[:, 0]
@@ -194,7 +208,7 @@ class Generator:
   def init_state(self, batch: int) -> dict:
     enc, glob, dec = self.model.local_encoder, self.model.global_transformer, self.model.local_decoder
     n = self.spec.max_len
-    d_local, d_global = enc.to_global.kernel.shape
+    d_local = enc.embed.embedding.shape[1]
     state = dict(
         t=jnp.zeros((), jnp.int32),
         context=jnp.zeros((batch, self.spec.context - 1 + n), jnp.int32),  # front padding, then the bytes
@@ -205,12 +219,14 @@ class Generator:
         opens=jnp.ones((batch,), bool),                 # does the next byte open a patch
         closed=jnp.zeros((batch,), jnp.int32),          # patches through the global model so far
         entropies=jnp.zeros((batch, 2), jnp.float32),   # H(t-1), H(t-2)
-        enc_h=jnp.zeros((batch, n, d_local), jnp.float32),
-        global_out=jnp.zeros((batch, n, d_global), jnp.float32),
+        enc_h=jnp.zeros((batch, n, len(enc.read_layers), d_local), jnp.float32),  # states the patch step reads
+        global_out=jnp.zeros((batch, n * dec.slots, dec.d_kv), jnp.float32),  # the decoder's patch slots
         encoder=init_caches(enc.layers, batch, n), global_=init_caches(glob.layers, batch, n),
         decoder=init_caches(dec.layers, batch, n))
     if self.entropy_model is not None:
       state["entropy"] = init_caches(self.entropy_model.blocks, batch, n)
+      state["entropy_line"] = jnp.ones((batch,), jnp.int32)        # the entropy model's segment id
+      state["entropy_line_start"] = jnp.zeros((batch,), jnp.int32)  # its first byte: positions count from it
     return state
 
   def consume(self, state: dict, byte: jax.Array):

@@ -7,6 +7,13 @@ it continues byte t's document: what the BLT decoder groups by, `blt.model`) and
 the last patch). All functions but `bpe_starts` are pure jnp, batched and jit-able with `max_patches`,
 `patch_size` and `max_patch_length` static.
 
+Overflow: a row with more patches than its `max_patches` slots keeps every byte in a slot: the bytes past the
+last slot join it (`patch_ids` and `next_patch_ids` are clipped to max_patches - 1; `num_patches` is the true
+count, and the last slot holds num_patches - max_patches + 1 patches). It then holds bytes that come after
+its first patch, and no byte reads it: a byte reads the slots below its `next_patch_ids` (or `patch_ids`),
+both <= max_patches - 1, so the BLT stays causal, and the merged bytes are predicted from the earlier slots
+and their own byte context.
+
 Rules (a byte at position t+1 opens a patch when ...):
 - `static` (Sec. 2.1): t+1 is a multiple of `patch_size` (given segment ids and positions: the position of
   t+1 in its segment is).
@@ -57,7 +64,7 @@ class Patches(NamedTuple):
   patch_ids: jax.Array        # int32 [batch, length]
   next_patch_ids: jax.Array   # int32 [batch, length]: the patch of byte t+1 if it continues t's document
   bytes_per_patch: jax.Array  # int32 [batch, max_patches]
-  num_patches: jax.Array      # int32 [batch]; may exceed max_patches (then the tail is not counted)
+  num_patches: jax.Array      # int32 [batch]; may exceed max_patches (the tail then shares the last slot)
 
 
 def is_space_like(byte_ids: jax.Array) -> jax.Array:
@@ -87,19 +94,22 @@ def patches_from_starts(patch_starts: jax.Array, max_patches: int, max_patch_len
                         rule_next: jax.Array | None = None) -> Patches:
   """Patch ids and sizes from boolean starts [batch, length] (position 0 is always a start). `rule_next`
   (bool [batch, length]) says where the rule opens a patch at byte t+1 had byte t's document gone on; by
-  default the starts themselves, none after the row. `max_patch_length` applies to both."""
+  default the starts themselves, none after the row. `max_patch_length` applies to both. Patches past the
+  `max_patches` slots join the last slot (module docstring)."""
   starts = enforce_max_length(patch_starts.astype(bool), max_patch_length)
-  patch_ids = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1
+  patch_ids = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1  # unclipped
   if rule_next is None:
     rule_next = jnp.concatenate([starts[:, 1:], jnp.zeros_like(starts[:, :1])], axis=1)
   if max_patch_length > 0:  # bytes of t's patch through t
     index = jnp.arange(starts.shape[1])
     run = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1) + 1
     rule_next = rule_next | (run >= max_patch_length)
+  last = max_patches - 1
+  slots = jnp.minimum(patch_ids, last)
   batch = jnp.arange(starts.shape[0])[:, None]
-  bytes_per_patch = jnp.zeros((starts.shape[0], max_patches), jnp.int32).at[batch, patch_ids].add(
-      1, mode="drop")
-  return Patches(starts, patch_ids, patch_ids + rule_next.astype(jnp.int32), bytes_per_patch, patch_ids[:, -1] + 1)
+  bytes_per_patch = jnp.zeros((starts.shape[0], max_patches), jnp.int32).at[batch, slots].add(1)
+  return Patches(starts, slots, jnp.minimum(patch_ids + rule_next.astype(jnp.int32), last), bytes_per_patch,
+                 patch_ids[:, -1] + 1)
 
 
 def space_starts(byte_ids: jax.Array) -> jax.Array:

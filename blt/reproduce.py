@@ -15,9 +15,10 @@ forward of the trained model per position, plus for entropy patching the entropy
 training byte). A BLT's count depends on its mean patch size, which is measured on training rows through the
 trainer's own patching before the steps are chosen.
 
-Bits per byte: every run is evaluated on the whole held-out split (the same documents for every vocabulary), and
-bpb = total nats / (ln 2 x bytes of that text), so a BPE model and a byte model are scored on the same bytes
-(end-of-document predictions included for all). Inference FLOPs per byte: the forward of the model (and of the
+Bits per byte, as `blt.train` defines it (its module docstring): every run is evaluated on the whole held-out
+split (the same documents for every vocabulary), and bpb = total nats / (ln 2 x bytes of that text),
+end-of-document predictions included for all, so a BPE model and a byte model are scored on the same bytes; for
+the byte and BLT runs this is their `eval/bpb`. Inference FLOPs per byte: the forward of the model (and of the
 entropy model, for entropy patching) per held-out byte, BLT patch size taken from its final eval.
 
 Runs on the shared harness (common.reproduce): OUT/results.md, OUT/results.json (read by notebooks/blt.ipynb)
@@ -30,6 +31,10 @@ processes) on the 2-core CPU while it was shared with other jobs (load average ~
 linearly with the budget, so the default (DEFAULT_BUDGET = 6e12, 3x) is estimated at 30-55 minutes per seed on an
 idle 2-core CPU (3 x those CPU-seconds spread over one to two busy cores); it has not been run. `--quick` is a
 smoke run (tiny models, a few steps each).
+
+Ablations (the paper's sec. 7 in miniature): `--ablations=no_hash,pool_only,...` adds, for each name of
+blt/configs/reproduce.py's ABLATIONS, the space BLT with that one switch changed, at the same budget; they form
+the second table of results.md beside the space BLT as it is.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ from flax import nnx
 from blt import calibrate, entropy
 from blt import data as blt_data
 from blt import train as blt_train
+from blt.configs.reproduce import ABLATIONS
 from common import reproduce
 from common.data import LMData, corpus, train_tokenizer
 from common.flops import blt_inference_flops_per_byte, flops_for, training_flops_per_token
@@ -65,6 +71,13 @@ PAPER = {"byte": "byte-level transformers trail BPE at equal FLOPs",
          "bpe": "the reference (Llama 2/3 BPE)",
          "space": "BLT-Space: near BPE, behind BLT-Entropy",
          "entropy": "BLT-Entropy matches BPE; larger patches cut inference FLOPs (up to 50%)"}
+# The paper's finding for each ablation (sec. 7, at 1B scale).
+ABLATION_PAPER = {"no_hash": "hash n-gram embeddings lower bpb; dropping them costs most of the ablations",
+                  "hash3": "the official code's 3 functions per n (the paper's tables vary n and table size)",
+                  "pool_only": "encoder cross-attention (vs pooling alone) lowers bpb",
+                  "dec_first": "decoder cross-attention in every layer is best",
+                  "k2": "more query slots per patch (k) help the encoder's cross-attention",
+                  "own_patch": "the paper's FLOP count (m = k); not ablated for bpb in the paper"}
 # --quick: a few steps of a tiny entropy model (blt/configs/entropy_tiny.py keys, common trainer schedule).
 QUICK_ENTROPY_OVERRIDES = ("train.steps=4", "train.warmup_steps=1", "eval.every_steps=4", "eval.batches=1",
                            "checkpoint.every_steps=4", "log.every_steps=2", "data.seq_len=64",
@@ -76,10 +89,11 @@ def steps_for_budget(budget: float, flops_per_step: float) -> int:
   return max(1, round(budget / flops_per_step))
 
 
-def arm_list(arms: list[str], entropy_sizes: list[float], config_args: dict[str, str]) -> list[reproduce.Arm]:
-  """The runs' arms: one per name in `arms`, entropy once per target patch size. `config_args` are the
-  blt/configs/reproduce.py arguments shared by all (scale) or of one arm (bpe: spm_model, seq_len; entropy:
-  entropy_model, threshold_<size>)."""
+def arm_list(arms: list[str], entropy_sizes: list[float], config_args: dict[str, str],
+             ablations: list[str] = ()) -> list[reproduce.Arm]:
+  """The runs' arms: one per name in `arms`, entropy once per target patch size, then the space BLT once per
+  ablation. `config_args` are the blt/configs/reproduce.py arguments shared by all (scale) or of one arm (bpe:
+  spm_model, seq_len; entropy: entropy_model, threshold_<size>)."""
   out = []
   for arm in arms:
     for size in entropy_sizes if arm == "entropy" else [None]:
@@ -93,6 +107,11 @@ def arm_list(arms: list[str], entropy_sizes: list[float], config_args: dict[str,
       out.append(reproduce.Arm(label.replace(" ", "").replace("=", ""), label,
                                CONFIG + ":" + ",".join(f"{k}={v}" for k, v in args.items()), trainer, PAPER[arm],
                                dict(arm=arm, target_patch_size=size)))
+  for name in ablations:
+    args = dict(arm="space", scale=config_args["scale"], ablation=name)
+    out.append(reproduce.Arm(f"space_{name}", f"space {name}", CONFIG + ":" + ",".join(
+        f"{k}={v}" for k, v in args.items()), "blt.train", ABLATION_PAPER[name],
+        dict(arm="space", target_patch_size=None, ablation=name)))
   return out
 
 
@@ -181,7 +200,7 @@ def summarize(records: list[dict]) -> list[dict]:
   for label in dict.fromkeys(r["label"] for r in records):
     group = [r for r in records if r["label"] == label]
     row = {k: group[0][k] for k in ("label", "arm", "target_patch_size", "steps", "params", "train_flops")}
-    row.update(seeds=len(group), paper=PAPER[row["arm"]])
+    row.update(seeds=len(group), paper=group[0].get("paper") or PAPER[row["arm"]], ablation=group[0].get("ablation"))
     for key in ("bpb", "patch_size", "inference_flops_per_byte"):
       row[key], row[f"{key}_ci95"] = reproduce.t_interval([r[key] for r in group])
     rows.append(row)
@@ -189,6 +208,7 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], budget: float, notes: list[str]) -> str:
+  main = [r for r in rows if not r.get("ablation")]
   lines = [f"Training budget {budget:.3g} FLOPs per model; bpb on the same held-out bytes; "
            f"{rows[0]['seeds'] if rows else 0} seed(s), ± = 95% t-interval over seeds.", ""]
   lines += reproduce.table(
@@ -197,7 +217,16 @@ def markdown(rows: list[dict], budget: float, notes: list[str]) -> str:
       [([r["label"], f"{r['params'] / 1e6:.2f} M", r["steps"], f"{r['train_flops']:.3g}",
          format_pm(r["inference_flops_per_byte"], r["inference_flops_per_byte_ci95"], ".3g"),
          format_pm(r["patch_size"], r["patch_size_ci95"], ".2f"), format_pm(r["bpb"], r["bpb_ci95"], ".4f"),
-         r["seeds"]], r["paper"]) for r in rows], paper="paper (fig. 1, up to 8B)")
+         r["seeds"]], r["paper"]) for r in main], paper="paper (fig. 1, up to 8B)")
+  ablations = [r for r in rows if r.get("ablation")]
+  if ablations:
+    base = next((r for r in main if r["label"] == "space"), None)
+    lines += ["", "Ablations of the space BLT (one switch each, same budget; Δ = its bpb minus the space BLT's):", ""]
+    lines += reproduce.table(
+        ["model", "params", "steps", "eval bpb", "Δ bpb", "seeds"],
+        [([r["label"], f"{r['params'] / 1e6:.2f} M", r["steps"], format_pm(r["bpb"], r["bpb_ci95"], ".4f"),
+           f"{r['bpb'] - base['bpb']:+.4f}" if base else "n/a", r["seeds"]], r["paper"]) for r in ablations],
+        paper="paper (sec. 7)")
   return "\n".join(lines + [""] + notes) + "\n"
 
 
@@ -218,12 +247,14 @@ class Study(reproduce.Study):
     p.add_argument("--budget", type=float, default=0.0, help=f"training FLOPs per model (default "
                    f"{DEFAULT_BUDGET:g}; --quick: {QUICK_BUDGET:g})")
     p.add_argument("--arms", default=",".join(ARMS), help="a subset of " + ",".join(ARMS))
+    p.add_argument("--ablations", default="", help="space BLT ablations to add, a subset of " + ",".join(ABLATIONS))
     p.add_argument("--entropy_sizes", default="4.5,8", help="the two target mean patch sizes of entropy patching")
     p.add_argument("--bpe_vocab", type=int, default=0, help="BPE pieces (default 1024; --quick: 320)")
 
   def __init__(self, args):
     super().__init__(args)
     self.names = [x for x in args.arms.split(",") if x]
+    self.ablations = [x for x in args.ablations.split(",") if x]
     self.sizes = [float(x) for x in args.entropy_sizes.split(",") if x]
     self.budget = args.budget or (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)
     self.config_args = dict(scale="quick" if args.quick else "tiny")
@@ -232,6 +263,8 @@ class Study(reproduce.Study):
   def check(self) -> str:
     if not self.names or set(self.names) - set(ARMS):
       return f"--arms={self.args.arms}: expected a comma-separated subset of {','.join(ARMS)}"
+    if set(self.ablations) - set(ABLATIONS):
+      return f"--ablations={self.args.ablations}: expected a comma-separated subset of {','.join(ABLATIONS)}"
     return f"--budget={self.args.budget}: must be positive" if self.budget <= 0 else ""
 
   def prepare(self) -> None:
@@ -281,7 +314,7 @@ class Study(reproduce.Study):
     return super().config(arm, 0)
 
   def arms(self) -> list[reproduce.Arm]:
-    return arm_list(self.names, self.sizes, self.config_args)
+    return arm_list(self.names, self.sizes, self.config_args, self.ablations)
 
   def flops_per_step(self, cfg) -> float:
     seq_len, batch = int(cfg.data.seq_len), int(cfg.train.batch_size)

@@ -2,17 +2,34 @@
 
 Trains a BLT (Pagnoni et al. 2024) on the packed byte rows of `common.data.LMData` with the shared loop
 (`common.train.loop.train`): metrics.jsonl carries `loss` (next-byte nats, EOS targets included), `bytes_per_sec`,
-`mfu`, `patches_per_byte` (train), and `eval/loss`, `eval/bpb`, `eval/bytes_per_patch`.
+`mfu`, and per target byte (the loop divides every metric sum by the step's targets) `patches_per_byte`,
+`overflow_bytes` and `byte_targets`; eval lines carry `eval/loss`, `eval/bpb`, `eval/bytes_per_patch` and
+`eval/overflow_bytes` (a count over the eval set).
 
 The vocabulary map from the data's seqio byte ids and the patching inputs of the pipeline are `blt.data`'s.
 
-Bits per byte counts bytes only: `eval/bpb` is the cross-entropy summed over targets that are byte values
-(< 256) divided by their number and by ln 2. EOS targets are trained on (they are in `loss`) but are neither
-cost nor count in bpb, so a model uniform over the 256 byte values scores exactly 8.
+Bits per byte, the one definition of this repository's byte-level comparisons (`eval/bpb` here and of the
+dense LM on bytes, `common.tasks.lm`; every arm of `blt.reproduce`): the next-token cross-entropy summed over
+all scored targets, end-of-document (EOS) predictions included, over ln 2 x the bytes of text they cover,
+which are the byte targets (values < 256; EOS is no byte). On a held-out split this is total nats / (ln 2 x
+the split's text bytes), whatever the model's tokens are. A model uniform over the 256 bytes and EOS scores
+log2(257) x (1 + EOS targets per byte target), a bit above 8.
 
-Start-up (`common.train.__main__.main`): `resolve` fills what the config derives (`model.patching.max_patches`
-0 -> a bound no row exceeds; with `model.patching.calibrate`, the entropy threshold), `validate_blt_config`
-checks the resolved config once, `make_task` builds. The resolved config is DIR/config.json.
+Patch slots: the global model and the decoder's cross-attention run over `model.patching.max_patches` slots a
+row, a static shape. `max_patches` 0 resolves at start-up (`resolve`): static and space patching to a
+bound no row exceeds; entropy and BPE patching, which may open a patch at any byte, to SLOT_MARGIN x the
+most patches in a row of the calibration sample (the first training rows, as patched here) rounded up to a
+multiple of 8, at most seq_len, so that they cost the wall time their FLOPs say instead of a slot per byte.
+A row with more patches overflows: the bytes past the last slot join it (`blt.patcher`), are trained and
+scored like every byte, and the BLT stays causal; they are predicted without the global outputs of their own
+patches. `overflow_bytes` counts them. Cached generation (`blt.generate`) gives every patch of its rows a slot,
+so it equals this forward on every row that does not overflow; on a row that does, the two may differ from
+the last slot's first byte on.
+
+Start-up (`common.train.__main__.main`): `resolve` fills what the config derives (with
+`model.patching.calibrate` the entropy threshold, then `max_patches`), `validate_blt_config` checks the
+resolved config once, `make_task` builds. The resolved config is DIR/config.json; a resumed run resolves the
+same values from the same data and models.
 """
 from __future__ import annotations
 
@@ -24,11 +41,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from blt.calibrate import calibrate_threshold, sample_patching_inputs
+from blt.calibrate import calibrate_threshold, patches_per_row, sample_patching_inputs
 from blt.data import ENTROPY_METHODS, blt_data, max_segments_per_row, seqio_to_blt
 from blt.entropy import EntropyScorer, load_entropy_model
 from blt.generate import generate_samples
-from blt.model import BLT, DECODER_GROUPINGS, VOCAB_SIZE, decoder_grouping
+from blt.model import BLT, DECODER_GROUPINGS, VOCAB_SIZE, Ablations, decoder_grouping
 from blt.patcher import METHODS, patch
 from common.config import require
 from common.flops import training_flops_per_token
@@ -36,13 +53,21 @@ from common.nn import DTYPES
 from common.tasks.base import Task
 
 
-def resolve_max_patches(p, seq_len: int, max_segments: int = 1) -> int:
-  """`model.patching.max_patches`, or for 0 an upper bound on the patches of one row of `seq_len` bytes
-  holding at most `max_segments` segments (the row padding counts as one), each of which opens its own
-  patches: static sum_s ceil(n_s / k) <= (L + S (k - 1)) // k with k = min(patch_size, max_patch_length);
-  space L // 2 + 2 S (within a segment the two forced first patches may hold one byte each, every later
-  one but the last ends at a space-like byte after a non-space-like one, i.e. holds >= 2 bytes, and
-  splitting at max_patch_length keeps the count <= half the bytes); entropy and bpe L."""
+# Patch slots per patch of the fullest calibration row (entropy and BPE patching, `resolve_max_patches`): rows
+# past the sample may hold more patches than any row in it.
+SLOT_MARGIN = 1.25
+
+
+def resolve_max_patches(p, seq_len: int, max_segments: int = 1, most_patches: int = 0) -> int:
+  """`model.patching.max_patches`, or for 0 a bound on the patches of one row of `seq_len` bytes. Static and
+  space: an upper bound for rows holding at most `max_segments` segments (the row padding counts as one),
+  each of which opens its own patches: static sum_s ceil(n_s / k) <= (L + S (k - 1)) // k with
+  k = min(patch_size, max_patch_length); space L // 2 + 2 S (within a segment the two forced first patches
+  may hold one byte each, every later one but the last ends at a space-like byte after a non-space-like one,
+  i.e. holds >= 2 bytes, and splitting at max_patch_length keeps the count <= half the bytes). Entropy and
+  bpe, which may open a patch at any byte: measured, SLOT_MARGIN x `most_patches` (the most patches in a row
+  of the calibration sample, `blt.calibrate.patches_per_row`) rounded up to a multiple of 8, at most L; a row
+  may exceed it (overflow, module docstring); without `most_patches`, L."""
   if int(p.max_patches) > 0:
     return int(p.max_patches)
   if p.method == "static":
@@ -52,6 +77,8 @@ def resolve_max_patches(p, seq_len: int, max_segments: int = 1) -> int:
     return min((seq_len + max_segments * (size - 1)) // size, seq_len)
   if p.method == "space":
     return min(seq_len // 2 + 2 * max_segments, seq_len)
+  if most_patches > 0:
+    return min(8 * math.ceil(SLOT_MARGIN * most_patches / 8), seq_len)
   return seq_len
 
 
@@ -72,6 +99,7 @@ def validate_blt_config(cfg) -> None:
   require(m.get("dtype", "float32") in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got '{m.get('dtype')}'")
   require(decoder_grouping(m) in DECODER_GROUPINGS, "model.decoder_grouping",
           f"must be one of {', '.join(DECODER_GROUPINGS)}, got '{decoder_grouping(m)}'")
+  Ablations.from_config(m)  # cross_attn_k, encoder_cross, decoder_cross, hash_functions, decoder_patch_scope
   require("patching" in m, "model.patching", "missing (method, patch_size, max_patches, threshold, ...)")
   p = m.patching
   require(p.method in METHODS, "model.patching.method", f"must be one of {', '.join(METHODS)}, got '{p.method}'")
@@ -79,6 +107,9 @@ def validate_blt_config(cfg) -> None:
   require(int(p.max_patches) >= 0, "model.patching.max_patches", f"must be >= 0 (0 = derived), got {p.max_patches}")
   require(int(p.max_patch_length) >= 0, "model.patching.max_patch_length",
           f"must be >= 0 (0 = no limit), got {p.max_patch_length}")
+  require(isinstance(p.get("reset_at_newline", False), bool), "model.patching.reset_at_newline",
+          f"must be true or false (the entropy model's context restarts at each newline), "
+          f"got {p.get('reset_at_newline')!r}")
   if p.method in ENTROPY_METHODS:
     workdir = p.get("entropy_model", "")
     require(bool(workdir), "model.patching.entropy_model",
@@ -94,8 +125,9 @@ def validate_blt_config(cfg) -> None:
 
 def blt_loss(model, batch, *, patching, max_patches: int):
   """(summed next-byte cross-entropy over non-padding targets, target count, metric sums): `patches_per_byte`
-  (patches opened at non-padding bytes), `overflow_bytes`, and for bits per byte `byte_nll` / `byte_targets`
-  (cross-entropy and count of the targets that are byte values, not EOS) for a BLT on a LMData batch."""
+  (patches opened at non-padding bytes), `overflow_bytes` (non-padding bytes past the last of the
+  `max_patches` slots, which share it: module docstring) and `byte_targets` (targets that are byte values, not
+  EOS: the bytes of bits per byte) for a BLT on a LMData batch."""
   seg, pos = batch["segment_ids"], batch["positions"]
   byte_ids = seqio_to_blt(batch["inputs"], seg, pos)
   targets = seqio_to_blt(batch["targets"], seg, jnp.ones_like(pos))  # a target is never BOS
@@ -106,22 +138,24 @@ def blt_loss(model, batch, *, patching, max_patches: int):
   logits = model(byte_ids, patches.patch_ids, max_patches, pos, seg, patches.next_patch_ids)
   mask = batch["loss_mask"]
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  byte_mask = mask * (targets < 256)
   n_patches = jnp.sum(patches.patch_starts * mask)
-  overflow = jnp.sum((patches.patch_ids >= max_patches) * mask)  # bytes whose patch has no slot (should be 0)
+  past_slots = jnp.cumsum(patches.patch_starts, axis=1) > max_patches  # the unclipped patch id >= max_patches
   return jnp.sum(nll * mask), jnp.sum(mask), {
-      "patches_per_byte": n_patches, "overflow_bytes": overflow,
-      "byte_nll": jnp.sum(nll * byte_mask), "byte_targets": jnp.sum(byte_mask)}
+      "patches_per_byte": n_patches, "overflow_bytes": jnp.sum(past_slots * mask),
+      "byte_targets": jnp.sum(mask * (targets < 256))}
 
 
 def blt_summary(sums: dict) -> dict:
-  """Eval values: bits per byte over byte targets only (module docstring) and mean bytes per patch
-  (non-padding bytes over the patches that start on them)."""
+  """Eval values: bits per byte (all nats, EOS predictions included, over the byte targets: module docstring),
+  mean bytes per patch (non-padding bytes over the patches that start on them) and `overflow_bytes` (the
+  count over the eval set)."""
   out = {}
   if sums.get("byte_targets", 0) > 0:
-    out["bpb"] = sums["byte_nll"] / sums["byte_targets"] / math.log(2.0)
+    out["bpb"] = sums["loss"] / sums["byte_targets"] / math.log(2.0)
   if sums.get("patches_per_byte", 0) > 0:
     out["bytes_per_patch"] = sums["weight"] / sums["patches_per_byte"]
+  if "overflow_bytes" in sums:
+    out["overflow_bytes"] = sums["overflow_bytes"]
   return out
 
 
@@ -144,23 +178,35 @@ def sample_fn(cfg):
   return samples
 
 
+def entropy_scorer(p) -> EntropyScorer | None:
+  """The frozen entropy model of `model.patching` as the input pipeline runs it, or None (not entropy
+  patching)."""
+  if p.method not in ENTROPY_METHODS:
+    return None
+  return EntropyScorer(load_entropy_model(p.entropy_model)[0], reset_at_newline=p.get("reset_at_newline", False))
+
+
 def resolve(cfg):
-  """Fills what the config derives (in place; returns cfg): `model.patching.max_patches` 0 -> the bound of
-  `resolve_max_patches` (static and space patching read every row for the most segments in one), and with
-  `model.patching.calibrate` the entropy threshold θ whose mean patch size on the first training rows is
-  `model.patching.patch_size` (`blt.calibrate`; rounded to 1e-4 nats, so that a resumed run finds the same; the
-  resolved config records θ with `calibrate` off)."""
+  """Fills what the config derives (in place; returns cfg), deterministically, so that a resumed run finds the
+  same as DIR/config.json records: with `model.patching.calibrate` the entropy threshold θ whose mean patch
+  size on the first training rows is `model.patching.patch_size` (`blt.calibrate`; rounded to 1e-4 nats; the
+  resolved config records θ with `calibrate` off), then `model.patching.max_patches` 0 -> the bound of
+  `resolve_max_patches`: static and space patching read every row for the most segments in one; entropy and
+  BPE patching count the patches of the calibration sample (the first training rows, about
+  `blt.calibrate.DEFAULT_SAMPLE_BYTES` bytes) at the resolved θ."""
   p, seq_len = cfg.model.patching, int(cfg.data.seq_len)
-  if p.method in ENTROPY_METHODS and p.get("calibrate", False):
-    data = blt_data(cfg, EntropyScorer(load_entropy_model(p.entropy_model)[0]))
-    sample = sample_patching_inputs(data)
+  calibrates = p.method in ENTROPY_METHODS and p.get("calibrate", False)
+  measures = p.method in (*ENTROPY_METHODS, "bpe") and int(p.max_patches) == 0
+  sample = sample_patching_inputs(blt_data(cfg, entropy_scorer(p))) if calibrates or measures else None
+  if calibrates:
     theta, _ = calibrate_threshold(sample["entropies"], float(p.patch_size), monotonic=p.method != "entropy",
                                    max_patch_length=int(p.max_patch_length), segment_ids=sample["segment_ids"],
                                    positions=sample["positions"])
     p.update(threshold=round(theta, 4), calibrate=False)
-  if int(p.max_patches) == 0:
-    counts_segments = p.method in ("static", "space")
-    p.max_patches = resolve_max_patches(p, seq_len, max_segments_per_row(blt_data(cfg)) if counts_segments else 1)
+  if measures:
+    p.max_patches = resolve_max_patches(p, seq_len, most_patches=int(patches_per_row(sample, p).max()))
+  elif int(p.max_patches) == 0:
+    p.max_patches = resolve_max_patches(p, seq_len, max_segments_per_row(blt_data(cfg)))
   return cfg
 
 
@@ -168,7 +214,7 @@ def make_task(cfg):
   """The Task the shared loop trains (common.train.loop.Task), of a resolved config (`resolve`)."""
   m, seq_len = cfg.model, int(cfg.data.seq_len)
   p = m.patching
-  scorer = EntropyScorer(load_entropy_model(p.entropy_model)[0]) if p.method in ENTROPY_METHODS else None
+  scorer = entropy_scorer(p)
   return Task(
       build_model=lambda: BLT(m, rngs=nnx.Rngs(params=int(cfg.train.seed))),
       loss_fn=functools.partial(blt_loss, patching=p, max_patches=int(p.max_patches)),

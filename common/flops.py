@@ -144,17 +144,24 @@ def blt_mean_patch_size(model_cfg) -> float:
 def blt_flops(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
   """Forward FLOPs per *byte* of `blt.model.BLT` (Pagnoni et al. 2024, "Byte Latent Transformer", appendix on
   FLOP computation: local encoder and decoder per byte, global transformer per patch, so divided by the mean
-  patch size P; the hash n-gram embeddings are lookups and cost 0).
+  patch size P; the hash n-gram embeddings are lookups and cost 0, however many hash functions: their sum is
+  element-wise work).
 
   Per byte, with d_l = model.d_local, d_g = model.d_global, L = seq_len, P = `blt_mean_patch_size`, N = L / P
-  patches per row, and r = 1 / P the patches per byte:
+  patches per row, r = 1 / P the patches per byte, and k = model.cross_attn_k query (and key/value) slots per
+  patch (the architecture switches of `blt.model.Ablations`, each missing key read as its default):
     * local encoder / decoder layers: a dense-LM layer of width d_l (q, k, v, o, SwiGLU) with windowed causal
       attention over `attended_keys(L, window=local_window)` keys;
-    * encoder cross-attention (patch queries over the bytes of their own patch): k, v per byte; q, o and the
-      d_l -> d_g projection per patch (x r); scores + values 4 d_l per byte (each byte is the key of one query);
+    * encoder cross-attentions (one, or one per layer under encoder_cross 'every', none under 'none'; k patch
+      query slots over the bytes of their own patch): k, v per byte; q, o per slot (x k r); scores + values
+      4 d_l per byte and slot (each byte is the key of its patch's k queries); once per patch (x r), the
+      pooled state -> k slots projection (d_l -> k d_l, only for k > 1) and k d_l -> d_g (pooling-only: d_l);
     * global transformer: a dense-LM layer stack of width d_g over N patches, x r (no logits);
-    * decoder cross-attention (bytes over the global outputs of earlier patches): q, o per byte; k, v from d_g
-      per patch (x r); scores + values 4 d_l per attended patch, (N - 1) / 2 on average;
+    * decoder cross-attentions (before every layer, or one under decoder_cross 'first' / 'last'; bytes over
+      the k slots of the patches they read): q, o per byte; k, v per slot (x k r) from the d_kv-wide slots,
+      d_kv = d_g for k = 1 and d_l for k > 1, where the d_g -> k d_l projection runs once per patch (counted
+      half under k, half under v); scores + values 4 d_l per attended slot: k (N - 1) / 2 on average over all
+      earlier patches, k under decoder_patch_scope 'own' (the paper's m = k);
     * logits: 2 d_l V per byte.
   causal=False counts what our dense masked implementation executes: every query scores all keys (L bytes
   locally, all patch slots in the cross-attentions and the global model), with `model.patching.max_patches`
@@ -177,19 +184,30 @@ def blt_flops(model_cfg, seq_len: int, *, causal: bool = True) -> FlopCount:
     for key, value in parts.items():
       c[key] += times * value
 
+  k = int(m.get("cross_attn_k", 1))
+  n_enc_cross = dict(last=1, every=int(m.n_layers_encoder), none=0)[m.get("encoder_cross", "last")]
+  n_dec_cross = int(m.n_layers_decoder) if m.get("decoder_cross", "every") == "every" else 1
+  k_enc = k if n_enc_cross else 1  # pooling alone makes one d_l vector per patch
   local_ctx = attended_keys(seq_len, causal=causal, window=int(m.local_window or 0))
   local = layer(dl, int(m.n_heads_local), int(m.d_ff_local), local_ctx)
   add(local, int(m.n_layers_encoder) + int(m.n_layers_decoder))
-  # encoder cross-attention + projection to the global width
-  add(dict(q=2 * dl * dl * r, k=2 * dl * dl, v=2 * dl * dl, o=(2 * dl * dl + 2 * dl * dg) * r,
-           attention=4 * dl * (1.0 if causal else slots)))
+  # encoder: the query slots and the projection to the global width, per patch; the cross-attentions
+  add(dict(q=(2 * dl * k_enc * dl if k_enc > 1 else 0.0) * r, o=2 * k_enc * dl * dg * r))
+  add(dict(q=2 * dl * dl * k_enc * r, k=2 * dl * dl, v=2 * dl * dl, o=2 * dl * dl * k_enc * r,
+           attention=4 * dl * k_enc * (1.0 if causal else slots)), n_enc_cross)
   # global transformer over patches
   global_ctx = attended_keys(slots, causal=causal) if causal else slots
   add(layer(dg, int(m.n_heads_global), int(m.d_ff_global), global_ctx), int(m.n_layers_global) * r)
-  # decoder cross-attentions
-  dec_ctx = (slots - 1) / 2 if causal else slots
-  add(dict(q=2 * dl * dl, k=2 * dg * dl * r, v=2 * dg * dl * r, o=2 * dl * dl, attention=4 * dl * dec_ctx),
-      int(m.n_layers_decoder))
+  # decoder: the key/value slots of each patch; the cross-attentions
+  d_kv = dg if k == 1 else dl
+  if k > 1:
+    add(dict(k=dg * k * dl * r, v=dg * k * dl * r))
+  if not causal:
+    dec_ctx = slots
+  else:
+    dec_ctx = 1.0 if m.get("decoder_patch_scope", "all") == "own" else (slots - 1) / 2
+  add(dict(q=2 * dl * dl, k=2 * d_kv * dl * k * r, v=2 * d_kv * dl * k * r, o=2 * dl * dl,
+           attention=4 * dl * k * dec_ctx), n_dec_cross)
   return FlopCount(**c, logits=2 * dl * vocab)
 
 

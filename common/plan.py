@@ -70,6 +70,16 @@ def _local(dim: int, shards: int) -> int:
   return dim // shards if shards > 1 and dim % shards == 0 else dim
 
 
+def _block_bytes(*, b: int, seq: int, keys: int, d: int, h: int, kv: int, hd: int, f: int, a: int,
+                 flash: bool) -> int:
+  """One pre-norm attention + SwiGLU block's saved activations (the table of `dense_lm_activation_bytes`), with
+  each query scoring `keys` keys (seq for causal attention, counted whole; window + 128 for a windowed one, which
+  common.nn computes 128 queries at a time)."""
+  dense = b * seq * a * (4 * d + (h + 2 * kv) * hd + h * hd + 3 * f)
+  scores = b * h * seq * 4 if flash else b * h * seq * keys * (4 + a) + b * seq * keys
+  return dense + scores
+
+
 def dense_lm_activation_bytes(m, *, batch: int, seq_len: int, tensor: int, remat: bool,
                               flash: bool) -> dict[str, float]:
   """Activations one device keeps for the backward pass of `batch` local sequences (bytes).
@@ -91,18 +101,48 @@ def dense_lm_activation_bytes(m, *, batch: int, seq_len: int, tensor: int, remat
   Both add the f32 logits and their gradient, 2 b L V 4 (V local over 'tensor')."""
   b, seq, a = batch, seq_len, DTYPE_BYTES[m.dtype]
   d, n = int(m.d_model), int(m.n_layers)
-  hd = int(m.head_dim) or d // int(m.n_heads)
-  h, kv = _local(int(m.n_heads), tensor), _local(int(m.n_kv_heads), tensor)
-  f, vocab = _local(int(m.d_ff), tensor), _local(int(m.vocab_size), tensor)
-  dense = b * seq * a * (4 * d + (h + 2 * kv) * hd + h * hd + 3 * f)
-  scores = b * h * seq * 4 if flash else b * h * seq * seq * (4 + a) + b * seq * seq
-  layer = dense + scores
+  layer = _block_bytes(b=b, seq=seq, keys=seq, d=d, h=_local(int(m.n_heads), tensor),
+                       kv=_local(int(m.n_kv_heads), tensor), hd=int(m.head_dim) or d // int(m.n_heads),
+                       f=_local(int(m.d_ff), tensor), a=a, flash=flash)
   saved = n * b * seq * d * a + layer if remat else n * layer
-  logits = 2 * b * seq * vocab * 4
+  logits = 2 * b * seq * _local(int(m.vocab_size), tensor) * 4
   return dict(layers=float(saved), logits=float(logits), total=float(saved + logits))
 
 
-ACTIVATIONS_BY_MODEL: dict[str, Callable[..., dict[str, float]]] = {"dense_lm": dense_lm_activation_bytes}
+def blt_activation_bytes(m, *, batch: int, seq_len: int, tensor: int, remat: bool, flash: bool) -> dict[str, float]:
+  """Activations of a BLT (blt.model; Pagnoni et al. 2024) for `batch` local rows of `seq_len` bytes (bytes), no
+  remat (the BLT has none): the local encoder and decoder blocks over the bytes (windowed self-attention,
+  `model.local_window` + 128 keys per query), the global blocks over `model.patching.max_patches` patch slots (causal
+  attention over all of them), and per decoder layer its cross-attention from every byte to every patch slot, a
+  dense masked softmax (b h_cross L N scores in f32 and their cast, and the mask, whatever --flash says: no kernel
+  computes it), with its query/output states (3 b L d_local a); the encoder's cross-attention, a segment softmax over
+  the bytes, is linear in L and counted as one more local block input. Plus the f32 logits and their gradient."""
+  b, L, a = batch, seq_len, DTYPE_BYTES[m.dtype]
+  n_slots = int(m.patching.max_patches) or L
+  d_l, d_g = int(m.d_local), int(m.d_global)
+  h_l, h_g, h_c = (_local(int(m[k]), tensor) for k in ("n_heads_local", "n_heads_global", "n_heads_cross"))
+  f_l, f_g = _local(int(m.d_ff_local) or 4 * d_l, tensor), _local(int(m.d_ff_global) or 4 * d_g, tensor)
+  window = int(m.local_window)
+  local = _block_bytes(b=b, seq=L, keys=min(L, window + 128) if window else L, d=d_l, h=h_l, kv=h_l,
+                       hd=d_l // int(m.n_heads_local), f=f_l, a=a, flash=flash)
+  global_ = _block_bytes(b=b, seq=n_slots, keys=n_slots, d=d_g, h=h_g, kv=h_g, hd=d_g // int(m.n_heads_global),
+                         f=f_g, a=a, flash=flash)
+  cross = b * h_c * L * n_slots * (4 + a) + b * L * n_slots + 3 * b * L * d_l * a
+  n_enc, n_dec = int(m.n_layers_encoder), int(m.n_layers_decoder)
+  saved = (n_enc + n_dec) * local + int(m.n_layers_global) * global_ + n_dec * cross + b * L * d_l * a
+  logits = 2 * b * L * _local(int(m.vocab_size), tensor) * 4
+  return dict(layers=float(saved), logits=float(logits), total=float(saved + logits))
+
+
+def _build_blt(model_cfg, *, seed: int) -> nnx.Module:
+  from blt.model import BLT  # pylint: disable=g-import-not-at-top  (the paper package, only when planned)
+  return BLT(model_cfg, rngs=nnx.Rngs(params=seed))
+
+
+ACTIVATIONS_BY_MODEL: dict[str, Callable[..., dict[str, float]]] = {
+    "dense_lm": dense_lm_activation_bytes, "blt": blt_activation_bytes}
+# The models the planner builds (abstractly) besides common.models' own, as common.flops counts the BLT's FLOPs.
+BUILDERS_BY_MODEL: dict[str, Callable[..., nnx.Module]] = {"blt": _build_blt}
 
 
 # ----------------------------------------------------------------------------------------------- params
@@ -111,7 +151,8 @@ ACTIVATIONS_BY_MODEL: dict[str, Callable[..., dict[str, float]]] = {"dense_lm": 
 def param_shards(model_cfg, mesh) -> list[tuple[tuple[int, ...], int, bool]]:
   """[(global shape, elements per device, has a vocab axis)] for every parameter of the abstract model
   on `mesh`."""
-  abstract = nnx.eval_shape(lambda: build_model(model_cfg, seed=0))
+  build = BUILDERS_BY_MODEL.get(model_cfg.name, build_model)
+  abstract = nnx.eval_shape(lambda: build(model_cfg, seed=0))
   out = []
   for var in jax.tree.leaves(nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
     value = var.get_value() if hasattr(var, "get_value") else var.value

@@ -13,6 +13,13 @@ The dense LMs and the BLT's latent transformer share one body (width, depth, hea
 arms differ only in what a position holds: a byte, a BPE token, or a patch. `patch_size` is the mean patch
 size the BLT FLOP count assumes (common.flops.blt_mean_patch_size); blt.reproduce measures it on training
 rows before it picks the number of steps. `scale=quick` shrinks everything for a smoke run.
+
+`ablation=NAME` (BLT arms) changes one architecture switch of `blt.model` (the paper's sec. 7 ablations), the
+rest as above: `no_hash` (no hash n-gram embeddings), `hash3` (three hash functions per n, as the official
+code), `pool_only` (no encoder cross-attention: a patch is its max-pooled bytes), `dec_first` (decoder
+cross-attention before the first layer only), `k2` (two query slots per patch), `own_patch` (a byte reads only
+the patch its grouping points at). At the tiny scale the encoder has one layer, so 'every' equals 'last' there
+and is not an arm.
 """
 import ml_collections
 
@@ -32,12 +39,17 @@ SCALES = {
                              n_heads_cross=2, hash_table_size=256),
                   data=dict(seq_len=64, max_train_bytes=60_000, max_eval_bytes=6_000), batch_size=8),
 }
+ABLATIONS = {"no_hash": dict(hash_functions=0), "hash3": dict(hash_functions=3),
+             "pool_only": dict(encoder_cross="none"), "dec_first": dict(decoder_cross="first"),
+             "k2": dict(cross_attn_k=2), "own_patch": dict(decoder_patch_scope="own")}
 MAX_PATCH_LENGTH = 16  # as blt/configs/tiny.py: long identifiers and URLs do not make one huge patch
 
 
 def _args(arg) -> dict:
   a = config_args(arg, dict(arm="byte", scale="tiny", spm_model="", seq_len="0", entropy_model="",
-                            threshold="0.0", patch_size="4.0", max_patches="0"))
+                            threshold="0.0", patch_size="4.0", max_patches="0", ablation=""))
+  if a["ablation"] and (a["ablation"] not in ABLATIONS or a["arm"] in ("byte", "bpe")):
+    raise ValueError(f"ablation={a['ablation']!r}: expected one of {', '.join(ABLATIONS)}, on a BLT arm")
   if a["arm"] not in ARMS:
     raise ValueError(f"arm={a['arm']!r}: expected one of {', '.join(ARMS)}")
   if a["scale"] not in SCALES:
@@ -62,7 +74,8 @@ def get_config(arg=None):
         c.data.seq_len = int(a["seq_len"])
     return c
   c.model = blt_model(d_global=body["d_model"], n_layers_global=body["n_layers"], n_heads_global=body["n_heads"],
-                      d_ff_global=body["d_ff"], hash_n_min=3, hash_n_max=8, **s["local"])
+                      d_ff_global=body["d_ff"], hash_n_min=3, hash_n_max=8, **s["local"],
+                      **ABLATIONS.get(a["ablation"], {}))
   c.model.patching = ml_collections.ConfigDict(dict(
       method=a["arm"], patch_size=float(a["patch_size"]), max_patches=int(a["max_patches"]),
       threshold=float(a["threshold"]), calibrate=False, max_patch_length=MAX_PATCH_LENGTH,

@@ -2,8 +2,8 @@
 
 `--config=blt/configs/tiny.py[:ARGS]`, ARGS (comma-separated):
 - `patcher=static` (default, 4-byte patches) or `patcher=space`;
-- `patcher=entropy|entropy_monotonic,entropy_model=DIR[,threshold=X]`: DIR is the workdir of
-  `python -m blt.train_entropy --config=blt/configs/entropy_tiny.py`; without `threshold` (nats), θ is
+- `patcher=entropy|entropy_monotonic,entropy_model=DIR[,threshold=X][,reset_at_newline=1]`: DIR is the workdir
+  of `python -m blt.train_entropy --config=blt/configs/entropy_tiny.py`; without `threshold` (nats), θ is
   calibrated at start-up so that patches average `patch_size` = 6 bytes on the first training rows
   (`model.patching.calibrate`; `python -m blt.calibrate` prints θ for other targets);
 - `patcher=bpe,spm_model=PATH`: patches are the tokens of the SentencePiece model at PATH
@@ -11,9 +11,11 @@
 
 `model.patching`: `method` (static | space | entropy | entropy_monotonic | bpe), `patch_size` (static patches;
 the mean patch size the FLOP count assumes; the calibration target), `max_patches` (static number of patch
-slots per row; 0 derives a bound no row can exceed, see `blt.train.resolve_max_patches`), `threshold` (entropy
+slots per row; 0 derives one at start-up, see `blt.train.resolve_max_patches`), `threshold` (entropy
 patching, nats), `calibrate` (derive `threshold` from `patch_size` at start-up), `max_patch_length` (0 = no
-limit), `entropy_model` (workdir), `spm_model` (path).
+limit), `entropy_model` (workdir), `reset_at_newline` (entropy patching: the entropy model reads every line as
+its own document, the paper's fix for entropy drift, `blt.entropy`; absent in older configs = false),
+`spm_model` (path).
 """
 import ml_collections
 
@@ -24,9 +26,11 @@ from common.configs.base import base_config, tiny_run
 
 
 def _args(arg) -> dict:
-  out = config_args(arg, dict(patcher="static", entropy_model="", threshold="", spm_model=""))
+  out = config_args(arg, dict(patcher="static", entropy_model="", threshold="", spm_model="", reset_at_newline="0"))
   if out["patcher"] not in METHODS:
     raise ValueError(f"patcher={out['patcher']!r}: expected one of {', '.join(METHODS)}")
+  if out["reset_at_newline"] not in ("0", "1"):
+    raise ValueError(f"reset_at_newline={out['reset_at_newline']!r}: expected 0 or 1")
   if out["threshold"]:
     try:
       float(out["threshold"])
@@ -43,7 +47,7 @@ def get_config(arg=None):
                       hash_n_min=3, hash_n_max=8, hash_table_size=4096)
   c.model.patching = ml_collections.ConfigDict(dict(
       method=a["patcher"], patch_size=4, max_patches=0, threshold=0.0, calibrate=False, max_patch_length=0,
-      entropy_model=a["entropy_model"], spm_model=a["spm_model"]))
+      entropy_model=a["entropy_model"], reset_at_newline=a["reset_at_newline"] == "1", spm_model=a["spm_model"]))
   if a["patcher"] == "space":
     # Space patches average ~7.5 bytes on the embedded corpus (Python sources and docs: eval/bytes_per_patch
     # 7.47 after 200 steps); the cap keeps long runs of letters (URLs, identifiers) from making one huge patch.

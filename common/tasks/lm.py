@@ -15,6 +15,8 @@ from common.nn.moe import moe_loss_terms
 from common.models import build_model, padded_vocab_size, validate_model_config
 from common.tasks.base import Task
 
+BYTE_OFFSET = 3  # seqio's ByteVocabulary: pad 0, EOS 1, unk 2, then byte b as b + 3
+
 
 def next_token_loss(model, batch):
   """Summed cross-entropy over non-padding targets plus, for models with MoE layers, their auxiliary
@@ -30,13 +32,21 @@ def next_token_loss(model, batch):
   return nll_sum + aux, weight, sums
 
 
+def byte_lm_loss(model, batch):
+  """`next_token_loss` on the byte vocabulary, with `byte_targets` (the targets that are bytes, not EOS) among
+  the metric sums for bits per byte."""
+  total, weight, sums = next_token_loss(model, batch)
+  return total, weight, dict(sums, byte_targets=jnp.sum(batch["loss_mask"] * (batch["targets"] >= BYTE_OFFSET)))
+
+
 def nats_summary(sums: dict, *, bytes_per_target: bool) -> dict:
   """Eval values from summed metrics; `nll` is the cross-entropy without auxiliary losses (= loss for dense
-  models); bits per byte when every target is one byte (the byte vocabulary; end-of-document ids included)."""
-  nll = sums.get("nll", sums["loss"]) / sums["weight"]
-  out = {"nll": nll} if "nll" in sums else {}
-  if bytes_per_target:
-    out["bpb"] = nll / math.log(2)
+  models); on the byte vocabulary (`byte_lm_loss`) bits per byte: the cross-entropy of all targets,
+  end-of-document predictions included, over ln 2 x the byte targets (the bytes of the text scored)."""
+  nll_sum = sums.get("nll", sums["loss"])
+  out = {"nll": nll_sum / sums["weight"]} if "nll" in sums else {}
+  if bytes_per_target and sums.get("byte_targets", 0) > 0:
+    out["bpb"] = nll_sum / sums["byte_targets"] / math.log(2)
   return out
 
 
@@ -64,7 +74,7 @@ def lm_task(cfg) -> Task:
   is_bytes = cfg.data.vocab == "byte"
   return Task(
       build_model=lambda: build_model(cfg.model, seed=cfg.train.seed),
-      loss_fn=next_token_loss,
+      loss_fn=byte_lm_loss if is_bytes else next_token_loss,
       data=data,
       train_flops_per_example=training_flops_per_token(cfg.model, seq_len) * seq_len,
       units_per_example=seq_len,

@@ -1,5 +1,7 @@
-"""Bits per byte (blt.train.blt_summary) counts byte targets only: a BLT whose next-byte distribution is uniform
-over the 256 byte values scores exactly 8 on real eval rows, although those rows also have EOS targets."""
+"""Bits per byte has one definition (blt.train's docstring): all nats, EOS predictions included, over ln 2 x the
+byte targets. Checked by hand on uniform models for the BLT (blt.train.blt_summary) and the dense byte LM
+(common.tasks.lm.nats_summary), on real eval rows with EOS targets; and the byte targets of the held-out split
+are its text bytes, the denominator blt.reproduce scores every arm by."""
 import math
 import os
 
@@ -10,10 +12,11 @@ import pytest
 from flax import nnx
 
 from blt.model import BLT
-from blt.data import EOS, seqio_to_blt
+from blt.data import EOS
 from blt.train import blt_loss, blt_summary, resolve_max_patches
 from common import config as config_lib
 from common.data import LMData
+from common.tasks.lm import byte_lm_loss, nats_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,39 +29,85 @@ def _tiny_config(cache_dir: str):
   return cfg
 
 
-class OnlyBytes(nnx.Module):
-  """A BLT with its special-id logits (BOS, EOS, PAD, BOE) pushed to -1e9: no probability on them."""
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  cfg = _tiny_config(str(tmp_path_factory.getbasetemp() / "blt_data_cache"))
+  return cfg, LMData(cfg.data, batch_size=8, seed=0)
 
-  def __init__(self, blt: BLT):
+
+def _batches_ending_documents(data, n: int = 3):
+  """The first eval batch, then batches where documents end (EOS targets), n in all."""
+  out = []
+  for batch in data.eval_batches():
+    if not out or ((batch["targets"] == 1) & (batch["loss_mask"] > 0)).any():
+      out.append(batch)
+    if len(out) == n:
+      return out
+  return out
+
+
+def _counts(batches):
+  """(byte targets, EOS targets) of the batches, counted in numpy on the seqio ids (byte b is b + 3, EOS 1)."""
+  mask = np.concatenate([b["loss_mask"] for b in batches]) > 0
+  targets = np.concatenate([b["targets"] for b in batches])
+  return int((mask & (targets >= 3)).sum()), int((mask & (targets == 1)).sum())
+
+
+class UniformOver(nnx.Module):
+  """A BLT whose logits are 0 on `kept` ids and -1e9 elsewhere: uniform over them."""
+
+  def __init__(self, blt: BLT, kept: tuple[int, ...]):
     self.blt = blt
+    self.penalty = nnx.Variable(jnp.full((260,), -1e9).at[jnp.asarray(kept)].set(0.0))
 
   def __call__(self, *args):
-    logits = self.blt(*args)
-    return logits.at[..., 256:].add(-1e9)
+    return self.blt(*args) * 0.0 + self.penalty[...]
 
 
-@pytest.mark.parametrize("bytes_only", [True, False])
-def test_uniform_model_bits_per_byte(tmp_path_factory, bytes_only):
-  cfg = _tiny_config(str(tmp_path_factory.getbasetemp() / "blt_data_cache"))
-  blt = BLT(cfg.model, rngs=nnx.Rngs(params=0))
-  blt.local_decoder.lm_head.kernel[...] = jnp.zeros_like(blt.local_decoder.lm_head.kernel[...])  # logits all 0
-  model = OnlyBytes(blt) if bytes_only else blt
-  data = LMData(cfg.data, batch_size=8, seed=0)
+@pytest.mark.parametrize("kept", [tuple(range(256)) + (EOS,), tuple(range(260))])
+def test_uniform_blt_bits_per_byte_by_hand(data, kept):
+  cfg, lm_data = data
+  model = UniformOver(BLT(cfg.model, rngs=nnx.Rngs(params=0)), kept)
   max_patches = resolve_max_patches(cfg.model.patching, 64, max_segments=64)
   loss = nnx.jit(lambda mdl, batch: blt_loss(mdl, batch, patching=cfg.model.patching, max_patches=max_patches))
-  sums, eos_targets, used = {}, 0, 0
-  for batch in data.eval_batches():
-    targets = seqio_to_blt(batch["targets"], batch["segment_ids"], np.ones_like(batch["positions"]))
-    n_eos = int(((targets == EOS) & (batch["loss_mask"] > 0)).sum())
-    if used and not n_eos:  # the first batch, then only batches where documents end
-      continue
+  batches = _batches_ending_documents(lm_data)
+  sums = {}
+  for batch in batches:
     total, weight, extra = jax.device_get(loss(model, batch))
     for k, v in {"loss": total, "weight": weight, **extra}.items():
       sums[k] = sums.get(k, 0.0) + float(v)
-    eos_targets, used = eos_targets + n_eos, used + 1
-    if used == 3:
-      break
-  assert eos_targets > 0  # the rows end documents: EOS targets are there, and must not count
-  assert sums["byte_targets"] == sums["weight"] - eos_targets
-  expected = 8.0 if bytes_only else math.log2(260)
+  n_bytes, n_eos = _counts(batches)
+  assert n_eos > 0  # EOS targets are there: their nats count, they do not
+  assert sums["byte_targets"] == n_bytes and sums["weight"] == n_bytes + n_eos
+  expected = math.log2(len(kept)) * (n_bytes + n_eos) / n_bytes  # every target costs ln |kept| nats
   assert blt_summary(sums)["bpb"] == pytest.approx(expected, rel=1e-5)  # f32 sums
+
+
+class UniformDenseLM(nnx.Module):
+  """A dense LM's call signature with logits 0 over its padded vocabulary of 384 ids."""
+
+  def __call__(self, tokens, positions, segment_ids):
+    return jnp.zeros((*tokens.shape, 384), jnp.float32)
+
+
+def test_uniform_dense_byte_lm_bits_per_byte_by_hand(data):
+  _, lm_data = data
+  batches = _batches_ending_documents(lm_data)
+  sums = {}
+  for batch in batches:
+    total, weight, extra = jax.device_get(byte_lm_loss(UniformDenseLM(), jax.tree.map(jnp.asarray, batch)))
+    for k, v in {"loss": total, "weight": weight, **extra}.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  n_bytes, n_eos = _counts(batches)
+  assert n_eos > 0 and sums["byte_targets"] == n_bytes
+  bpb = nats_summary(sums, bytes_per_target=True)["bpb"]
+  assert bpb == pytest.approx(math.log2(384) * (n_bytes + n_eos) / n_bytes, rel=1e-5)
+
+
+def test_byte_targets_of_the_held_out_split_are_its_text_bytes(data):
+  """So `eval/bpb` over the whole split (eval.batches 0, as blt.reproduce runs it) is total nats / (ln 2 x the
+  text's bytes), reproduce's figure for every arm."""
+  _, lm_data = data
+  batches = list(lm_data.eval_batches())
+  n_bytes, n_eos = _counts(batches)
+  assert n_eos > 0 and n_bytes == lm_data.eval_bytes

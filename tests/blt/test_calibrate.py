@@ -7,10 +7,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from blt.calibrate import calibrate_threshold, sample_patching_inputs
+from blt.calibrate import calibrate_threshold, mean_patch_size, patches_per_row, sample_patching_inputs
 from blt.data import PatchingData
 from blt.entropy import EntropyScorer, load_entropy_model
 from blt.patcher import patch
@@ -66,6 +67,20 @@ def test_threshold_gives_the_target_patch_size_within_5_percent(sample, monotoni
                                         segment_ids=sample["segment_ids"], positions=sample["positions"])
   assert achieved == pytest.approx(_numpy_mean_patch_size(sample, theta, monotonic, max_len), rel=1e-6)
   assert abs(achieved - target) <= 0.05 * target
+
+
+def test_patches_per_row_count_what_the_mean_patch_size_divides_by(sample):
+  """Per row, the patches the slot bound is measured from (blt.train.resolve_max_patches): summed, the
+  documents' patches behind `mean_patch_size`, plus one for each row's padding (packing pads at the end)."""
+  assert set(sample) == {"inputs", "segment_ids", "positions", "entropies"}
+  theta = float(np.median(sample["entropies"]))
+  p = ml_collections.ConfigDict(dict(method="entropy", patch_size=6, threshold=theta, max_patch_length=0))
+  counts = patches_per_row(sample, p)
+  in_doc = sample["segment_ids"] > 0
+  doc_patches = in_doc.sum() / mean_patch_size(sample["entropies"], theta, segment_ids=sample["segment_ids"],
+                                               positions=sample["positions"])
+  assert counts.shape == (len(in_doc),) and counts.min() >= 2  # BOS, then the first byte
+  assert counts.sum() == pytest.approx(doc_patches + (~in_doc).any(axis=1).sum(), abs=1e-3)
 
 
 def test_unreachable_target_returns_the_nearest_end(sample):

@@ -1,5 +1,5 @@
-"""Next-byte entropies (blt.entropy) against numpy; the scorer's vocabulary map; loading errors. Loading a
-trained entropy model is tested end to end in test_train.py."""
+"""Next-byte entropies (blt.entropy) against numpy, over the real vocabulary; the scorer's vocabulary map and
+kernel path; loading errors. Loading a trained entropy model is tested end to end in test_train.py."""
 import json
 import math
 import os
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from blt.entropy import EntropyScorer, entropy_from_logits, load_entropy_model, next_byte_entropies, to_bits
+from blt.entropy import (ENTROPY_VOCAB_SIZE, EntropyScorer, entropy_from_logits, load_entropy_model,
+                         next_byte_entropies, to_bits)
 from common.config import ConfigError
 from common.configs.base import dense_model
 from common.models.dense_lm import DenseLM
@@ -36,13 +37,24 @@ def test_uniform_over_bytes_is_eight_bits_and_peaked_is_zero():
   assert float(entropy_from_logits(peaked)) < 1e-6  # no NaN from 0 * log 0
 
 
-def test_next_byte_entropies_of_a_byte_lm():
-  cfg = dense_model(vocab_size=260, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, window=8)
+def test_real_vocabulary_entropy_ignores_the_padded_columns_hand_computed():
+  # 259 real ids: id 5 at logit ln 3, the other 258 at 0, so Z = 261 and H = ln 261 - 3 ln 3 / 261; the 125
+  # padding columns of a 384-wide output layer carry large logits that would dominate if they counted.
+  logits = jnp.zeros((1, 2, 384)).at[..., 5].set(math.log(3.0)).at[..., ENTROPY_VOCAB_SIZE:].set(20.0)
+  expected = math.log(261.0) - 3.0 * math.log(3.0) / 261.0
+  for impl in ("reference", "interpret"):
+    h = entropy_from_logits(logits, vocab_size=ENTROPY_VOCAB_SIZE, impl=impl)
+    np.testing.assert_allclose(h, [[expected, expected]], rtol=1e-6)
+  assert abs(float(entropy_from_logits(logits)[0, 0]) - math.log(125.0)) < 1e-3  # all 384 columns: the padding's
+
+
+def test_next_byte_entropies_of_a_byte_lm_over_its_real_vocabulary():
+  cfg = dense_model(vocab_size=384, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, window=8)
   model = DenseLM(cfg, rngs=nnx.Rngs(params=0))
   x = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)), jnp.int32)
   h = next_byte_entropies(model, x)
   assert h.shape == (2, 12)
-  np.testing.assert_allclose(h, _numpy_entropy(np.asarray(model(x))), rtol=1e-5)
+  np.testing.assert_allclose(h, _numpy_entropy(np.asarray(model(x))[..., :ENTROPY_VOCAB_SIZE]), rtol=1e-5)
 
 
 def test_scorer_maps_blt_ids_to_the_models_byte_vocabulary():
@@ -52,6 +64,9 @@ def test_scorer_maps_blt_ids_to_the_models_byte_vocabulary():
   blt_ids = jnp.asarray([[256, 104, 105, 32, 0, 255, 257, 258]], jnp.int32)
   seqio_ids = jnp.asarray([[0, 107, 108, 35, 3, 258, 1, 0]], jnp.int32)
   np.testing.assert_allclose(EntropyScorer(model)(blt_ids), next_byte_entropies(model, seqio_ids), rtol=1e-6)
+  # through the Pallas kernel (interpreted here; compiled on GPU, where 'auto' picks it): the same entropies
+  np.testing.assert_allclose(EntropyScorer(model, impl="interpret")(blt_ids), EntropyScorer(model)(blt_ids),
+                             atol=2e-5)
 
 
 @pytest.mark.parametrize("make", ["missing", "no_config", "no_checkpoints", "not_bytes"])

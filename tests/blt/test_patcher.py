@@ -1,7 +1,6 @@
 """Patchers (blt.patcher) against hand-computed cases (the official patcher's rules: forced first starts, the
 space rule on runs of space-like bytes with UTF-8 lead bytes) and a slow per-byte reference loop, with the
 patch of each next byte that the decoder groups by."""
-import io
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 
 from blt.patcher import (bpe_starts, enforce_max_length, entropy_starts, is_space_like, patch, patches_from_starts,
                          space_starts)
+from tests.file_helpers import toy_bpe_model
 
 
 def _bytes(text: str) -> jnp.ndarray:
@@ -126,9 +126,11 @@ def test_entropy_patching_matches_loop_under_jit(monotonic, max_len):
       assert counts.max() <= max_len
 
 
-def test_patches_past_max_patches_are_not_counted():
+def test_patches_past_max_patches_join_the_last_slot():
   p = patches_from_starts(jnp.ones((1, 6), bool), max_patches=4)
-  np.testing.assert_array_equal(p.bytes_per_patch[0], [1, 1, 1, 1])
+  np.testing.assert_array_equal(p.patch_ids[0], [0, 1, 2, 3, 3, 3])
+  np.testing.assert_array_equal(p.next_patch_ids[0], [1, 2, 3, 3, 3, 3])  # never past the last slot
+  np.testing.assert_array_equal(p.bytes_per_patch[0], [1, 1, 1, 3])
   assert int(p.num_patches[0]) == 6  # the caller can detect the overflow
 
 
@@ -182,15 +184,9 @@ def test_a_document_patches_the_same_wherever_it_ends():
 
 @pytest.fixture(scope="module")
 def toy_bpe():
-  """A 40-piece BPE model of a toy corpus whose merges are readable: 'the', '▁cat', '▁sat', '▁on', '▁mat'."""
-  spm = pytest.importorskip("sentencepiece")
-  lines = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 50
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=40, pad_id=0, eos_id=1,
-      unk_id=2, bos_id=-1, normalization_rule_name="identity", add_dummy_prefix=False,
-      remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2)
-  sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+  """The toy BPE model (tests/file_helpers.py), its merges checked."""
+  pytest.importorskip("sentencepiece")
+  sp = toy_bpe_model()
   assert sp.encode("the cat sat on the mat", out_type=str) == ["the", "▁cat", "▁sat", "▁on", "▁the", "▁mat"]
   return sp
 

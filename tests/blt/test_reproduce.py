@@ -31,6 +31,27 @@ def test_summary_reports_mean_and_interval_over_seeds():
       reproduce.markdown([row], 1e9, []))
 
 
+def test_ablations_are_space_blts_with_one_switch_in_a_second_table():
+  from blt.configs.reproduce import get_config
+  arms = reproduce.arm_list(["space"], [], dict(scale="quick"), ["no_hash", "pool_only"])
+  assert [a.name for a in arms] == ["space", "space_no_hash", "space_pool_only"]
+  base, no_hash, pool_only = (get_config(a.config.split(":", 1)[1]).model for a in arms)
+  assert (base.hash_functions, no_hash.hash_functions, pool_only.encoder_cross) == (1, 0, "none")
+  assert no_hash.encoder_cross == base.encoder_cross and pool_only.hash_functions == 1
+  with pytest.raises(ValueError, match="ablation='k3'"):
+    get_config("arm=space,ablation=k3")
+  with pytest.raises(ValueError, match="on a BLT arm"):
+    get_config("arm=byte,ablation=k2")
+  records = [dict(a.extra, label=a.label, steps=10, params=5, train_flops=1e9, bpb=b + s, patch_size=7.0,
+                  inference_flops_per_byte=2e5, paper=a.paper)
+             for a, b in zip(arms, (2.0, 2.5, 2.1)) for s in (0.0, 0.2)]
+  table = reproduce.markdown(reproduce.summarize(records), 1e9, [])
+  main, ablations = table.split("Ablations of the space BLT")
+  assert "| space |" in main and "no_hash" not in main
+  assert "| space no_hash | 0.00 M | 10 | 2.6000 ± 1.2706 | +0.5000 | 2 | " + reproduce.ABLATION_PAPER["no_hash"] in ablations
+  assert "| space pool_only |" in ablations and "+0.1000" in ablations
+
+
 @pytest.mark.parametrize("budget,per_step", [(1e12, 3.7e9), (5e8, 1e9), (2e9, 7e7)])
 def test_steps_match_the_budget_within_half_a_step(budget, per_step):
   steps = reproduce.steps_for_budget(budget, per_step)

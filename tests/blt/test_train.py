@@ -110,8 +110,11 @@ def test_short_training_run(tmp_path, tmp_path_factory, patcher):
   assert all(math.isfinite(v) for v in losses) and losses[-1] < math.log(260) + 0.5
   assert all(r["bytes_per_sec"] > 0 and 0 < r["patches_per_byte"] <= 1 for r in train_rows)
   ev = [r for r in rows if "eval/bpb" in r][-1]
-  assert math.isfinite(ev["eval/bpb"]) and ev["eval/bytes_per_patch"] >= 1.0
-  assert ev["eval/bpb"] == pytest.approx(ev["eval/loss"] / math.log(2))
+  assert math.isfinite(ev["eval/bpb"]) and ev["eval/bytes_per_patch"] >= 1.0 and ev["eval/overflow_bytes"] == 0
+  batch = next(task.data.eval_batches(1))  # eval.batches = 1: bpb = all nats / byte targets / ln 2
+  mask = batch["loss_mask"] > 0
+  per_byte_target = mask.sum() / (mask & (batch["targets"] >= 3)).sum()
+  assert ev["eval/bpb"] == pytest.approx(ev["eval/loss"] * per_byte_target / math.log(2), rel=1e-5)
   assert os.path.isdir(os.path.join(workdir, "checkpoints"))
   with open(os.path.join(workdir, "samples.txt"), encoding="utf-8") as f:  # the eval's generated samples
     headers = [line for line in f if line.startswith("=== step")]
@@ -181,7 +184,14 @@ def test_entropy_patching_trains_end_to_end(entropy_run, tmp_path, tmp_path_fact
   assert cfg.model.patching.calibrate
   task = blt_train.make_task(blt_train.resolve(cfg))
   p = cfg.model.patching  # resolved: θ derived for 6-byte patches, recorded as a plain threshold
-  assert not p.calibrate and p.threshold > 0 and p.max_patches == cfg.data.seq_len
+  assert not p.calibrate and p.threshold > 0
+  # The slots: 1.25 x the most patches of a calibration row (the first training rows), a multiple of 8.
+  rows = [task.data.train_batch(position) for position in range(0, 65_536 // 64, 8)]
+  most = max(int(patch(jnp.asarray(blt_data.seqio_to_blt(b["inputs"], b["segment_ids"], b["positions"])),
+                       method="entropy", max_patches=64, entropies=jnp.asarray(b["entropies"]),
+                       threshold=p.threshold, max_patch_length=16, segment_ids=jnp.asarray(b["segment_ids"]),
+                       positions=jnp.asarray(b["positions"])).num_patches.max()) for b in rows)
+  assert p.max_patches == min(8 * math.ceil(1.25 * most / 8), 64) < cfg.data.seq_len
 
   batch = task.data.train_batch(0)
   model, _ = load_entropy_model(workdir)
@@ -198,11 +208,11 @@ def test_entropy_patching_trains_end_to_end(entropy_run, tmp_path, tmp_path_fact
     rows = [json.loads(line) for line in f]
   train_rows = [r for r in rows if "loss" in r]
   assert [r["step"] for r in train_rows] == [2, 4]
-  assert all(math.isfinite(r["loss"]) and r["overflow_bytes"] == 0 for r in train_rows)
+  assert all(math.isfinite(r["loss"]) and r["overflow_bytes"] == 0 for r in train_rows)  # within the sample
   # The first rows are the calibration sample: their patches average about 6 bytes.
   assert all(1 / 9 < r["patches_per_byte"] < 1 / 4 for r in train_rows)
   ev = [r for r in rows if "eval/bpb" in r][-1]
-  assert math.isfinite(ev["eval/bpb"]) and ev["eval/bytes_per_patch"] > 2
+  assert math.isfinite(ev["eval/bpb"]) and ev["eval/bytes_per_patch"] > 2 and ev["eval/overflow_bytes"] >= 0
 
 
 def test_bpe_patch_starts_in_the_pipeline_are_the_token_starts(tmp_path, tmp_path_factory):

@@ -118,6 +118,21 @@ def test_kernel_matches_reference(batch, length, vocab, block_len, dtype, monoto
   assert_same(got, reference.entropy_patching(logits, threshold, monotonic=monotonic))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_minus_infinity_logits_are_ids_of_probability_zero_in_kernel_and_reference(dtype):
+  """A padded vocabulary masked to -inf (BLT's entropy model: 259 real ids of 384), and -inf ids inside it:
+  no NaN, the same entropies and patches from kernel and reference, and the entropies of the finite ids alone."""
+  logits = random_logits(jax.random.key(9), 2, 37, 384, dtype)
+  dead = (jnp.arange(384) >= 259) | (jnp.arange(384) % 7 == 3)
+  masked = jnp.where(dead, -jnp.inf, logits)
+  threshold = median_threshold(logits[..., :259], False)
+  expected = reference.entropy_patching(masked, threshold)
+  assert np.isfinite(np.asarray(expected[0])).all()
+  assert_same(kernel.entropy_patching(masked, threshold, block_len=16, interpret=True), expected)
+  alive = np.flatnonzero(~np.asarray(dead))
+  np.testing.assert_allclose(expected[0], reference.entropies_from_logits(logits[..., alive]), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("monotonic", [False, True])
 def test_thresholds_where_no_or_every_position_starts(monotonic):
   """Also: the threshold is traced (one compilation serves both)."""

@@ -1,6 +1,6 @@
-"""`entropy_patching`: the one entry point, which picks the Pallas kernel or the jnp reference and runs it
-under any mesh (batch rows split over the data-parallel axes with `jax.shard_map`; every row is
-independent, so the split changes nothing but placement).
+"""`entropy_patching`: the one entry point (`entropies` is its first output alone), which picks the Pallas
+kernel or the jnp reference and runs it under any mesh (batch rows split over the data-parallel axes with
+`jax.shard_map`; every row is independent, so the split changes nothing but placement).
 
 Patching is not differentiable (BLT trains its entropy model separately, Pagnoni et al. 2024, Sec. 2.3):
 the logits enter under `stop_gradient`.
@@ -72,3 +72,10 @@ def entropy_patching(logits: jax.Array, threshold, *, monotonic: bool = False, m
   # check_vma=False: pallas_call outputs carry no varying-axes annotation; every output is per row.
   sharded = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P(rows, None),) * 3, check_vma=False)
   return sharded(*args)
+
+
+def entropies(logits: jax.Array, *, impl: str = "auto", mesh=None) -> jax.Array:
+  """H(t) in nats, f32 [batch, length], of logits [batch, length, vocab]: the first output of
+  `entropy_patching` (no threshold enters it), for callers that decide the patches elsewhere (BLT's entropy
+  scorer and cached generation). -inf logits are ids of probability 0, e.g. a padded vocabulary's columns."""
+  return entropy_patching(logits, 0.0, impl=impl, mesh=mesh)[0]

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 
 
 def entropies_from_logits(logits: jax.Array) -> jax.Array:
-  """[batch, length, vocab] (any float dtype) -> f32 [batch, length], in nats."""
+  """[batch, length, vocab] (any float dtype) -> f32 [batch, length], in nats. A -inf logit (an id of
+  probability 0, e.g. a padded vocabulary's column) adds 0, not 0 * -inf = NaN."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  p = jnp.exp(logp)
+  return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
 
 
 def rule_starts(entropies: jax.Array, threshold, monotonic: bool) -> jax.Array:
