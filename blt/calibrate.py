@@ -114,6 +114,8 @@ def main(argv=None) -> int:
   parser.add_argument("--target_patch_size", type=float, required=True, help="mean bytes per patch")
   parser.add_argument("--monotonic", action="store_true", help="the monotonic rule H(t) - H(t-1) > θ")
   parser.add_argument("--max_patch_length", type=int, default=0, help="as model.patching.max_patch_length")
+  parser.add_argument("--reset_at_newline", action="store_true",
+                      help="the entropy context restarts at every newline (model.patching.reset_at_newline)")
   parser.add_argument("--sample_bytes", type=int, default=DEFAULT_SAMPLE_BYTES,
                       help="bytes of the training corpus to calibrate on")
   args = parser.parse_args(argv)
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  sample = sample_patching_inputs(PatchingData(lm_data, entropy_scorer=EntropyScorer(model)), args.sample_bytes)
+  sample = sample_patching_inputs(PatchingData(lm_data, entropy_scorer=EntropyScorer(model, reset_at_newline=args.reset_at_newline)), args.sample_bytes)
   options = dict(monotonic=args.monotonic, max_patch_length=args.max_patch_length,
                  segment_ids=sample["segment_ids"], positions=sample["positions"])
   theta, _ = calibrate_threshold(sample["entropies"], args.target_patch_size, **options)

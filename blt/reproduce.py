@@ -48,7 +48,7 @@ import ml_collections
 import sentencepiece as spm
 from flax import nnx
 
-from blt import calibrate, entropy
+from blt import calibrate
 from blt import data as blt_data
 from blt import train as blt_train
 from blt.configs.reproduce import ABLATIONS
@@ -161,7 +161,7 @@ def threshold_for(out: str, run_cfg, target: float) -> float:
   key = f"{target:g}"
   if key not in table:
     p = run_cfg.model.patching
-    scorer = entropy.EntropyScorer(entropy.load_entropy_model(p.entropy_model)[0])
+    scorer = blt_train.entropy_scorer(p)
     data = blt_data.PatchingData(LMData(run_cfg.data, batch_size=int(run_cfg.train.batch_size), seed=0),
                                  entropy_scorer=scorer)
     sample = calibrate.sample_patching_inputs(data)

@@ -75,6 +75,7 @@ from common.cli import ArgumentParser
 from common.config import ConfigError
 from common.data import corpus, with_defaults
 from common.generate import StaticGraph, split_for_jit
+from common.scaling.intervals import t_interval
 from common.scoring import WIDTH_BUCKET, score_continuations
 from common.tokenizers import ByteTokenizer
 
@@ -410,7 +411,8 @@ class BLTScorer(Scorer):
     if self.rule.method == "bpe" and sentencepiece_processor is None:
       raise ConfigError("config key 'model.patching.spm_model': 'bpe' patching needs a SentencePiece model")
     self.graph, self.state = split_for_jit(model, None)
-    self.entropy = EntropyScorer(entropy_model) if self.rule.method in ENTROPY_METHODS else None
+    self.entropy = (EntropyScorer(entropy_model, reset_at_newline=bool(patching.get("reset_at_newline", False)))
+                    if self.rule.method in ENTROPY_METHODS else None)
     self.sp = sentencepiece_processor if self.rule.method == "bpe" else None
     self.row_len, self.batch_size = row_len, batch_size
 
@@ -567,6 +569,47 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def combine(reports: Sequence[dict]) -> dict:
+  """Reports of the same probes (n, seed, rates) on runs of several training seeds, model names alike ->
+  {name: {metric: (mean, 95% t half-width)}} over the reports: continuation accuracy and bpb clean and under
+  each noise, bpb increase under each noise (noised minus clean, paired within a report), the mean drop in
+  accuracy and the character probes' accuracy."""
+  first = reports[0]
+  for r in reports[1:]:
+    if (r["n"], r["seed"], r["rates"]) != (first["n"], first["seed"], first["rates"]) or set(r["models"]) != set(
+        first["models"]):
+      raise ConfigError("--combine: the reports differ in n, seed, rates or model names; combine the same probes")
+  out = {}
+  for name in first["models"]:
+    values: dict[str, list[float]] = {}
+    for r in reports:
+      m, c = r["models"][name], r["models"][name]["continuation"]
+      metrics = {"mean_drop": m["mean_drop"], **{p: m[p]["accuracy"] for p in CHAR_PROBES}}
+      for k in ("clean", *first["rates"]):
+        metrics.update({f"{k}/accuracy": c[k]["accuracy"], f"{k}/bpb": c[k]["bpb"]})
+        if k != "clean":
+          metrics[f"{k}/bpb_increase"] = c[k]["bpb"] - c["clean"]["bpb"]
+      for key, value in metrics.items():
+        values.setdefault(key, []).append(value)
+    out[name] = {key: t_interval(v) for key, v in values.items()}
+  return dict(n=first["n"], seed=first["seed"], rates=first["rates"], reports=len(reports), models=out)
+
+
+def combined_markdown(combined: dict) -> str:
+  rates, runs = combined["rates"], combined["reports"]
+  pm = lambda v, fmt: format(v[0], fmt) + ("" if math.isnan(v[1]) else f" ± {v[1]:.3f}")
+  lines = [f"Over {runs} training seeds (one report each; the same {combined['n']} items a probe, seed "
+           f"{combined['seed']}): mean ± 95% t-interval over the seeds.", "",
+           "| model | continuation bpb, clean | " + " | ".join(f"bpb increase, {k} ({rates[k]:g})" for k in rates)
+           + " | accuracy, clean | mean accuracy drop | " + " | ".join(CHAR_PROBES) + " |",
+           "|" + "---|" * (4 + len(rates) + len(CHAR_PROBES))]
+  for name, m in combined["models"].items():
+    cells = [name, pm(m["clean/bpb"], ".3f"), *(pm(m[f"{k}/bpb_increase"], "+.3f") for k in rates),
+             pm(m["clean/accuracy"], ".3f"), pm(m["mean_drop"], "+.3f"), *(pm(m[p], ".3f") for p in CHAR_PROBES)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def parse_runs(spec: str) -> dict[str, str]:
   runs = {}
   for part in filter(None, spec.split(",")):
@@ -583,7 +626,9 @@ def parse_runs(spec: str) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
   p = ArgumentParser(prog="python -m blt.robustness", description=__doc__.split("\n\n")[1])
-  p.add_argument("--runs", required=True, help="NAME=DIR,... training runs (blt.train or common.train)")
+  p.add_argument("--runs", default="", help="NAME=DIR,... training runs (blt.train or common.train)")
+  p.add_argument("--combine", default="", help="OUT,OUT,...: instead of scoring, combine the results.json of "
+                 "earlier reports on runs of other training seeds (mean ± t-interval) into --out")
   p.add_argument("--n", type=int, default=200, help="items per probe")
   p.add_argument("--seed", type=int, default=0, help="of the probes and the noise")
   p.add_argument("--batch_size", type=int, default=16, help="rows per model call")
@@ -592,6 +637,23 @@ def main(argv: list[str]) -> int:
   for flag, least in (("n", 1), ("batch_size", 1), ("seed", 0)):
     if getattr(args, flag) < least:
       raise ConfigError(f"--{flag}={getattr(args, flag)}: must be >= {least}")
+  if args.combine:
+    reports = []
+    for folder in filter(None, args.combine.split(",")):
+      path = os.path.join(folder, "results.json")
+      if not os.path.isfile(path):
+        raise ConfigError(f"--combine: '{path}' does not exist (a folder written by --runs=... --out=FOLDER)")
+      with open(path) as f:
+        reports.append(json.load(f))
+    combined = combine(reports)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "combined.json"), "w") as f:
+      json.dump(combined, f, indent=1)
+    table = combined_markdown(combined)
+    with open(os.path.join(args.out, "combined.md"), "w") as f:
+      f.write(table)
+    print(table, end="")
+    return 0
   runs = parse_runs(args.runs)
   report = robustness_report(runs, n=args.n, seed=args.seed, batch_size=args.batch_size,
                              log=lambda msg: print(f"[blt.robustness] {msg}", flush=True))

@@ -10,7 +10,6 @@ from flax import nnx
 
 from common import plan
 from common.config import load
-from common.sharding import make_abstract_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER = os.path.join(ROOT, "blt", "configs", "paper.py")

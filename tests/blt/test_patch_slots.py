@@ -5,7 +5,6 @@ causal, and the bytes before the last slot get the logits they get with enough s
 import importlib.util
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

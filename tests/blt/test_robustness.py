@@ -334,3 +334,22 @@ def test_command_scores_saved_byte_and_blt_runs(tmp_path, byte_lm, tiny_blt):
   assert "| byte | dense byte |" in table and "| space | blt space |" in table
   with pytest.raises(ConfigError, match="--runs"):
     robustness.main(["--runs=byte"])
+
+
+def _report(clean_bpb, noised_bpb, accuracy):
+  continuation = {k: dict(accuracy=accuracy, bpb=b, n=4) for k, b in (("clean", clean_bpb), ("case", noised_bpb))}
+  model = dict(continuation=continuation, mean_drop=0.0, **{p: dict(accuracy=accuracy) for p in robustness.CHAR_PROBES})
+  return dict(n=4, seed=0, rates={"case": 0.5}, models={"space": model})
+
+
+def test_combine_gives_the_mean_and_t_interval_over_seeds_of_paired_increases():
+  combined = robustness.combine([_report(2.0, 2.3, 0.5), _report(1.0, 1.1, 0.25)])
+  m = combined["models"]["space"]
+  assert m["clean/bpb"][0] == pytest.approx(1.5)
+  # increases 0.3 and 0.1: mean 0.2, half-width t(0.975, 1) x sd / sqrt(2) = 12.7062 x 0.1414 / 1.4142
+  assert m["case/bpb_increase"][0] == pytest.approx(0.2)
+  assert m["case/bpb_increase"][1] == pytest.approx(12.7062047 * 0.1, rel=1e-6)
+  assert m["counting"][0] == pytest.approx(0.375)
+  assert "| space | 1.500 ± 6.353 | +0.200 ± 1.271 |" in robustness.combined_markdown(combined)
+  with pytest.raises(ConfigError, match="--combine"):
+    robustness.combine([_report(2.0, 2.3, 0.5), dict(_report(2.0, 2.3, 0.5), n=5)])
