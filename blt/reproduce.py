@@ -32,6 +32,12 @@ linearly with the budget, so the default (DEFAULT_BUDGET = 6e12, 3x) is estimate
 idle 2-core CPU (3 x those CPU-seconds spread over one to two busy cores); it has not been run. `--quick` is a
 smoke run (tiny models, a few steps each).
 
+Patch-size trend at fixed inference FLOPs (the paper's fig. 1 right, sec. 5.2): `--trend=8` adds, for each size
+P, the entropy BLT calibrated to P with its latent transformer deepened to the most layers whose inference FLOPs
+per byte (entropy model included, at the target P) stay within those of the first `--entropy_sizes` arm (P=4.5
+with the body's depth), at the same training budget: bigger patches buy a bigger global model at equal inference
+cost. Its rows follow the main table's.
+
 Ablations (the paper's sec. 7 in miniature): `--ablations=no_hash,pool_only,...` adds, for each name of
 blt/configs/reproduce.py's ABLATIONS, the space BLT with that one switch changed, at the same budget; they form
 the second table of results.md beside the space BLT as it is.
@@ -71,6 +77,7 @@ PAPER = {"byte": "byte-level transformers trail BPE at equal FLOPs",
          "bpe": "the reference (Llama 2/3 BPE)",
          "space": "BLT-Space: near BPE, behind BLT-Entropy",
          "entropy": "BLT-Entropy matches BPE; larger patches cut inference FLOPs (up to 50%)"}
+TREND_PAPER = "at fixed inference FLOPs, larger patches and a larger global model overtake BPE (fig. 1 right)"
 # The paper's finding for each ablation (sec. 7, at 1B scale).
 ABLATION_PAPER = {"no_hash": "hash n-gram embeddings lower bpb; dropping them costs most of the ablations",
                   "hash3": "the official code's 3 functions per n (the paper's tables vary n and table size)",
@@ -89,11 +96,30 @@ def steps_for_budget(budget: float, flops_per_step: float) -> int:
   return max(1, round(budget / flops_per_step))
 
 
+def trend_layers(entropy_arm_cfg, reference_size: float, size: float, entropy_model_cfg) -> int:
+  """The most latent-transformer layers whose inference FLOPs per byte at mean patch size `size` stay within
+  those of `entropy_arm_cfg` (its own depth) at `reference_size` (blt_inference_flops_per_byte, entropy model
+  included)."""
+  seq_len = int(entropy_arm_cfg.data.seq_len)
+
+  def at(layers: int, patch_size: float) -> float:
+    m = entropy_arm_cfg.model.copy_and_resolve_references()
+    m.n_layers_global, m.patching.patch_size = layers, patch_size
+    return blt_inference_flops_per_byte(m, seq_len, entropy_model_cfg=entropy_model_cfg)
+
+  layers = int(entropy_arm_cfg.model.n_layers_global)
+  budget = at(layers, reference_size)
+  while at(layers + 1, size) <= budget:
+    layers += 1
+  return layers
+
+
 def arm_list(arms: list[str], entropy_sizes: list[float], config_args: dict[str, str],
-             ablations: list[str] = ()) -> list[reproduce.Arm]:
+             ablations: list[str] = (), trend: dict[float, int] | None = None) -> list[reproduce.Arm]:
   """The runs' arms: one per name in `arms`, entropy once per target patch size, then the space BLT once per
   ablation. `config_args` are the blt/configs/reproduce.py arguments shared by all (scale) or of one arm (bpe:
-  spm_model, seq_len; entropy: entropy_model, threshold_<size>)."""
+  spm_model, seq_len; entropy: entropy_model, threshold_<size>); `trend` maps a patch size to the latent depth
+  of its trend arm (`trend_layers`)."""
   out = []
   for arm in arms:
     for size in entropy_sizes if arm == "entropy" else [None]:
@@ -107,6 +133,12 @@ def arm_list(arms: list[str], entropy_sizes: list[float], config_args: dict[str,
       out.append(reproduce.Arm(label.replace(" ", "").replace("=", ""), label,
                                CONFIG + ":" + ",".join(f"{k}={v}" for k, v in args.items()), trainer, PAPER[arm],
                                dict(arm=arm, target_patch_size=size)))
+  for size, layers in (trend or {}).items():
+    args = dict(arm="entropy", scale=config_args["scale"], entropy_model=config_args["entropy_model"],
+                threshold=config_args[f"threshold_{size:g}"], n_layers_global=layers)
+    out.append(reproduce.Arm(f"trendP{size:g}_L{layers}", f"entropy P={size:g}, {layers} global layers",
+                             CONFIG + ":" + ",".join(f"{k}={v}" for k, v in args.items()), "blt.train",
+                             TREND_PAPER, dict(arm="entropy", target_patch_size=size, trend=True)))
   for name in ablations:
     args = dict(arm="space", scale=config_args["scale"], ablation=name)
     out.append(reproduce.Arm(f"space_{name}", f"space {name}", CONFIG + ":" + ",".join(
@@ -248,6 +280,8 @@ class Study(reproduce.Study):
                    f"{DEFAULT_BUDGET:g}; --quick: {QUICK_BUDGET:g})")
     p.add_argument("--arms", default=",".join(ARMS), help="a subset of " + ",".join(ARMS))
     p.add_argument("--ablations", default="", help="space BLT ablations to add, a subset of " + ",".join(ABLATIONS))
+    p.add_argument("--trend", default="", help="patch sizes of the trend arms (entropy BLTs deepened to the "
+                   "first entropy size's inference FLOPs per byte), e.g. 8")
     p.add_argument("--entropy_sizes", default="4.5,8", help="the two target mean patch sizes of entropy patching")
     p.add_argument("--bpe_vocab", type=int, default=0, help="BPE pieces (default 1024; --quick: 320)")
 
@@ -255,6 +289,8 @@ class Study(reproduce.Study):
     super().__init__(args)
     self.names = [x for x in args.arms.split(",") if x]
     self.ablations = [x for x in args.ablations.split(",") if x]
+    self.trend_sizes = [float(x) for x in args.trend.split(",") if x]
+    self.trend: dict[float, int] = {}
     self.sizes = [float(x) for x in args.entropy_sizes.split(",") if x]
     self.budget = args.budget or (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)
     self.config_args = dict(scale="quick" if args.quick else "tiny")
@@ -263,6 +299,8 @@ class Study(reproduce.Study):
   def check(self) -> str:
     if not self.names or set(self.names) - set(ARMS):
       return f"--arms={self.args.arms}: expected a comma-separated subset of {','.join(ARMS)}"
+    if self.trend_sizes and "entropy" not in self.names:
+      return f"--trend={self.args.trend}: needs the entropy arms (--arms with entropy), whose first size it matches"
     if set(self.ablations) - set(ABLATIONS):
       return f"--ablations={self.args.ablations}: expected a comma-separated subset of {','.join(ABLATIONS)}"
     return f"--budget={self.args.budget}: must be positive" if self.budget <= 0 else ""
@@ -297,11 +335,13 @@ class Study(reproduce.Study):
         raise SystemExit(f"[blt.reproduce] the entropy model's training stopped with status {status} ({workdir})")
     ctx["entropy_model"] = workdir
     probe = self.base_config(dict(arm="entropy", scale=ctx["scale"], entropy_model=workdir))
-    for size in self.sizes:
+    for size in self.sizes + self.trend_sizes:
       ctx[f"threshold_{size:g}"] = threshold_for(a.out, probe, size)
     with open(os.path.join(workdir, "config.json")) as f:
       e = ml_collections.ConfigDict(json.load(f))
     self.entropy_cfg = e.model
+    for size in self.trend_sizes:
+      self.trend[size] = trend_layers(probe, self.sizes[0], size, e.model)
     e_flops = training_flops_per_token(e.model, int(e.data.seq_len)) * int(e.data.seq_len) * int(
         e.train.batch_size) * int(e.train.steps)
     self.notes.append(f"entropy model: trained once for {e_flops:.3g} FLOPs (shared by the entropy runs, not in "
@@ -314,7 +354,7 @@ class Study(reproduce.Study):
     return super().config(arm, 0)
 
   def arms(self) -> list[reproduce.Arm]:
-    return arm_list(self.names, self.sizes, self.config_args, self.ablations)
+    return arm_list(self.names, self.sizes, self.config_args, self.ablations, self.trend)
 
   def flops_per_step(self, cfg) -> float:
     seq_len, batch = int(cfg.data.seq_len), int(cfg.train.batch_size)

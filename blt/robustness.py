@@ -624,6 +624,16 @@ def parse_runs(spec: str) -> dict[str, str]:
   return runs
 
 
+def _write(out: str, stem: str, data: dict, table: str) -> None:
+  """OUT/STEM.json and OUT/STEM.md, and the table on stdout."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{stem}.json"), "w") as f:
+    json.dump(data, f, indent=1)
+  with open(os.path.join(out, f"{stem}.md"), "w") as f:
+    f.write(table)
+  print(table, end="")
+
+
 def main(argv: list[str]) -> int:
   p = ArgumentParser(prog="python -m blt.robustness", description=__doc__.split("\n\n")[1])
   p.add_argument("--runs", default="", help="NAME=DIR,... training runs (blt.train or common.train)")
@@ -646,24 +656,12 @@ def main(argv: list[str]) -> int:
       with open(path) as f:
         reports.append(json.load(f))
     combined = combine(reports)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "combined.json"), "w") as f:
-      json.dump(combined, f, indent=1)
-    table = combined_markdown(combined)
-    with open(os.path.join(args.out, "combined.md"), "w") as f:
-      f.write(table)
-    print(table, end="")
+    _write(args.out, "combined", combined, combined_markdown(combined))
     return 0
   runs = parse_runs(args.runs)
   report = robustness_report(runs, n=args.n, seed=args.seed, batch_size=args.batch_size,
                              log=lambda msg: print(f"[blt.robustness] {msg}", flush=True))
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  table = markdown(report)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(table)
-  print(table, end="")
+  _write(args.out, "results", report, markdown(report))
   return 0
 
 

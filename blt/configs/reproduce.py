@@ -14,6 +14,7 @@ arms differ only in what a position holds: a byte, a BPE token, or a patch. `pat
 size the BLT FLOP count assumes (common.flops.blt_mean_patch_size); blt.reproduce measures it on training
 rows before it picks the number of steps. `scale=quick` shrinks everything for a smoke run.
 
+`n_layers_global=N` (BLT arms) deepens the latent transformer (blt.reproduce's patch-size trend).
 `ablation=NAME` (BLT arms) changes one architecture switch of `blt.model` (the paper's sec. 7 ablations), the
 rest as above: `no_hash` (no hash n-gram embeddings), `hash3` (three hash functions per n, as the official
 code), `pool_only` (no encoder cross-attention: a patch is its max-pooled bytes), `dec_first` (decoder
@@ -47,7 +48,8 @@ MAX_PATCH_LENGTH = 16  # as blt/configs/tiny.py: long identifiers and URLs do no
 
 def _args(arg) -> dict:
   a = config_args(arg, dict(arm="byte", scale="tiny", spm_model="", seq_len="0", entropy_model="",
-                            threshold="0.0", patch_size="4.0", max_patches="0", ablation=""))
+                            threshold="0.0", patch_size="4.0", max_patches="0", ablation="",
+                            n_layers_global="0"))
   if a["ablation"] and (a["ablation"] not in ABLATIONS or a["arm"] in ("byte", "bpe")):
     raise ValueError(f"ablation={a['ablation']!r}: expected one of {', '.join(ABLATIONS)}, on a BLT arm")
   if a["arm"] not in ARMS:
@@ -76,6 +78,8 @@ def get_config(arg=None):
   c.model = blt_model(d_global=body["d_model"], n_layers_global=body["n_layers"], n_heads_global=body["n_heads"],
                       d_ff_global=body["d_ff"], hash_n_min=3, hash_n_max=8, **s["local"],
                       **ABLATIONS.get(a["ablation"], {}))
+  if int(a["n_layers_global"]) > 0:
+    c.model.n_layers_global = int(a["n_layers_global"])
   c.model.patching = ml_collections.ConfigDict(dict(
       method=a["arm"], patch_size=float(a["patch_size"]), max_patches=int(a["max_patches"]),
       threshold=float(a["threshold"]), calibrate=False, max_patch_length=MAX_PATCH_LENGTH,

@@ -52,6 +52,29 @@ def test_ablations_are_space_blts_with_one_switch_in_a_second_table():
   assert "| space pool_only |" in ablations and "+0.1000" in ablations
 
 
+def test_trend_arm_is_the_deepest_global_model_within_the_reference_inference_flops():
+  from blt.configs.reproduce import get_config
+  from common.configs.base import dense_model
+  from common.flops import blt_inference_flops_per_byte
+  probe = get_config("arm=entropy,scale=quick,entropy_model=E")
+  entropy_model = dense_model(vocab_size=384, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32, window=16)
+
+  def per_byte(layers, size):
+    m = probe.model.copy_and_resolve_references()
+    m.n_layers_global, m.patching.patch_size = layers, size
+    return blt_inference_flops_per_byte(m, 64, entropy_model_cfg=entropy_model)
+
+  budget = per_byte(probe.model.n_layers_global, 4.5)
+  layers = reproduce.trend_layers(probe, 4.5, 12.0, entropy_model)
+  assert layers > probe.model.n_layers_global
+  assert per_byte(layers, 12.0) <= budget < per_byte(layers + 1, 12.0)
+  assert reproduce.trend_layers(probe, 4.5, 4.5, entropy_model) == probe.model.n_layers_global
+  (arm,) = reproduce.arm_list([], [4.5], dict(scale="quick", entropy_model="E", threshold_12=3.1), trend={12.0: layers})
+  assert (arm.name, arm.extra["trend"]) == (f"trendP12_L{layers}", True)
+  cfg = get_config(arm.config.split(":", 1)[1])
+  assert (cfg.model.n_layers_global, cfg.model.patching.threshold) == (layers, 3.1)
+
+
 @pytest.mark.parametrize("budget,per_step", [(1e12, 3.7e9), (5e8, 1e9), (2e9, 7e7)])
 def test_steps_match_the_budget_within_half_a_step(budget, per_step):
   steps = reproduce.steps_for_budget(budget, per_step)
