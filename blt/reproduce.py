@@ -347,7 +347,7 @@ class Study(reproduce.Study):
     self.notes.append(f"entropy model: trained once for {e_flops:.3g} FLOPs (shared by the entropy runs, not in "
                       "their budget); its forward on every byte is in their training and inference FLOPs; "
                       "thresholds " + ", ".join(f"P={s:g}: θ={ctx[f'threshold_{s:g}']:.3f} nats"
-                                                for s in self.sizes) + ".")
+                                                for s in self.sizes + self.trend_sizes) + ".")
 
   def base_config(self, args: dict):
     arm = reproduce.Arm("probe", "probe", CONFIG + ":" + ",".join(f"{k}={v}" for k, v in args.items()), "")
