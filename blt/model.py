@@ -53,6 +53,7 @@ from flax import nnx
 
 from blt.hash_embed import HASH_BASES, HashNGramEmbed
 from common.config import ConfigError, require
+from common.models import register_model
 from common.nn import DTYPES, Block, BlockSpec, Embed, Linear, RMSNorm, dot_product_attention
 from common.nn.kv_cache import KVCache, decode_blocks
 
@@ -384,3 +385,6 @@ class BLT(nnx.Module):
     global_out = self.global_transformer(patches, patch_segment_ids, patch_positions)
     readable = next_patch_ids if self.grouping == "official" else patch_ids
     return self.local_decoder(h, global_out, readable, positions, segment_ids, patch_segment_ids)
+
+
+register_model("blt", lambda model_cfg, *, seed: BLT(model_cfg, rngs=nnx.Rngs(params=seed)))

@@ -134,15 +134,8 @@ def blt_activation_bytes(m, *, batch: int, seq_len: int, tensor: int, remat: boo
   return dict(layers=float(saved), logits=float(logits), total=float(saved + logits))
 
 
-def _build_blt(model_cfg, *, seed: int) -> nnx.Module:
-  from blt.model import BLT  # pylint: disable=g-import-not-at-top  (the paper package, only when planned)
-  return BLT(model_cfg, rngs=nnx.Rngs(params=seed))
-
-
 ACTIVATIONS_BY_MODEL: dict[str, Callable[..., dict[str, float]]] = {
     "dense_lm": dense_lm_activation_bytes, "blt": blt_activation_bytes}
-# The models the planner builds (abstractly) besides common.models' own, as common.flops counts the BLT's FLOPs.
-BUILDERS_BY_MODEL: dict[str, Callable[..., nnx.Module]] = {"blt": _build_blt}
 
 
 # ----------------------------------------------------------------------------------------------- params
@@ -151,8 +144,7 @@ BUILDERS_BY_MODEL: dict[str, Callable[..., nnx.Module]] = {"blt": _build_blt}
 def param_shards(model_cfg, mesh) -> list[tuple[tuple[int, ...], int, bool]]:
   """[(global shape, elements per device, has a vocab axis)] for every parameter of the abstract model
   on `mesh`."""
-  build = BUILDERS_BY_MODEL.get(model_cfg.name, build_model)
-  abstract = nnx.eval_shape(lambda: build(model_cfg, seed=0))
+  abstract = nnx.eval_shape(lambda: build_model(model_cfg, seed=0))
   out = []
   for var in jax.tree.leaves(nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
     value = var.get_value() if hasattr(var, "get_value") else var.value

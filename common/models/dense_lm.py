@@ -14,7 +14,7 @@ the parameters in bfloat16 (the compute dtype stays `model.dtype`)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -237,8 +237,22 @@ class DenseLM(nnx.Module):
     return self.logits(self.final_norm(x)), caches
 
 
+# Builders of the models papers define, by `model.name` (`register_model`): common imports no paper package, so a
+# paper registers its model where it defines it (blt.model does), for the tools that build any model by name
+# (common.plan).
+_REGISTERED: dict[str, Callable[..., nnx.Module]] = {}
+
+
+def register_model(name: str, build: Callable[..., nnx.Module]) -> None:
+  """`build(model_cfg, seed=...)` -> the nnx model that `model.name` = `name` names."""
+  _REGISTERED[name] = build
+
+
 def build_model(model_cfg, *, seed: int) -> nnx.Module:
-  """The model named by `model.name` (papers register their own builders in their train.py)."""
+  """The model named by `model.name`: the dense LM, or one a paper registered (`register_model`)."""
+  if model_cfg.name in _REGISTERED:
+    return _REGISTERED[model_cfg.name](model_cfg, seed=seed)
   if model_cfg.name != "dense_lm":
-    raise ConfigError(f"config key 'model.name': unknown model '{model_cfg.name}' (known: dense_lm)")
+    known = ", ".join(["dense_lm", *_REGISTERED])
+    raise ConfigError(f"config key 'model.name': unknown model '{model_cfg.name}' (known: {known})")
   return DenseLM(model_cfg, rngs=nnx.Rngs(params=seed))

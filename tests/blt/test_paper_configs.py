@@ -1,8 +1,11 @@
 """blt/configs/paper.py: the Table 10 shapes (Pagnoni et al. 2024) against the published per-stack parameter counts
 and, for 1B, the released checkpoint's configuration as the transformers library defines it; every size plans on
 H100 and TPU meshes (common.plan)."""
+import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -10,6 +13,7 @@ from flax import nnx
 
 from common import plan
 from common.config import load
+from common.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER = os.path.join(ROOT, "blt", "configs", "paper.py")
@@ -21,7 +25,7 @@ def _config(size):
 
 def _block_params(cfg) -> dict[str, int]:
   """Parameters of each stack's transformer layers (what Table 10 counts), from the abstract model."""
-  model = nnx.eval_shape(lambda: plan.BUILDERS_BY_MODEL["blt"](cfg.model, seed=0))
+  model = nnx.eval_shape(lambda: build_model(cfg.model, seed=0))
   count = lambda module: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
   return {"encoder": sum(count(layer) for layer in model.local_encoder.layers),
           "global": sum(count(layer) for layer in model.global_transformer.layers),
@@ -84,3 +88,12 @@ def test_blt_activation_estimate_by_hand():
   cross = 2 * L * n * (4 + a) + L * n + 3 * L * 8 * a
   assert got["layers"] == 2 * local + glob + cross + L * 8 * a
   assert got["logits"] == 2 * L * 260 * 4
+
+
+def test_the_planner_command_plans_a_blt_config():
+  # As a user runs it: common.plan is __main__ there, and the BLT builder is found through the config's import.
+  proc = subprocess.run([sys.executable, "-m", "common.plan", f"--config={PAPER}:size=400m", "--mesh=fsdp:64",
+                         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout)
+  assert out["fits"] and out["params_total"] == plan.make_plan(_config("400m"), {"fsdp": 64}).params_total
