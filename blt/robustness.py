@@ -69,7 +69,7 @@ from flax import nnx
 
 from blt.data import BOS, ENTROPY_METHODS, PAD, load_sentencepiece
 from blt.entropy import EntropyScorer, load_entropy_model
-from blt.generate import load_blt
+from blt.generate import PatchRule, load_blt
 from blt.patcher import bpe_starts, patch
 from common.cli import ArgumentParser
 from common.config import ConfigError
@@ -376,16 +376,8 @@ class DenseScorer(Scorer):
     return np.array([s.logprob for s in scored], np.float64)
 
 
-class Rule(NamedTuple):
-  """`model.patching` as static jit arguments."""
-  method: str
-  patch_size: int
-  threshold: float
-  max_patch_length: int
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _blt_target_logprobs(graph: StaticGraph, rule: Rule, state, inputs, targets, positions, segment_ids,
+def _blt_target_logprobs(graph: StaticGraph, rule: PatchRule, state, inputs, targets, positions, segment_ids,
                          entropies, patch_starts):
   """log p(targets[:, t] | inputs[:, :t+1]) f32 [batch, width] of a BLT, patched by `rule`."""
   model = nnx.merge(graph.graphdef, state)
@@ -404,14 +396,15 @@ class BLTScorer(Scorer):
 
   def __init__(self, model: nnx.Module, patching, *, row_len: int, entropy_model: nnx.Module | None = None,
                sentencepiece_processor=None, batch_size: int = 16):
-    self.rule = Rule(patching.method, int(patching.patch_size), float(patching.get("threshold", 0.0)),
-                     int(patching.get("max_patch_length", 0)))
+    # PatchRule's fields as static jit arguments, built directly: scoring may look ahead (bpe), generation not
+    self.rule = PatchRule(patching.method, int(patching.patch_size), float(patching.get("threshold", 0.0)),
+                          int(patching.get("max_patch_length", 0)), bool(patching.get("reset_at_newline", False)))
     if self.rule.method in ENTROPY_METHODS and entropy_model is None:
       raise ConfigError(f"config key 'model.patching.entropy_model': '{self.rule.method}' patching needs one")
     if self.rule.method == "bpe" and sentencepiece_processor is None:
       raise ConfigError("config key 'model.patching.spm_model': 'bpe' patching needs a SentencePiece model")
     self.graph, self.state = split_for_jit(model, None)
-    self.entropy = (EntropyScorer(entropy_model, reset_at_newline=bool(patching.get("reset_at_newline", False)))
+    self.entropy = (EntropyScorer(entropy_model, reset_at_newline=self.rule.reset_at_newline)
                     if self.rule.method in ENTROPY_METHODS else None)
     self.sp = sentencepiece_processor if self.rule.method == "bpe" else None
     self.row_len, self.batch_size = row_len, batch_size
