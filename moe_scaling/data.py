@@ -49,7 +49,7 @@ def prose_seen_in_training(data_cfg) -> bool:
 
 def lm_rows(texts: list[str], seq_len: int, max_rows: int) -> dict[str, np.ndarray]:
   """Byte texts (each followed by EOS) cut into rows of `seq_len` targets, inputs shifted right, one segment
-  per row; the last row padded (loss_mask 0)."""
+  per row; the last row padded (loss_mask 0, segment 0: MoE layers route no padding)."""
   stream = []
   for t in texts:
     stream.extend(encode(t) + [EOS_ID])
@@ -63,7 +63,7 @@ def lm_rows(texts: list[str], seq_len: int, max_rows: int) -> dict[str, np.ndarr
   targets.reshape(-1)[:len(flat)] = flat
   mask.reshape(-1)[:len(flat)] = 1.0
   inputs = np.concatenate([np.zeros((n_rows, 1), np.int32), targets[:, :-1]], axis=1)
-  return dict(inputs=inputs, targets=targets, loss_mask=mask, segment_ids=np.ones_like(targets),
+  return dict(inputs=inputs, targets=targets, loss_mask=mask, segment_ids=(mask > 0).astype(np.int32),
               positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), targets.shape).copy())
 
 

@@ -1,4 +1,8 @@
-"""Scores a trained model: perplexity per domain and zero/few-shot priming accuracy (see data.py)."""
+"""Scores a trained model: perplexity per domain and zero/few-shot priming accuracy (see data.py).
+
+A row's scores must not depend on the rows batched with it: padding has segment id 0 (MoE layers route
+none of it), and outside a train step MoE layers use their evaluation capacity
+(`model.moe.eval_capacity_token_fraction`, dropless by default: exact)."""
 from __future__ import annotations
 
 import math
@@ -30,6 +34,15 @@ def _nll_fn(model):
   return lambda batch: np.asarray(nll(params, {k: jnp.asarray(v) for k, v in batch.items()}))
 
 
+def pad_rows(rows: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+  """rows padded to `batch` rows (a fixed batch shape, one compilation) with rows of padding: token 0,
+  segment 0, loss mask 0."""
+  pad = batch - len(rows["inputs"])
+  out = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in rows.items()}
+  out["positions"][batch - pad:] = np.arange(out["positions"].shape[1])
+  return out
+
+
 def domain_perplexity(model, data_cfg, *, seq_len: int, max_rows: int = 64, batch: int = 32,
                       user_glob: str = "") -> dict[str, float]:
   """{f'{domain}/bpb', f'{domain}/perplexity'} over up to max_rows rows of each domain."""
@@ -39,10 +52,7 @@ def domain_perplexity(model, data_cfg, *, seq_len: int, max_rows: int = 64, batc
     rows = data.lm_rows(texts, seq_len, max_rows)
     total, count = 0.0, 0.0
     for i in range(0, len(rows["inputs"]), batch):
-      chunk = {k: v[i:i + batch] for k, v in rows.items()}
-      pad = batch - len(chunk["inputs"])  # a fixed batch shape: repeat the last row, masked out
-      chunk = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in chunk.items()}
-      chunk["loss_mask"][batch - pad:] = 0.0
+      chunk = pad_rows({k: v[i:i + batch] for k, v in rows.items()}, batch)
       total += float(nll(chunk).sum())
       count += float(chunk["loss_mask"].sum())
     if count:
@@ -53,16 +63,18 @@ def domain_perplexity(model, data_cfg, *, seq_len: int, max_rows: int = 64, batc
 
 def choice_rows(prompt: str, choices: list[str], seq_len: int) -> dict[str, np.ndarray]:
   """One row per choice: the prompt (cut from the left to fit) then the choice, the loss mask on the choice's
-  bytes only, so a row's summed nll is -log p(choice | prompt)."""
+  bytes only, so a row's summed nll is -log p(choice | prompt); segment 1 on the row's bytes, 0 on padding."""
   targets = np.zeros((len(choices), seq_len), np.int32)
   mask = np.zeros((len(choices), seq_len), np.float32)
+  segment_ids = np.zeros((len(choices), seq_len), np.int32)
   for i, choice in enumerate(choices):
     answer = data.encode(choice)
     context = data.encode(prompt)[-(seq_len - len(answer)):]
     targets[i, :len(context) + len(answer)] = context + answer
     mask[i, len(context):len(context) + len(answer)] = 1.0
+    segment_ids[i, :len(context) + len(answer)] = 1
   inputs = np.concatenate([np.zeros((len(choices), 1), np.int32), targets[:, :-1]], axis=1)
-  return dict(inputs=inputs, targets=targets, loss_mask=mask, segment_ids=np.ones_like(targets),
+  return dict(inputs=inputs, targets=targets, loss_mask=mask, segment_ids=segment_ids,
               positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), targets.shape).copy())
 
 
@@ -78,9 +90,7 @@ def priming_accuracy(model, *, shots=(0, 4), n: int = 32, seq_len: int = 128, ba
       correct = 0
       for start in range(0, n, per_batch):
         group = [choice_rows(p, c, seq_len) for p, c in questions[start:start + per_batch]]
-        rows = {k: np.concatenate([g[k] for g in group]) for k in group[0]}
-        pad = per_batch * 4 - len(rows["inputs"])  # a fixed batch shape (one compilation): repeat the last row
-        rows = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in rows.items()}
+        rows = pad_rows({k: np.concatenate([g[k] for g in group]) for k in group[0]}, per_batch * 4)
         scores = nll(rows).sum(-1)[:len(group) * 4].reshape(len(group), 4)
         correct += int(np.sum(np.argmin(scores, axis=1) == 0))
       out[f"{shot}shot/{task}"] = correct / n

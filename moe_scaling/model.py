@@ -1,8 +1,10 @@
 """The paper's two model families and how each dense size is paired with an MoE model.
 
 Dense: the shared Llama-style LM (`common.models.dense_lm`). MoE: the same dimensions with E experts in every
-other FFN, top-2 token-choice routing with capacity factor 1 (fairseq's `top2gating`) and the balancing loss
-weighted 0.01 (Artetxe et al. 2021, the set-up of table 1).
+other FFN, top-2 token-choice routing with capacity factor 1 and fairseq's default second-expert rule
+(`top2gating`, second_expert_policy 'sampling': the second expert drawn by Gumbel-max in training) and the
+balancing loss weighted 0.01 (Artetxe et al. 2021, the set-up of table 1). Evaluation is dropless
+(`eval_capacity_token_fraction` 0), so that a sequence's scores do not depend on its batch.
 
 The pairing. The paper's MoE models keep the dense partner's shape with experts as wide as its FFN (the
 parameter counts of table 1 say so: 16 MoE layers x 512 experts x 2 x 4096 x 16384 = 1.1T for the partner of
@@ -40,5 +42,5 @@ def model_config(family: str, d_model: int, *, num_experts: int = 8, top_k: int 
   if family == "moe":
     expert_ff = m.d_ff // top_k if pairing == "flops" else 0  # 0: the dense d_ff
     m.moe.update(dict(num_experts=num_experts, top_k=top_k, every=every, mode=mode, capacity_factor=1.0,
-                      balance_weight=0.01, d_ff=expert_ff))
+                      second_policy="sampling", balance_weight=0.01, d_ff=expert_ff, eval_capacity_token_fraction=0.0))
   return m

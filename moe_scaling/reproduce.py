@@ -1,37 +1,42 @@
-"""`python -m moe_scaling.reproduce [--out=runs/moe_scaling] [--sizes=32,64,96] [--steps=3000] [--seeds=3]
+"""`python -m moe_scaling.reproduce [--out=runs/moe_scaling] [--sizes=32,48,64] [--steps=3000] [--seeds=3]
 [--quick]`: the paper's headline comparison in miniature (Artetxe et al. 2021, sec. 4: perplexity and priming).
 
-Each size is one compute budget: the dense model and its FLOP-matched MoE partner (moe_scaling/model.py) see
-the same tokens, as in the paper, so the budgets differ by model size. Every run is scored on in-domain
-(validation Python) and out-of-domain (pydoc prose) perplexity and on zero- and few-shot priming
-(moe_scaling/evaluate.py). Per family we fit L(C) = E + K C^-gamma on in-domain cross-entropy against
-training FLOPs (common.flops, common.scaling.frontier) and report the compute-equivalence factor: how much
-more compute the dense law needs to reach each MoE model's loss (the paper: about 4x at modest budgets,
-narrowing at scale; smaller out of domain), on the in-domain and the out-of-domain loss. With --seeds N
-(default 3; --quick: 1) every run is repeated with N seeds (init and data order) and each figure is the mean
-with a 95% t-interval.
+Each size is trained as a dense model and as its MoE partner (moe_scaling/model.py; by default the paper's
+pairing: experts as wide as the dense FFN, top-2 with fairseq's second-expert sampling, capacity factor 1) on
+the same tokens. Every run is validated --evals times during training (its curve against training FLOPs,
+common.flops) and scored at the end on in-domain (validation Python) and out-of-domain (pydoc prose)
+perplexity and on zero- and few-shot priming (moe_scaling/evaluate.py; MoE layers evaluate dropless, so a
+sequence's scores do not depend on its batch).
+
+The headline is the paper's compute equivalence: per seed, the law L(C) = E + K C^-gamma through the lower
+envelope of the dense validation curves (the best loss any dense size reached by compute C), and for each MoE
+run the dense compute that law needs to reach the MoE run's loss over the MoE run's compute, at half and at
+all of its training (the paper: about 4x at modest budgets, narrowing at scale; smaller out of domain, which
+is read from the final out-of-domain losses of the dense sizes). With --seeds N (default 3; --quick: 1) each
+figure is the mean with a 95% t-interval; the routing statistics (drops at capacity, load imbalance) are
+reported beside it.
 
 Runs on the shared harness (common.reproduce): results.md, results.json (read by notebooks/moe_scaling.ipynb)
-and loss_vs_compute.png in --out; each run is a trainer workdir --out/runs/<family>_d<size>_s<seed>, skipped
-when finished and scored (rescored when the scoring flags changed), resumed when interrupted.
+and loss_vs_compute.png (the validation curves) in --out; each run is a trainer workdir
+--out/runs/<family>_d<size>_s<seed>, skipped when finished and scored (rescored when the scoring flags
+changed), resumed when interrupted.
 
 Cost: the defaults train 6 models of 3000 steps of 8 x 128 bytes (3M bytes, under one epoch of the corpus
-slice) and score each, per seed. On a near-idle 2-core CPU a step of d_model 64 took 0.053 s dense and 0.17 s
-MoE (8 full-width experts, capacity mode); scaling those by each model's FLOPs per step (common.flops: 0.58 /
-1.96 / 4.15 GFLOP at d 32 / 64 / 96) and adding about a minute of compilation and scoring per run gives an
-estimate of 45-60 minutes per seed, not a timing of the whole study. --steps, --sizes, --batch and --seeds
-scale it.
+slice) per seed; see moe_scaling/README.md for the wall-clock of the recorded run. --steps, --sizes,
+--batch and --seeds scale it.
 """
 from __future__ import annotations
 
 import math
 import os
 
+import numpy as np
+
 from common import reproduce
 from common.flops import param_count, training_flops_per_token
-from common.scaling import plots
+from common.scaling import runs
 from common.scaling.frontier import compute_equivalence, fit_loss_vs_compute, frontier
-from common.scaling.runs import format_pm, read_metrics
+from common.scaling.runs import format_pm
 from common.tasks import lm
 from moe_scaling import evaluate
 
@@ -39,17 +44,67 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "configs", "tiny.py")
 FAMILIES = ("dense", "moe")
 PAPER = "~4x at modest budgets, narrowing at scale; less out of domain (sec. 4)"
-DEFAULTS = dict(sizes="32,64,96", steps=3000, priming_n=32, eval_rows=64)
+DEFAULTS = dict(sizes="32,48,64", steps=3000, priming_n=32, eval_rows=64)
 QUICK = dict(sizes="32,48", steps=4, priming_n=4, eval_rows=4)
 
 
-def _final_eval(workdir: str) -> float:
-  """The trainer's last validation cross-entropy: `eval/nll` (MoE: without the auxiliary losses), else
-  `eval/loss` (dense models, where the two are equal)."""
-  value = math.nan
-  for row in read_metrics(workdir):
-    value = row.get("eval/nll", row.get("eval/loss", value))
-  return value
+def _eval_key(rows: list[dict]) -> str:
+  """The trainer's validation cross-entropy: `eval/nll` (MoE: without the auxiliary losses), else `eval/loss`
+  (dense models, where the two are equal)."""
+  return "eval/nll" if any("eval/nll" in r for r in rows) else "eval/loss"
+
+
+def routing_stats(rows: list[dict]) -> dict:
+  """The MoE layers' routing statistics over the last quarter of training (means of the logged rows):
+  fraction of assignments dropped at capacity, busiest expert's load over the mean load, balancing loss."""
+  train = [r for r in rows if "moe/fraction_dropped" in r]
+  tail = train[len(train) * 3 // 4:]
+  return {k: float(np.mean([r[f"moe/{k}"] for r in tail])) if tail else math.nan
+          for k in ("fraction_dropped", "max_load_ratio", "balance_loss")}
+
+
+def dense_envelope(dense: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+  """(compute, loss): the lower envelope of every dense run's validation curve (each point: training FLOPs
+  spent by an eval step, loss there), i.e. the best loss any dense size reached by that compute."""
+  points = sorted((c, v) for r in dense for c, v in zip(r["curve"]["flops"], r["curve"]["values"]))
+  compute, loss, best = [], [], math.inf
+  for c, v in points:
+    if v < best:
+      compute.append(c)
+      loss.append(v)
+      best = v
+  return np.array(compute), np.array(loss)
+
+
+def curve_equivalence(rows: list[dict]) -> list[dict]:
+  """Artetxe et al. 2021's compute equivalence (sec. 4) on a training-FLOPs axis: per seed, the law L = E +
+  K C^-gamma through the dense envelope (`dense_envelope`), and for each MoE run at half and at all of its
+  training, the dense compute that law needs to reach the MoE loss over the MoE compute; then the mean and
+  95% t-interval over seeds per MoE size. `beyond_dense` counts the seeds where the MoE loss is below every
+  dense point (the factor then rests on the law extrapolated)."""
+  per_size: dict[int, list[dict]] = {}
+  for seed in sorted({r["seed"] for r in rows}):
+    dense = [r for r in rows if r["family"] == "dense" and r["seed"] == seed]
+    moe = [r for r in rows if r["family"] == "moe" and r["seed"] == seed]
+    if not dense or not moe:
+      continue
+    compute, loss = dense_envelope(dense)
+    law = fit_loss_vs_compute(compute, loss)
+    for r in moe:
+      c, v = r["curve"]["flops"], r["curve"]["values"]
+      half = len(v) // 2 - 1 if len(v) > 1 else 0
+      per_size.setdefault(r["d_model"], []).append(dict(
+          flops=c[-1], loss=v[-1], factor=float(law.compute(v[-1])) / c[-1],
+          factor_half=float(law.compute(v[half])) / c[half], beyond=bool(v[-1] < loss.min())))
+  out = []
+  for d_model, items in sorted(per_size.items()):
+    factor, half = reproduce.t_interval([i["factor"] for i in items])
+    factor_mid, half_mid = reproduce.t_interval([i["factor_half"] for i in items])
+    out.append(dict(d_model=d_model, flops=float(np.mean([i["flops"] for i in items])),
+                    loss=float(np.mean([i["loss"] for i in items])), factor=factor, ci95=half,
+                    factor_half=factor_mid, ci95_half=half_mid, n=len(items),
+                    beyond_dense=int(sum(i["beyond"] for i in items))))
+  return out
 
 
 def summarize(rows: list[dict], loss_key: str = "in_loss") -> list[dict]:
@@ -102,23 +157,41 @@ def tables(rows: list[dict], shots) -> tuple[list[str], dict]:
   for family in FAMILIES:
     law = fit_loss_vs_compute(*frontier([m for m in means if m["family"] == family], loss_key="in_loss"))
     fits[family] = dict(E=law.E, K=law.K, gamma=law.gamma)
-  lines += ["", "Fits of in-domain cross-entropy (nats/byte) on training FLOPs C (seed means): "
-            + "; ".join(f"{f}: L = {v['E']:.3f} + {v['K']:.3g} C^-{v['gamma']:.3f}" for f, v in fits.items()), ""]
-  equivalence = dict(in_domain=summarize(rows), out_of_domain=summarize(rows, "ood_loss"))
+  curves = curve_equivalence(rows)
+  ood = {s["d_model"]: s for s in summarize(rows, "ood_loss")}
+  lines += ["", "Compute equivalence (the headline): dense compute / MoE compute at equal loss. In domain: the law "
+            "through the dense validation curves' lower envelope, at half and at all of each MoE run's training; "
+            "out of domain: the law through the dense sizes' final out-of-domain losses.", ""]
   lines += reproduce.table(
-      ["MoE d_model", "MoE train FLOPs", "dense/MoE compute at equal in-domain loss", "at equal out-of-domain loss",
-       "seeds"],
-      [([ind["d_model"], f"{ind['flops']:.3g}", format_pm(ind["factor"], ind["ci95"], ".2f") + "x",
-         format_pm(ood["factor"], ood["ci95"], ".2f") + "x", ind["n"]], PAPER)
-       for ind, ood in zip(equivalence["in_domain"], equivalence["out_of_domain"])])
-  return lines, dict(means=means, fits=fits, equivalence=equivalence)
+      ["MoE d_model", "MoE train FLOPs", "in-domain, half-way", "in-domain, end", "out-of-domain, end",
+       "MoE below all dense points", "seeds"],
+      [([c["d_model"], f"{c['flops']:.3g}", format_pm(c["factor_half"], c["ci95_half"], ".2f") + "x",
+         format_pm(c["factor"], c["ci95"], ".2f") + "x",
+         format_pm(ood[c["d_model"]]["factor"], ood[c["d_model"]]["ci95"], ".2f") + "x" if c["d_model"] in ood
+         else "-", f"{c['beyond_dense']}/{c['n']}", c["n"]], PAPER) for c in curves])
+  stats = [dict(d_model=d, **{k: reproduce.t_interval([r["routing"][k] for r in rows
+                                                      if r["family"] == "moe" and r["d_model"] == d])
+                              for k in ("fraction_dropped", "max_load_ratio", "balance_loss")})
+           for d in sorted({r["d_model"] for r in rows if r["family"] == "moe"})]
+  lines += ["", "Routing over the last quarter of training (mean over seeds): share of expert assignments dropped at "
+            "capacity, the busiest expert's load over the mean, the balancing loss (1 = uniform).", "",
+            "| MoE d_model | dropped | max load / mean | balance loss |", "|---|---|---|---|"]
+  lines += [f"| {s['d_model']} | " + " | ".join(format_pm(*s[k], ".3f") for k in
+                                               ("fraction_dropped", "max_load_ratio", "balance_loss")) + " |"
+            for s in stats]
+  return lines, dict(means=means, fits=fits, equivalence=dict(in_domain=curves, out_of_domain=list(ood.values())))
 
 
-def plot(means: list[dict], path: str) -> str:
-  """Both families' seed-mean frontiers and laws against training FLOPs, with each MoE point's factor."""
-  return plots.compute_equivalence([m for m in means if m["family"] == "moe"],
-                                   [m for m in means if m["family"] == "dense"], path, label_a="moe",
-                                   label_b="dense", loss_key="in_loss")
+def plot(records: list[dict], path: str) -> str:
+  """Validation loss against training FLOPs, one line per family and size (mean over seeds)."""
+  lines = {}
+  for family in FAMILIES:
+    for d in sorted({r["d_model"] for r in records}):
+      group = [dict(r, curves=dict(in_domain=r["curve"])) for r in records
+               if r["family"] == family and r["d_model"] == d]
+      if group:
+        lines[f"{family} d{d}"] = (group, "in_domain")
+  return reproduce.plot_curves({"in-domain validation loss": lines}, path, "nats per byte")
 
 
 class Study(reproduce.Study):
@@ -134,7 +207,9 @@ class Study(reproduce.Study):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--mode", default="capacity", choices=("capacity", "dropless"))
-    p.add_argument("--pairing", default="flops", choices=("flops", "shape"))
+    p.add_argument("--pairing", default="shape", choices=("flops", "shape"),
+                   help="shape: experts as wide as the dense FFN, the paper's (default); flops: half as wide")
+    p.add_argument("--evals", type=int, default=8, help="validation points per run (the curves)")
     p.add_argument("--shots", default="0,4", help="priming shot counts")
     p.add_argument("--priming_n", type=int, default=0, help="questions per priming task and shot count (default "
                    f"{DEFAULTS['priming_n']}; --quick: {QUICK['priming_n']})")
@@ -162,13 +237,13 @@ class Study(reproduce.Study):
                           dict(family=family, d_model=d, budget=d)) for d in self.sizes for family in FAMILIES]
 
   def config(self, arm, seed):
-    """The arm's config at --steps and --batch, evaluated and checkpointed once, at the end."""
+    """The arm's config at --steps and --batch, validated --evals times (its curve) on 16 batches."""
     cfg = super().config(arm, seed)
     steps = self.args.steps
-    cfg.train.update(steps=steps, batch_size=self.args.batch, warmup_steps=max(1, steps // 10))
-    cfg.eval.every_steps = cfg.checkpoint.every_steps = steps
+    cfg.train.update(batch_size=self.args.batch, warmup_steps=max(1, steps // 10))
+    reproduce.schedule(cfg, steps, self.args.evals, log_every=max(1, steps // 40))
+    cfg.eval.batches = 16
     cfg.checkpoint.keep = 1
-    cfg.log.every_steps = max(1, steps // 4)
     return cfg
 
   @staticmethod
@@ -182,12 +257,15 @@ class Study(reproduce.Study):
   def score(self, arm, cfg, task, workdir) -> dict:
     """Training FLOPs, in/out-of-domain cross-entropy per byte and perplexity, priming accuracy per shot count."""
     a, seq_len = self.args, cfg.data.seq_len
+    metrics = runs.read_metrics(workdir)
+    flops_per_step = training_flops_per_token(cfg.model, seq_len) * a.batch * seq_len
+    curve = runs.eval_curve(workdir, _eval_key(metrics), flops_per_step)._asdict()
     model = evaluate.load_trained(cfg, workdir, task)
     domains = evaluate.domain_perplexity(model, cfg.data, seq_len=seq_len, max_rows=a.eval_rows,
                                          user_glob=a.user_glob)
     priming = evaluate.priming_accuracy(model, shots=a.shots, n=a.priming_n, seq_len=seq_len)
-    row = dict(flops=training_flops_per_token(cfg.model, seq_len) * a.steps * a.batch * seq_len,
-               params=param_count(cfg.model), eval_loss=_final_eval(workdir), domains=domains, priming=priming)
+    row = dict(flops=flops_per_step * a.steps, params=param_count(cfg.model), eval_loss=curve["values"][-1],
+               curve=curve, routing=routing_stats(metrics), domains=domains, priming=priming)
     row["in_loss"] = domains.get("python/bpb", math.nan) * math.log(2)  # nats per byte
     row["ood_loss"] = domains.get("prose/bpb", math.nan) * math.log(2)
     row["in_ppl"], row["ood_ppl"] = math.exp(row["in_loss"]), math.exp(row["ood_loss"])
@@ -201,7 +279,7 @@ class Study(reproduce.Study):
     return "\n".join(lines) + "\n", summary
 
   def plot(self, records, path):
-    return plot(seed_means(records, ("flops", "in_loss")), path)
+    return plot(records, path)
 
 
 def main(argv=None) -> int:

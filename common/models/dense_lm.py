@@ -119,7 +119,8 @@ def moe_settings(m) -> MoESettings:
                      capacity_factor=float(moe.capacity_factor), second_policy=moe.second_policy,
                      num_groups=int(moe.num_groups), router_noise=float(moe.router_noise),
                      balance_weight=float(moe.balance_weight), z_loss_weight=float(moe.z_loss_weight),
-                     grouped_impl=moe.get("grouped_impl", "auto"))
+                     grouped_impl=moe.get("grouped_impl", "auto"),
+                     eval_capacity_token_fraction=float(moe.get("eval_capacity_token_fraction", 0.0)))
 
 
 def stack_blocks(blocks: Sequence[Block]) -> Block:

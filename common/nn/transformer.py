@@ -12,6 +12,7 @@ from flax import nnx
 from common.nn.attention import Attention
 from common.nn.kv_cache import KVCache
 from common.nn.mlp import SwiGLU
+from common.nn.moe import MoE
 from common.nn.norms import RMSNorm
 
 
@@ -58,13 +59,19 @@ class Block(nnx.Module):
     self.ffn = ffn if ffn is not None else SwiGLU(s.d_model, s.d_ff, rngs=rngs, dtype=dtype,
                                                   out_scale=s.out_scale)
 
+  def _ffn(self, h: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """An MoE ffn routes only real tokens (padding: segment id 0, as `common.data.packing` writes it)."""
+    if isinstance(self.ffn, MoE):
+      return self.ffn(h, mask=segment_ids > 0)
+    return self.ffn(h)
+
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    return x + self.ffn(self.ffn_norm(x))
+    return x + self._ffn(self.ffn_norm(x), segment_ids)
 
   def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache,
              advance: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """`__call__` on new tokens with the layer's key/value cache (`Attention.decode`): (x, updated cache)."""
     attn_out, cache = self.attn.decode(self.attn_norm(x), positions, segment_ids, cache, advance)
     x = x + attn_out
-    return x + self.ffn(self.ffn_norm(x)), cache
+    return x + self._ffn(self.ffn_norm(x), segment_ids), cache

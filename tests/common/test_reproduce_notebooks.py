@@ -42,9 +42,11 @@ def moe_runs(seed):
   for d, c in ((32, 1e11), (48, 2e11), (64, 4e11)):
     for family, k in (("dense", 1.0), ("moe", 2.0 + seed)):
       loss = 1.0 + 10 * (k * c) ** -0.1
+      points = [1.0 + 10 * (k * c * f) ** -0.1 for f in (0.25, 0.5, 0.75, 1.0)]
       rows.append(dict(family=family, d_model=d, seed=seed, budget=d, flops=c, in_loss=loss, ood_loss=loss + 0.5,
                        in_ppl=2.7 ** loss, ood_ppl=2.7 ** (loss + 0.5), params=dict(non_embedding=1e5),
-                       **{"0shot": 0.3, "4shot": 0.4}))
+                       curve=curve(points, c / 4), routing=dict(fraction_dropped=0.1, max_load_ratio=1.5,
+                                                                 balance_loss=1.01), **{"0shot": 0.3, "4shot": 0.4}))
   return rows
 
 

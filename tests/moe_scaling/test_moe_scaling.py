@@ -13,6 +13,11 @@ from moe_scaling.configs.tiny import get_config
 from moe_scaling.reproduce import summarize
 
 
+def test_paper_configs_use_fairseqs_second_expert_rule_and_dropless_evaluation():
+  moe = get_config("family=moe,d_model=32").model.moe
+  assert moe.second_policy == "sampling" and moe.eval_capacity_token_fraction == 0.0
+
+
 def _paired(d_model, pairing, experts=8):
   dense = get_config(f"family=dense,d_model={d_model}").model
   moe = get_config(f"family=moe,d_model={d_model},experts={experts},pairing={pairing}").model
@@ -63,6 +68,7 @@ def test_lm_rows_are_shifted_byte_ids():
   np.testing.assert_array_equal(rows["targets"][0], [97 + 3, 98 + 3, 1, 0])
   np.testing.assert_array_equal(rows["inputs"][0], [0, 97 + 3, 98 + 3, 1])
   np.testing.assert_array_equal(rows["loss_mask"][0], [1, 1, 1, 0])
+  np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 0])  # padding: segment 0, never routed
 
 
 @pytest.mark.parametrize("task", sorted(data.TASKS))
@@ -107,3 +113,13 @@ def test_choice_rows_score_only_the_choice_after_the_prompt():
   np.testing.assert_array_equal(rows["targets"][1], [ord(c) + 3 for c in "defyz"])
   np.testing.assert_array_equal(rows["loss_mask"][1], [0, 0, 0, 1, 1])
   np.testing.assert_array_equal(rows["inputs"][1], [0] + [ord(c) + 3 for c in "defy"])
+  short = evaluate.choice_rows("ab", ["x"], seq_len=5)
+  np.testing.assert_array_equal(short["segment_ids"][0], [1, 1, 1, 0, 0])
+
+
+def test_rows_added_to_fill_a_batch_are_padding():
+  rows = evaluate.pad_rows(evaluate.choice_rows("abc", ["x", "y"], seq_len=6), 4)
+  assert len(rows["inputs"]) == 4
+  for key in ("inputs", "targets", "segment_ids", "loss_mask"):
+    assert not rows[key][2:].any()
+  np.testing.assert_array_equal(rows["positions"][3], np.arange(6))

@@ -59,6 +59,8 @@ def frozen_step():
   steps only through the router noise; and the state and batch it runs on."""
   from common import sharding
   cfg = moe_cfg()
+  # Evaluation with the training capacity (16 = 0.5 x the 32 tokens of a group) so that its loss is comparable.
+  cfg.model.moe.eval_capacity_token_fraction = 0.5
   task = make_task(cfg)
   mesh = sharding.make_mesh((1,), ("data",), jax.devices()[:1])
   optimizer, schedule = optax.sgd(0.0), optax.constant_schedule(0.0)

@@ -7,6 +7,15 @@ capacity, the balancing loss and every statistic are per group, then averaged ov
 model hyperparameter, not a property of the mesh, so a model computes the same numbers on any mesh; under a
 mesh with an `expert` axis the expert-parallel path (`parallel.py`) needs `num_groups` to be a multiple of the
 number of token shards.
+
+Padding: with a token mask (True = real token; `Block` passes `segment_ids > 0`) padded tokens are never
+routed (no slot, no grouped-matmul row, zero output) and every statistic is a mean over real tokens only:
+each group's over its real tokens, groups weighted by their numbers of real tokens (equal weights without
+padding; a group of padding only counts for nothing).
+
+Evaluation (`training=False`): token choice with capacity uses `eval_capacity_token_fraction` (fairseq's
+`--moe-eval-capacity-token-fraction`): ceil(f * S) slots per expert, or for f <= 0 no capacity at all, so
+that a sequence's scores do not depend on the sequences batched with it.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from common.nn.moe import routing
 
 ROUTINGS = ("token_choice", "expert_choice")
 MODES = ("capacity", "dropless")
-SECOND_POLICIES = ("all", "sampling")
+SECOND_POLICIES = routing.SECOND_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +42,13 @@ class MoESettings:
   routing: str = "token_choice"     # 'token_choice' | 'expert_choice'
   mode: str = "capacity"            # token choice: 'capacity' (GShard/fairseq) | 'dropless' (grouped matmul)
   capacity_factor: float = 1.0      # token choice: slots = cf * k * ceil(S/E); expert choice: cf * S / E
-  second_policy: str = "all"        # 'all' | 'sampling' (needs an rng)
+  second_policy: str = "all"        # 'all' | 'sampling' (fairseq, Gumbel) | 'random' (GShard); need an rng
   num_groups: int = 1
   router_noise: float = 0.0         # std of Gaussian noise on the logits (needs an rng)
   balance_weight: float = 0.01      # Artetxe et al. 2021 / fairseq default
   z_loss_weight: float = 0.0
   grouped_impl: str = "auto"        # dropless: grouped-matmul implementation (common.kernels.grouped_matmul)
+  eval_capacity_token_fraction: float = 0.0  # token choice with capacity, evaluation: ceil(f * S) slots; <= 0 none
 
   def __post_init__(self):
     if self.n_experts < 1:
@@ -97,21 +107,24 @@ def _run_slots(x, dispatch, gate_up, down, expert_axis):
 
 
 def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, expert_axis, impl="auto"):
-  """Every assignment executed: rows sorted by expert, a grouped matmul (`impl`), rows unsorted and gated. Under
-  shard_map the tokens of all shards of `expert_axis` are gathered, each shard runs its own experts' rows,
-  and a reduce-scatter returns each token's sum to its shard (no capacity, hence no fixed-size all-to-all)."""
+  """Every kept assignment executed (those not attempted, padding and sampled-out choices, get no row): rows
+  sorted by expert, a grouped matmul (`impl`), rows unsorted and gated. Under shard_map the tokens of all
+  shards of `expert_axis` are gathered, each shard runs its own experts' rows, and a reduce-scatter returns
+  each token's sum to its shard (no capacity, hence no fixed-size all-to-all)."""
   g, s, d = x.shape
   k = assign.expert.shape[-1]
-  rows, expert, gate = x.reshape(g * s, d), assign.expert.reshape(-1), assign.gate.reshape(g * s, k)
+  rows, gate = x.reshape(g * s, d), assign.gate.reshape(g * s, k)
+  expert = jnp.where(assign.kept, assign.expert, n_experts).reshape(-1)  # n_experts: not executed
   local_expert = expert
   if expert_axis is not None:
     rows = jax.lax.all_gather(rows, expert_axis, tiled=True)
     expert = jax.lax.all_gather(expert, expert_axis, tiled=True)
     gate = jax.lax.all_gather(gate, expert_axis, tiled=True)
     first = jax.lax.axis_index(expert_axis) * gate_up.shape[0]
-    local_expert = (expert - first) % n_experts  # this shard's experts first, in order
+    # This shard's experts first, in order; unexecuted assignments last.
+    local_expert = jnp.where(expert < n_experts, (expert - first) % n_experts, n_experts)
   order = jnp.argsort(local_expert, stable=True)
-  group_sizes = jnp.bincount(local_expert, length=n_experts)[:gate_up.shape[0]].astype(jnp.int32)
+  group_sizes = jnp.bincount(local_expert, length=n_experts + 1)[:gate_up.shape[0]].astype(jnp.int32)
   out = experts_lib.run_grouped(rows[order // k], gate_up, down, group_sizes, impl=impl)
   out = out[jnp.argsort(order)].reshape(-1, k, d).astype(jnp.promote_types(out.dtype, gate.dtype))
   y = jnp.sum(out * gate[..., None], axis=1)
@@ -120,12 +133,24 @@ def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, exper
   return y.reshape(g, s, d)
 
 
+def _group_mean(per_group: jax.Array, n_real: jax.Array, stat_axes) -> jax.Array:
+  """Mean over groups of per-group statistics [G, ...], each group weighted by its number of real tokens
+  n_real [G], over the groups of every shard of `stat_axes` (the shard_map axes the groups are split over)."""
+  w = n_real.reshape(n_real.shape + (1,) * (per_group.ndim - 1))
+  total, count = jnp.sum(per_group * w, axis=0), jnp.sum(n_real)
+  if stat_axes:
+    total, count = jax.lax.psum((total, count), stat_axes)
+  return total / jnp.maximum(count, 1.0)
+
+
 def moe_forward(settings: MoESettings, params: dict, x: jax.Array, rng: jax.Array | None = None, *,
-                group_offset=0, expert_axis: str | None = None) -> tuple[jax.Array, dict]:
+                mask: jax.Array | None = None, training: bool = True, group_offset=0,
+                expert_axis: str | None = None, stat_axes: tuple[str, ...] = ()) -> tuple[jax.Array, dict]:
   """x [G, S, d] -> (y [G, S, d] in x.dtype, aux). `params`: router [d, E], gate_up, down (the local shard of
-  experts when `expert_axis` names the shard_map axis they are split over). aux holds per-group means:
-  aux_loss (weighted, to be added to the objective), balance_loss, z_loss, router_entropy,
-  fraction_dropped and expert_load [E] (share of routed assignments per expert)."""
+  experts when `expert_axis` names the shard_map axis they are split over). mask [G, S] bool: True on real
+  tokens (None: all real). `training` False: the evaluation capacity (module doc). aux holds means over the
+  real tokens (module doc): aux_loss (weighted, to be added to the objective), balance_loss, z_loss,
+  router_entropy, fraction_dropped and expert_load [E] (share of routed assignments per expert)."""
   st = settings
   n_groups, n_tokens, _ = x.shape
   keys = _group_keys(rng, n_groups, group_offset)
@@ -139,38 +164,46 @@ def moe_forward(settings: MoESettings, params: dict, x: jax.Array, rng: jax.Arra
   probs = jax.nn.softmax(routed_logits, axis=-1)
   sample_keys = None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
   e = st.n_experts
+  real = jnp.ones((n_groups, n_tokens), bool) if mask is None else mask.astype(bool)
+  n_real = jnp.sum(real, axis=1).astype(router_dtype)
 
   if st.routing == "expert_choice":
     capacity = routing.expert_capacity(n_tokens, e, st.capacity_factor)
-    dispatch = jax.vmap(lambda p: routing.assign_expert_choice(p, capacity))(probs)
+    dispatch = jax.vmap(lambda p, m: routing.assign_expert_choice(p, capacity, m))(probs, real)
     y = _run_slots(x, dispatch, params["gate_up"], params["down"], expert_axis)
     taken = jax.vmap(lambda t: jnp.zeros(n_tokens + 1, bool).at[t.reshape(-1)].set(True)[:n_tokens])(
         dispatch.slot_token)
-    balance = jnp.zeros(())
-    dropped = 1.0 - jnp.mean(taken.astype(jnp.float32))
-    load = jnp.full((e,), 1.0 / e)
+    balance = jnp.zeros((n_groups,))
+    dropped = 1.0 - jnp.sum(taken & real, axis=1) / jnp.maximum(n_real, 1.0)
+    load = jnp.full((n_groups, e), 1.0 / e)
   else:
-    capacity = routing.token_capacity(n_tokens, e, st.top_k, st.capacity_factor) if st.mode == "capacity" else None
-    assign_fn = lambda p, key: routing.assign_token_choice(p, st.top_k, capacity, second_policy=st.second_policy,
-                                                            rng=key)
-    assign = jax.vmap(assign_fn)(probs, sample_keys) if sample_keys is not None else \
-        jax.vmap(lambda p: assign_fn(p, None))(probs)
-    if st.mode == "capacity":
+    if st.mode == "dropless":
+      capacity = None
+    elif training:
+      capacity = routing.token_capacity(n_tokens, e, st.top_k, st.capacity_factor)
+    else:
+      capacity = routing.eval_capacity(n_tokens, st.eval_capacity_token_fraction)
+    assign_fn = lambda p, key, m: routing.assign_token_choice(p, st.top_k, capacity, second_policy=st.second_policy,
+                                                               rng=key, mask=m)
+    assign = jax.vmap(assign_fn)(probs, sample_keys, real) if sample_keys is not None else \
+        jax.vmap(lambda p, m: assign_fn(p, None, m))(probs, real)
+    if capacity is not None:
       dispatch = jax.vmap(lambda a: routing.dispatch_from_assignment(a, e, capacity))(assign)
       y = _run_slots(x, dispatch, params["gate_up"], params["down"], expert_axis)
     else:
       y = _run_dropless(x, assign, params["gate_up"], params["down"], e, expert_axis, st.grouped_impl)
-    balance = jnp.mean(jax.vmap(router_lib.balance_loss)(probs, assign.expert[..., 0]))
+    balance = jax.vmap(router_lib.balance_loss)(probs, assign.expert[..., 0], real)
     active = assign.active
     n_active = jnp.maximum(jnp.sum(active, axis=(1, 2)), 1)
-    dropped = jnp.mean(1.0 - jnp.sum(assign.kept, axis=(1, 2)) / n_active)
+    dropped = 1.0 - jnp.sum(assign.kept, axis=(1, 2)) / n_active
     routed = jax.nn.one_hot(assign.expert, e, dtype=jnp.float32) * active[..., None]
-    load = jnp.mean(jnp.sum(routed, axis=(1, 2)) / n_active[:, None], axis=0)
+    load = jnp.sum(routed, axis=(1, 2)) / n_active[:, None]
 
-  z = jnp.mean(jax.vmap(router_lib.z_loss)(logits))
+  mean = lambda v: _group_mean(v, n_real, stat_axes)
+  balance, z = mean(balance), mean(jax.vmap(router_lib.z_loss)(logits, real))
   aux = dict(
       aux_loss=st.balance_weight * balance + st.z_loss_weight * z,
       balance_loss=balance, z_loss=z,
-      router_entropy=jnp.mean(jax.vmap(router_lib.entropy)(probs)),
-      fraction_dropped=dropped, expert_load=load)
+      router_entropy=mean(jax.vmap(router_lib.entropy)(probs, real)),
+      fraction_dropped=mean(dropped), expert_load=mean(load))
   return y.astype(x.dtype), aux

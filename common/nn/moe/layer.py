@@ -3,6 +3,10 @@ replace the SwiGLU of any `common.nn.Block`; its computation is `forward.moe_for
 form, `parallel.sharded_moe_forward`, under a mesh with an `expert` axis). Its auxiliary losses and routing
 statistics are sown into an `nnx.Intermediate` named `moe_aux` that `pop_moe_aux` collects after the forward
 pass (a Block cannot return them).
+
+A token mask (True = real token; `Block` passes `segment_ids > 0`) keeps padding out of the routing and the
+statistics; inside a train step (`common.nn.training_rng.in_training`) the layer uses its training capacity,
+outside it the evaluation capacity (`forward` module doc).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from common.nn.moe import experts as experts_lib
 from common.nn.moe import parallel
 from common.nn.moe import router as router_lib
 from common.nn.moe.forward import MoESettings, moe_forward
-from common.nn.training_rng import next_training_key
+from common.nn.training_rng import in_training, next_training_key
 
 
 class MoE(nnx.Module):
@@ -35,23 +39,29 @@ class MoE(nnx.Module):
   def params(self) -> dict:
     return dict(router=self.router.kernel[...], gate_up=self.experts.gate_up[...], down=self.experts.down[...])
 
-  def apply(self, x: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """(y, aux) without sowing; rng enables router noise and second-expert sampling (training)."""
+  def apply(self, x: jax.Array, rng: jax.Array | None = None, *, mask: jax.Array | None = None,
+            training: bool = True) -> tuple[jax.Array, dict]:
+    """(y, aux) without sowing; rng enables router noise and second-expert sampling (training); mask [...]
+    (x's leading shape, True = real token) keeps padding out; `training` False: the evaluation capacity."""
     shape = x.shape
     tokens = x.reshape(-1, shape[-1]).astype(self.dtype)
+    flat_mask = None if mask is None else mask.reshape(-1)
     n_groups = self.settings.num_groups
     if tokens.shape[0] % n_groups:
       raise ValueError(f"moe.num_groups={n_groups} does not divide the {tokens.shape[0]} tokens of the batch")
     mesh = parallel.current_expert_mesh() if self.expert_parallel else None
     if mesh is not None:
-      y, aux = parallel.sharded_moe_forward(self.settings, self.params(), tokens, rng, mesh)
+      y, aux = parallel.sharded_moe_forward(self.settings, self.params(), tokens, rng, mesh, mask=flat_mask,
+                                            training=training)
     else:
-      y, aux = moe_forward(self.settings, self.params(), tokens.reshape(n_groups, -1, shape[-1]), rng)
+      y, aux = moe_forward(self.settings, self.params(), tokens.reshape(n_groups, -1, shape[-1]), rng,
+                           mask=None if mask is None else flat_mask.reshape(n_groups, -1), training=training)
     return y.reshape(shape), aux
 
-  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """Inside a model, without `rng`: the train step's key (`common.nn.training_rng`), none in evaluation."""
-    y, aux = self.apply(x, rng if rng is not None else next_training_key())
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None, *, mask: jax.Array | None = None) -> jax.Array:
+    """Inside a model, without `rng`: the train step's key (`common.nn.training_rng`), none in evaluation;
+    training or evaluation capacity as `in_training()` says."""
+    y, aux = self.apply(x, rng if rng is not None else next_training_key(), mask=mask, training=in_training())
     self.sow(nnx.Intermediate, "moe_aux", aux)
     return y
 

@@ -5,7 +5,9 @@ Tokens are split over every batch axis of the mesh (`common.sharding.RULES['batc
 groups of tokens, so the routing is identical to the unsharded layer's as long as each shard holds whole
 groups; capacity buffers go to the experts' owners with one all-to-all and come back with another. The
 dropless mode has no fixed buffer size, so it gathers the tokens of the expert axis, runs each shard's own
-experts and reduce-scatters the sums instead. Statistics are averaged over all groups with a pmean.
+experts and reduce-scatters the sums instead. Statistics are averaged over all groups of all shards (each
+group weighted by its real tokens, `forward._group_mean`, summed with a psum). The token mask travels with
+the tokens.
 
 The path is taken when the layer is traced under a mesh (`jax.set_mesh`) whose `expert` axis has size > 1;
 otherwise the plain layer runs and XLA's SPMD partitioner places it.
@@ -35,9 +37,10 @@ def token_axes(mesh) -> tuple[str, ...]:
   return tuple(a for a in RULES["batch"] if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
-def sharded_moe_forward(settings: MoESettings, params: dict, tokens: jax.Array, rng, mesh):
-  """tokens [T, d] -> (y [T, d], aux), experts on the `expert` axis of `mesh`; the numbers of
-  `moe_forward` on `tokens.reshape(num_groups, -1, d)`."""
+def sharded_moe_forward(settings: MoESettings, params: dict, tokens: jax.Array, rng, mesh, *,
+                        mask: jax.Array | None = None, training: bool = True):
+  """tokens [T, d] (mask [T] bool or None) -> (y [T, d], aux), experts on the `expert` axis of `mesh`; the
+  numbers of `moe_forward` on `tokens.reshape(num_groups, -1, d)`."""
   axes = token_axes(mesh)
   n_shards = math.prod(mesh.shape[a] for a in axes)
   ep = mesh.shape[EXPERT_AXIS]
@@ -50,18 +53,19 @@ def sharded_moe_forward(settings: MoESettings, params: dict, tokens: jax.Array, 
   d = tokens.shape[-1]
   tok_spec = P(axes if len(axes) > 1 else axes[0], None)
 
-  def body(router, gate_up, down, x, key):
+  def body(router, gate_up, down, x, key, m):
     shard = 0
     for a in axes:
       shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
     y, aux = moe_forward(settings, dict(router=router, gate_up=gate_up, down=down),
-                         x.reshape(local_groups, -1, d), key, group_offset=shard * local_groups,
-                         expert_axis=EXPERT_AXIS)
-    aux = jax.tree.map(lambda v: jax.lax.pmean(v, axes), aux)
+                         x.reshape(local_groups, -1, d), key, mask=None if m is None else m.reshape(local_groups, -1),
+                         training=training, group_offset=shard * local_groups, expert_axis=EXPERT_AXIS,
+                         stat_axes=axes)
     return y.reshape(-1, d), aux
 
   key_spec = P() if rng is not None else None
+  mask_spec = P(tok_spec[0]) if mask is not None else None
   fn = jax.shard_map(body, mesh=mesh,
-                     in_specs=(P(), P(EXPERT_AXIS), P(EXPERT_AXIS), tok_spec, key_spec),
+                     in_specs=(P(), P(EXPERT_AXIS), P(EXPERT_AXIS), tok_spec, key_spec, mask_spec),
                      out_specs=(tok_spec, P()))
-  return fn(params["router"], params["gate_up"], params["down"], tokens, rng)
+  return fn(params["router"], params["gate_up"], params["down"], tokens, rng, mask)
