@@ -12,13 +12,16 @@ modality group, or all experts of a mixed-modal MoE) or 1 (an MoD layer). A toke
 its own modality's group; the other experts are not eligible for it.
 
 Causal routing rules (`causal_decisions`):
-  * experts: each token goes to the top-1 expert of its group by predicted probability. Expert choice with
-    capacity c = 1 / E_m gives every expert N_m / E_m tokens, so one expert per token on average; top-1 keeps
-    exactly that compute per token, drops no token (a token below 0.5 everywhere would otherwise skip the FFN)
-    and never runs two experts. `rule='threshold'` (every expert whose probability > 0.5, the literal BCE
-    reading) is reported beside it, with the experts per token it spends.
-  * MoD: the token goes through the block when the predicted probability > 0.5 (Raposo et al., sec. 3.5); the
-    fraction that does is reported, since it is no longer fixed by the capacity.
+  * experts, `rule='threshold'` (the default, DEFAULT_RULE): every expert of the token's group whose predicted
+    probability > 0.5, the literal reading of the per-expert BCE classifiers; a token may take none (it keeps
+    the residual, as a token expert choice dropped) or several. In the reduced study of moma/README.md its
+    gap to teacher forcing was about a tenth of top-1's, at fewer experts per token (0.9), so it is the rule
+    of the causal figures.
+  * experts, `rule='top1'`: the top-1 expert of the token's group. Expert choice with capacity c = 1 / E_m
+    gives every expert N_m / E_m tokens, one expert per token on average; top-1 keeps exactly that compute,
+    drops no token and never runs two experts. Reported beside the default with its gap.
+  * MoD (both rules): the token goes through the block when the predicted probability > 0.5 (Raposo et al.,
+    sec. 3.5); the fraction that does is reported, since it is no longer fixed by the capacity.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from flax import nnx
 from common.nn import Linear
 
 KINDS = ("experts", "mod")
-RULES = ("top1", "threshold")
+RULES = ("threshold", "top1")
+DEFAULT_RULE = "threshold"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +129,9 @@ def routing_bce(routers: AuxRouters, router_inputs: list[jax.Array], decisions: 
   return total
 
 
-def causal_decisions(layer: RoutedLayer, logits: jax.Array, rule: str = "top1") -> jax.Array:
-  """bool [B, L, n_columns] from aux logits (see the module docstring): 'top1' of the token's group for
-  experts, probability > 0.5 for MoD and for experts under 'threshold'."""
+def causal_decisions(layer: RoutedLayer, logits: jax.Array, rule: str = DEFAULT_RULE) -> jax.Array:
+  """bool [B, L, n_columns] from aux logits (see the module docstring): probability > 0.5 for MoD and for
+  experts under 'threshold', the top-1 of the token's group for experts under 'top1'."""
   if rule not in RULES:
     raise ValueError(f"rule must be one of {RULES}, got '{rule}'")
   if layer.kind == "mod" or rule == "threshold":
@@ -195,7 +199,7 @@ def routing_targets(model, layers: list[RoutedLayer], batch: dict):
   return inputs, decisions, masks
 
 
-def causal_forward(model, routers: AuxRouters, batch: dict, rule: str = "top1"):
+def causal_forward(model, routers: AuxRouters, batch: dict, rule: str = DEFAULT_RULE):
   """(logits [B, L, V], decisions, sums) of the model routed by the aux routers alone: layer by layer, each
   routed layer's decisions come from `causal_decisions` on its router input, computed by a pass with all
   earlier decisions fixed (`MoMaLM.trace_routing(routing=...)`); one pass per routed layer, then the final

@@ -6,11 +6,15 @@ all modalities (the paper's default) and whose FFNs are, per `model.moma`:
   * `experts=(E_text, E_image[, E_audio])`: modality groups, expert choice inside each (MoMa, sec. 2.2;
     `common.nn.moe.modality_groups`), in every `every`-th layer (the others keep the dense SwiGLU);
 and `mod_layers` (0-based layer indices) wraps those layers in mixture-of-depths (`moma.mod`, sec. 2.3) with
-`mod_capacity` of each row's tokens going through.
+`mod_capacity` of each row's real tokens going through.
 
 Called as `model(inputs, positions, segment_ids, modality) -> logits f32 [B, L, V]` (the mixed-modal contract);
-routing statistics are sown into `nnx.Intermediate` ('moe_aux' per expert layer, 'mod_aux' per routed layer) and
-`moma_loss_terms(model, weight)` turns them into the objective term and metrics after a forward pass.
+padding (segment id 0) is routed nowhere: the expert layers see it with modality -1 (no group: it takes no
+expert slot and is not counted in any capacity or statistic) and MoD layers never let it through, so the real
+tokens' logits do not depend on the padding. Routing statistics are sown into `nnx.Intermediate` ('moe_aux'
+per expert layer, 'mod_aux' per routed layer) and `moma_loss_terms(model, weight)` turns them into the objective
+term and metrics after a forward pass. `model.moma.routing_groups=0` ranks the tokens of each sequence apart
+(expert choice then sees no other row; it still sees the sequence's later tokens).
 
 For the auxiliary routers of causal inference (MoMa sec. 2.4) two entry points:
   * `model.trace_routing(inputs, positions, segment_ids, modality) -> (logits, records)`: `records[i]` for
@@ -50,7 +54,8 @@ def validate_moma_config(m) -> None:
   require(1 <= int(mm.every) <= int(m.n_layers), "model.moma.every",
           f"must be in [1, model.n_layers={m.n_layers}], got {mm.every}")
   require(float(mm.capacity_factor) > 0, "model.moma.capacity_factor", f"must be > 0, got {mm.capacity_factor}")
-  require(int(mm.routing_groups) >= 1, "model.moma.routing_groups", f"must be >= 1, got {mm.routing_groups}")
+  require(int(mm.routing_groups) >= 0, "model.moma.routing_groups",
+          f"must be >= 0 (0 = one per sequence), got {mm.routing_groups}")
   require(float(mm.router_noise) >= 0, "model.moma.router_noise", f"must be >= 0, got {mm.router_noise}")
   require(int(mm.d_ff) >= 0, "model.moma.d_ff", f"must be >= 0 (0 = model.d_ff), got {mm.d_ff}")
   require(mm.grouped_impl in GROUPED_IMPLS, "model.moma.grouped_impl",
@@ -124,6 +129,7 @@ class MoMaLM(nnx.Module):
       segment_ids = jnp.ones_like(inputs)
     if modality is None:
       modality = jnp.zeros_like(inputs)
+    modality = jnp.where(segment_ids > 0, modality, -1)  # padding reaches no expert group
     x = self.embed(inputs)
     records = []
     for i, block in enumerate(self.blocks):

@@ -14,10 +14,13 @@ to reach that same loss (common.scaling.matching.compute_factor; below 1 when th
 and for text and image targets. The paper, at 1.4B active parameters and 1T tokens: 3.7x overall (2.6x text,
 5.2x image) for MoMa 4t4i, 3.0x for the mixed-modal MoE, 4.2x for MoMa + MoD.
 
-Then the causal-inference gap: expert choice (and MoD) route each token by comparing it with the rest of the
-batch, which decoding cannot do. For moma and moma_mod, auxiliary routers are trained on the frozen model
-(`python -m moma.train_aux_routers`, moma/aux_routers.py) and the validation loss with their causal routing is
-compared with the teacher-forced expert-choice loss.
+Those eval losses are teacher-forced and not causal: expert choice (and MoD) route each token by comparing it
+with the rest of the batch, later tokens and other rows included, which decoding cannot do. So for every routed
+variant auxiliary routers are trained on the frozen model (`python -m moma.train_aux_routers`,
+moma/aux_routers.py) and the table has a causal column beside the teacher-forced one: the final validation loss
+with each token routed by the aux routers from its own state (rule `aux_routers.DEFAULT_RULE`), and the FLOPs
+savings at that loss (the dense model is causal as it is). A second table gives the gap, the routers' accuracy
+and the other rule.
 
 Runs on the shared harness (common.reproduce): OUT/results.md (tables), OUT/results.json (read by
 notebooks/moma.ipynb) and OUT/loss_vs_flops.png (eval loss against training FLOPs per modality, one line per
@@ -39,14 +42,17 @@ from common.scaling.matching import compute_factor
 from common.scaling.runs import format_pm
 from common.tasks import mixed_modal
 from moma import train_aux_routers
+from moma.aux_routers import DEFAULT_RULE as RULE, RULES
 from moma.train import make_task
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "configs", "reproduce.py")
 VARIANTS = ("dense", "moe", "moma", "moma_mod")
 LABELS = {"dense": "dense", "moe": "mixed-modal EC MoE", "moma": "MoMa", "moma_mod": "MoMa + MoD"}
-AUX_VARIANTS = ("moma", "moma_mod")
+AUX_VARIANTS = ("moe", "moma", "moma_mod")
 PARTS = ("overall", "text", "image")
+OTHER_RULE = next(r for r in RULES if r != RULE)
+RULE_NAMES = {"threshold": "every expert with p > 0.5", "top1": "top-1 expert of the group"}
 PAPER_SAVINGS = {"dense": "1x", "moe": "3.0x", "moma": "3.7x (2.6x text, 5.2x image)", "moma_mod": "4.2x"}
 DEFAULT_STEPS, QUICK_STEPS = 2000, 4
 EVALS_PER_RUN = 10
@@ -60,29 +66,35 @@ def eval_keys(rows: list[dict]) -> dict[str, str]:
 
 
 def aux_result(workdir: str, cfg, a) -> dict:
-  """The aux routers' result of a run: read back when it was made with the same settings, else (re)made."""
+  """The aux routers' result of a run: read back when it was made with the same settings and causal rule, else
+  (re)made (the trained routers are resumed, only the evaluation reruns)."""
   steps = a.aux_steps or train_aux_routers.DEFAULT_STEPS
   eval_batches = a.aux_eval_batches or int(cfg.eval.batches)
   path = os.path.join(workdir, "aux_routers", "result.json")
   if os.path.exists(path):
     with open(path) as f:
       result = json.load(f)
-    if (result.get("steps"), result.get("eval_batches")) == (steps, eval_batches):
+    if (result.get("steps"), result.get("eval_batches"), result.get("rule")) == (steps, eval_batches, RULE):
       return result
   return train_aux_routers.run(workdir, steps=steps, eval_batches=eval_batches)
 
 
-def savings(records: list[dict]) -> dict[str, dict[str, list[float]]]:
-  """Per variant and part, the FLOPs-savings factor of each seed against that seed's dense run."""
+def savings(records: list[dict], causal: bool = False) -> dict[str, dict[str, list[float]]]:
+  """Per variant and part, the FLOPs-savings factor of each seed against that seed's dense run. `causal`: of the
+  variant's final causal loss (aux routers) at its total FLOPs, a one-point curve: the dense FLOPs to reach it
+  over the variant's when dense gets there, else dense's total over the variant's (a lower bound: the variant's
+  causal loss is not measured earlier in training)."""
   dense = {r["seed"]: r for r in records if r["variant"] == "dense"}
   out: dict[str, dict[str, list[float]]] = {}
   for r in records:
-    if r["variant"] == "dense" or r["seed"] not in dense:
+    if r["variant"] == "dense" or r["seed"] not in dense or (causal and "aux" not in r):
       continue
     base = dense[r["seed"]]["curves"]
     for part in PARTS:
-      factor = compute_factor(base[part]["flops"], base[part]["values"], r["curves"][part]["flops"],
-                              r["curves"][part]["values"])
+      flops, values = r["curves"][part]["flops"], r["curves"][part]["values"]
+      if causal:
+        flops, values = flops[-1:], [r["aux"]["causal"][part]]
+      factor = compute_factor(base[part]["flops"], base[part]["values"], flops, values)
       out.setdefault(r["variant"], {}).setdefault(part, []).append(factor)
   return out
 
@@ -90,7 +102,7 @@ def savings(records: list[dict]) -> dict[str, dict[str, list[float]]]:
 def summarize(records: list[dict]) -> list[dict]:
   """One row per variant: losses, savings and causal gaps as mean and 95% half-width over seeds."""
   t_interval = reproduce.t_interval
-  factors = savings(records)
+  factors, causal_factors = savings(records), savings(records, causal=True)
   rows = []
   for variant in dict.fromkeys(r["variant"] for r in records):
     group = [r for r in records if r["variant"] == variant]
@@ -102,14 +114,19 @@ def summarize(records: list[dict]) -> list[dict]:
       row[f"loss_{part}"] = t_interval([r["final"][part] for r in group])
       if variant in factors:
         row[f"savings_{part}"] = t_interval(factors[variant][part])
+      if variant in causal_factors:
+        row[f"causal_savings_{part}"] = t_interval(causal_factors[variant][part])
     if all("aux" in r for r in group):
       for key in ("teacher_forced", "causal", "gap"):
         for part in PARTS:
           row[f"{key}_{part}"] = t_interval([r["aux"][key][part] for r in group])
-      for key in ("bce", "accuracy", "mod_fraction", "threshold_gap_overall", "threshold_experts_per_token"):
+      keys = dict(bce="bce", accuracy="accuracy", mod_fraction="mod_fraction",
+                  experts_per_token=f"{RULE}_experts_per_token", other_gap_overall=f"{OTHER_RULE}_gap_overall",
+                  other_experts_per_token=f"{OTHER_RULE}_experts_per_token")
+      for name, key in keys.items():
         values = [r["aux"][key] for r in group if r["aux"].get(key) is not None]
         if values:
-          row[f"aux_{key}"] = t_interval(values)
+          row[f"aux_{name}"] = t_interval(values)
     rows.append(row)
   return rows
 
@@ -117,30 +134,38 @@ def summarize(records: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], command: str) -> str:
   pm = lambda pair, fmt: format_pm(pair[0], pair[1], fmt) if pair else "-"
   n_seeds = rows[0]["seeds"] if rows else 0
+  losses = lambda r, key: " / ".join(pm(r.get(f"{key}_{p}"), ".4f") for p in PARTS)
+  factors = lambda r, key: " / ".join(pm(r.get(f"{key}_{p}"), ".2f") + ("x" if f"{key}_{p}" in r else "")
+                                      for p in PARTS)
   lines = [f"`{command}`: {n_seeds} seed(s), ± = 95% t-interval over seeds. Loss: nats per target token on the "
-           "validation split (text / image: targets of that modality).", ""]
+           "validation split (text / image: targets of that modality). Teacher-forced (not causal): the eval "
+           "loss of training, each eval batch routed by expert choice and MoD top-k over the whole batch, later "
+           "tokens and other rows included. Causal: the final loss with every token routed by auxiliary routers "
+           f"from its own state ({RULE_NAMES[RULE]}; MoD: p > 0.5), and the FLOPs savings at that loss (dense FLOPs "
+           "to reach it over the variant's total; when dense never gets there, dense's total over the variant's, "
+           "a lower bound). The dense model is causal as it is.", ""]
   lines += reproduce.table(
-      ["model", "params", "train FLOPs / token", "steps", "eval loss (all / text / image)",
-       "FLOPs savings at equal loss: all", "text", "image"],
-      [([r["label"], f"{r['params'] / 1e6:.2f} M", f"{r['flops_per_token']:.3g}", r["steps"],
-         " / ".join(pm(r[f"loss_{p}"], ".4f") for p in PARTS),
-         *(pm(r.get(f"savings_{p}"), ".2f") + ("x" if f"savings_{p}" in r else "") for p in PARTS)], r["paper"])
+      ["model", "params", "train FLOPs / token", "steps", "teacher-forced eval loss (all / text / image)",
+       "FLOPs savings at equal teacher-forced loss: all", "text", "image", "causal eval loss (all / text / image)",
+       "causal FLOPs savings (all / text / image)"],
+      [([r["label"], f"{r['params'] / 1e6:.2f} M", f"{r['flops_per_token']:.3g}", r["steps"], losses(r, "loss"),
+         *(pm(r.get(f"savings_{p}"), ".2f") + ("x" if f"savings_{p}" in r else "") for p in PARTS),
+         losses(r, "loss" if r["variant"] == "dense" else "causal"), factors(r, "causal_savings")], r["paper"])
        for r in rows], paper="paper (1.4B, 1T tokens)")
   aux_rows = [r for r in rows if "causal_overall" in r]
   if aux_rows:
-    lines += ["", "Causal inference with auxiliary routers (validation; teacher-forced = expert choice over the "
-              "batch, causal = each token routed by the aux routers from its own state, top-1 of its group; "
-              "MoD: p > 0.5):", "",
+    lines += ["", f"Causal inference with auxiliary routers (validation; causal: {RULE_NAMES[RULE]}, MoD p > 0.5; "
+              f"the other rule, {RULE_NAMES[OTHER_RULE]}, in the last column):", "",
               "| model | teacher-forced loss (all / text / image) | causal loss (all / text / image) | gap (all / "
-              "text / image) | aux BCE | aux accuracy | MoD tokens through | gap with p > 0.5 experts "
-              "(experts / token) |", "|---|---|---|---|---|---|---|---|"]
+              "text / image) | aux BCE | aux accuracy | MoD tokens through | experts / token | gap with the other "
+              "rule (experts / token) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in aux_rows:
-      tf, causal, gap = (" / ".join(pm(r[f"{k}_{p}"], ".4f") for p in PARTS) for k in ("teacher_forced", "causal",
-                                                                                       "gap"))
-      thr = (pm(r.get("aux_threshold_gap_overall"), ".4f") + " (" + pm(r.get("aux_threshold_experts_per_token"),
-                                                                        ".2f") + ")")
-      lines.append(f"| {r['label']} | {tf} | {causal} | {gap} | {pm(r.get('aux_bce'), '.4f')} | "
-                   f"{pm(r.get('aux_accuracy'), '.3f')} | {pm(r.get('aux_mod_fraction'), '.3f')} | {thr} |")
+      other = (pm(r.get("aux_other_gap_overall"), ".4f") + " (" + pm(r.get("aux_other_experts_per_token"), ".2f")
+               + ")")
+      lines.append(f"| {r['label']} | {losses(r, 'teacher_forced')} | {losses(r, 'causal')} | {losses(r, 'gap')} | "
+                   f"{pm(r.get('aux_bce'), '.4f')} | {pm(r.get('aux_accuracy'), '.3f')} | "
+                   f"{pm(r.get('aux_mod_fraction'), '.3f')} | {pm(r.get('aux_experts_per_token'), '.2f')} | "
+                   f"{other} |")
   return "\n".join(lines) + "\n"
 
 
@@ -204,7 +229,7 @@ class Study(reproduce.Study):
     return make_task(mixed_modal.resolve(cfg, image_tokenizer.codebook_size(cfg.data)))
 
   def scoring(self) -> dict:
-    return dict(aux_steps=self.args.aux_steps, aux_eval_batches=self.args.aux_eval_batches)
+    return dict(aux_steps=self.args.aux_steps, aux_eval_batches=self.args.aux_eval_batches, aux_rule=RULE)
 
   def score(self, arm, cfg, task, workdir) -> dict:
     """Each part's eval curve, and for AUX_VARIANTS the aux routers' causal evaluation."""

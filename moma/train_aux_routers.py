@@ -7,7 +7,8 @@ its training batches (from position 0, in the run's data order) the model's own 
 are the BCE targets of the aux routers, which see only each token's router input. The routers are saved in
 RUN/aux_routers/checkpoints (rerunning resumes them; the run's checkpoints are never touched). Then, on the
 validation split, the loss of the model routed by expert choice over the batch (teacher-forced) is compared
-with the loss of the model routed by the aux routers token by token (causal), overall and per target modality,
+with the loss of the model routed by the aux routers token by token (causal: `causal`, under the default rule
+`aux_routers.DEFAULT_RULE`, named in `rule`; each rule's losses under its name), overall and per target modality,
 with the routers' BCE and accuracy against the expert-choice decisions; RUN/aux_routers/result.json holds it.
 """
 from __future__ import annotations
@@ -134,8 +135,9 @@ def train_routers(model, data, routers, *, steps: int, learning_rate: float, out
 
 
 def evaluate(model, routers, data, n_batches: int) -> dict:
-  """Validation: teacher-forced vs causal loss per part, aux BCE/accuracy against expert choice, the fraction of
-  tokens MoD layers let through causally, and the 'threshold' rule's gap and experts per token."""
+  """Validation: teacher-forced vs causal loss per part (`causal`: the default rule's), aux BCE/accuracy against
+  expert choice, the fraction of tokens MoD layers let through causally, and each rule's losses, overall gap and
+  experts per token."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -170,17 +172,18 @@ def evaluate(model, routers, data, n_batches: int) -> dict:
     for k, v in jax.device_get(one(model_state, routers_state, _jnp_batch(batch))).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   mean = lambda name, part: totals[f"{name}/nll/{part}"] / max(totals[f"{name}/weight/{part}"], 1.0)
-  result = {name: {part: mean(name, part) for part in PARTS} for name in ("teacher_forced", "top1", "threshold")}
-  result["causal"] = result.pop("top1")
+  rule = aux_routers.DEFAULT_RULE
+  result = {name: {part: mean(name, part) for part in PARTS} for name in ("teacher_forced", *aux_routers.RULES)}
+  result.update(rule=rule, causal=dict(result[rule]))
   result["gap"] = {p: result["causal"][p] - result["teacher_forced"][p] for p in PARTS}
   count = max(totals["count"], 1.0)
-  result.update(bce=totals["bce"] / count, accuracy=totals["correct"] / count,
-                threshold_gap_overall=result["threshold"]["overall"] - result["teacher_forced"]["overall"],
-                mod_fraction=None, threshold_experts_per_token=None)
-  if totals["top1/mod_decisions"] > 0:
-    result["mod_fraction"] = totals["top1/mod_through"] / totals["top1/mod_decisions"]
-  if totals["threshold/expert_tokens"] > 0:
-    result["threshold_experts_per_token"] = totals["threshold/experts_used"] / totals["threshold/expert_tokens"]
+  result.update(bce=totals["bce"] / count, accuracy=totals["correct"] / count, mod_fraction=None)
+  if totals[f"{rule}/mod_decisions"] > 0:
+    result["mod_fraction"] = totals[f"{rule}/mod_through"] / totals[f"{rule}/mod_decisions"]
+  for r in aux_routers.RULES:
+    result[f"{r}_gap_overall"] = result[r]["overall"] - result["teacher_forced"]["overall"]
+    tokens = totals[f"{r}/expert_tokens"]
+    result[f"{r}_experts_per_token"] = totals[f"{r}/experts_used"] / tokens if tokens > 0 else None
   return result
 
 
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
     p.error("--steps, --batch_size, --hidden and --eval_batches must be >= 0, --learning_rate > 0")
   result = run(a.workdir, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, hidden=a.hidden,
                eval_batches=a.eval_batches)
-  print(json.dumps({k: result[k] for k in ("teacher_forced", "causal", "gap", "bce", "accuracy")}, indent=1))
+  print(json.dumps({k: result[k] for k in ("rule", "teacher_forced", "causal", "gap", "bce", "accuracy")}, indent=1))
   return 0
 
 

@@ -23,14 +23,14 @@ def moma_section(**overrides) -> ml_collections.ConfigDict:
       experts=(),             # experts per modality group (text, image[, audio]); (E,) = one mixed-modal group
       every=1,                # expert FFN in every `every`-th layer
       capacity_factor=1.0,    # expert e of group m takes ceil(capacity_factor * N_m / E_m) tokens
-      routing_groups=1,       # tokens ranked within this many equal slices of the batch
+      routing_groups=1,       # tokens ranked within this many equal slices of the batch; 0 = each sequence
       router_noise=0.0,       # logistic (Gumbel-sigmoid) noise on the router logits, training only
       z_loss_weight=0.0,
       d_ff=0,                 # expert width; 0 = model.d_ff (FLOPs-matched with the dense FFN)
       grouped_impl="auto",
       expert_parallel=True,
       mod_layers=(),          # 0-based indices of the layers wrapped in mixture-of-depths; () = none
-      mod_capacity=0.25,      # share of each row's tokens a routed layer processes
+      mod_capacity=0.25,      # share of each row's real tokens a routed layer processes
   ))
   s.update(overrides)
   return s

@@ -130,17 +130,21 @@ def test_training_reduces_the_bce_against_expert_choice_decisions(model, tmp_pat
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["40"]
 
 
-def test_causal_routing_never_lets_a_later_token_change_an_earlier_one(model):
+@pytest.mark.parametrize("rule", aux_routers.RULES)
+def test_causal_routing_never_lets_a_later_token_change_an_earlier_one(model, rule):
+  """Positions >= cut change (a padded row's padding with them): under the aux routers no logit or decision
+  before cut moves; under the model's own expert choice and MoD top-k they do."""
   routers = aux_routers.AuxRouters(aux_routers.routed_layers(model), D_MODEL, 32, rngs=nnx.Rngs(params=1))
   a = RandomRows().train_batch(0)
+  a["segment_ids"][3, 12:] = 0  # padding at the end of the last row
   b = {k: v.copy() for k, v in a.items()}
   cut = 9
   b["inputs"][:, cut:] = RandomRows().train_batch(1)["inputs"][:, cut:]
   b["modality"] = (b["inputs"] >= 64).astype(np.int32)
   a, b = _as_jnp(a), _as_jnp(b)
-  causal = nnx.jit(aux_routers.causal_forward)
-  logits_a, decided_a, _ = causal(model, routers, a)
-  logits_b, decided_b, _ = causal(model, routers, b)
+  causal = nnx.jit(aux_routers.causal_forward, static_argnames="rule")
+  logits_a, decided_a, _ = causal(model, routers, a, rule=rule)
+  logits_b, decided_b, _ = causal(model, routers, b, rule=rule)
   np.testing.assert_allclose(logits_a[:, :cut], logits_b[:, :cut], atol=1e-5, rtol=1e-5)
   assert not np.allclose(logits_a[:, cut:], logits_b[:, cut:])
   for da, db in zip(decided_a, decided_b):
@@ -148,6 +152,6 @@ def test_causal_routing_never_lets_a_later_token_change_an_earlier_one(model):
     for key in da:
       np.testing.assert_array_equal(da[key][:, :cut], db[key][:, :cut])
   # Teacher-forced expert choice and MoD top-k are not causal: the same change moves earlier logits.
-  tf_a = model(a["inputs"], a["positions"], a["segment_ids"], a["modality"])
-  tf_b = model(b["inputs"], b["positions"], b["segment_ids"], b["modality"])
+  forward = nnx.jit(lambda m, batch: m(batch["inputs"], batch["positions"], batch["segment_ids"], batch["modality"]))
+  tf_a, tf_b = forward(model, a), forward(model, b)
   assert not np.allclose(tf_a[:, :cut], tf_b[:, :cut], atol=1e-5)

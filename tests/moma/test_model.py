@@ -1,7 +1,8 @@
 """The MoMa model (moma.model, moma.mod): every variant runs and trains, FLOPs per token against hand counts,
 mixture-of-depths capacity and skip path against the block run by hand on the chosen tokens, replayed routing
-decisions, and causality under fixed routing (learned expert-choice and MoD top-k over a row are not causal:
-a later token can change which earlier tokens are chosen, which is why MoMa trains auxiliary routers)."""
+decisions, padding that takes no expert or MoD slot, and causality under fixed routing (learned expert-choice
+and MoD top-k over a row are not causal: a later token can change which earlier tokens are chosen, which is why
+MoMa trains auxiliary routers)."""
 import math
 
 import jax
@@ -142,9 +143,11 @@ def test_fixed_routing_is_causal():
 
 def test_expert_sharded_model_equals_unsharded():
   """MoMa + MoD with experts split over an `expert` axis of 8 devices (one routing group per shard, in the
-  full layers and among the tokens a MoD layer keeps) gives the unsharded logits."""
+  full layers and among the tokens a MoD layer keeps; a padded row and an all-padding one) gives the unsharded
+  logits."""
   model = build_moma_model(_cfg("moma_mod", moma=dict(experts=(4, 4), routing_groups=8)), seed=0)
-  batch = _batch(b=8)
+  inputs, positions, segment_ids, modality = _batch(b=8)
+  batch = inputs, positions, segment_ids.at[2, 5:].set(0).at[7].set(0), modality  # with padding
   forward = nnx.jit(lambda m, *b: m(*b))
   logits = forward(model, *batch)
   nnx.pop(model, nnx.Intermediate)
@@ -156,6 +159,51 @@ def test_expert_sharded_model_equals_unsharded():
     logits_s = forward(model, *placed)
   assert model.blocks[1].block.ffn.experts.gate_up[...].sharding.spec[0] == "expert"
   np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+
+def _padded_batch(lengths, width, pad_seed):
+  """Rows of `width` whose first lengths[r] positions are fixed real tokens (two documents in row 0) and whose
+  other positions are padding (segment 0) with ids, modalities and positions drawn from `pad_seed`."""
+  real = np.random.default_rng(0)
+  ids, mods = real.integers(0, V, (4, 32)), real.integers(0, 2, (4, 32))
+  pad = np.random.default_rng(pad_seed)
+  inputs, modality = pad.integers(0, V, (len(lengths), width)), pad.integers(0, 2, (len(lengths), width))
+  positions, segment_ids = pad.integers(0, width, (len(lengths), width)), np.zeros((len(lengths), width), int)
+  for r, n in enumerate(lengths):
+    inputs[r, :n], modality[r, :n], positions[r, :n], segment_ids[r, :n] = ids[r, :n], mods[r, :n], np.arange(n), 1
+  positions[0, 10:lengths[0]] -= 10
+  segment_ids[0, 10:lengths[0]] = 2
+  return tuple(jnp.asarray(a, jnp.int32) for a in (inputs, positions, segment_ids, modality))
+
+
+def test_padding_takes_no_expert_or_mod_slot():
+  """Real tokens get the same logits whatever the padding after them (more of it, other contents, an extra
+  all-padding row); no expert and no MoD layer picks a padding token; capacities count real tokens only."""
+  model = build_moma_model(_cfg("moma_mod"), seed=0)  # experts 2 + 2 in both layers, MoD on layer 1
+  lengths = (16, 11)
+  small = _padded_batch(lengths, 16, pad_seed=1)
+  large = _padded_batch(lengths + (0,), 24, pad_seed=2)
+  logits_small, records_small = _trace(model, *small)
+  logits_large, records_large = _trace(model, *large)
+  real = np.asarray(small[2]) > 0
+  np.testing.assert_allclose(np.asarray(logits_large)[:2, :16][real], np.asarray(logits_small)[real],
+                             rtol=1e-5, atol=1e-5)
+  for batch, records in ((small, records_small), (large, records_large)):
+    pad = np.asarray(batch[2]) == 0
+    for layer in records:
+      assert not np.asarray(layer["expert_selected"])[pad].any()
+    mod_selected = np.asarray(records[1]["mod_selected"])
+    assert not mod_selected[pad].any()
+    # MoD lets ceil(0.25 n) of a row's n real tokens through (none of an all-padding row).
+    np.testing.assert_array_equal(mod_selected.sum(1), [math.ceil(0.25 * n) for n in lengths + (0,)][:len(pad)])
+    # Layer 0's experts (no MoD): expert e of group m takes ceil(N_m / 2) of the N_m real tokens of modality m.
+    modality = np.asarray(batch[3])
+    n_real = [int(np.sum(~pad & (modality == m))) for m in (0, 1)]
+    np.testing.assert_array_equal(np.asarray(records[0]["expert_selected"]).sum((0, 1)),
+                                  [math.ceil(n_real[m] / 2) for m in (0, 0, 1, 1)])
+  # The masked full-length form of MoD, fed the gathered form's decisions, agrees on the real tokens.
+  replayed = np.asarray(_replay(model, _decisions(records_large), *large))[:2, :16][real]
+  np.testing.assert_allclose(replayed, np.asarray(logits_small)[real], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("key,moma,override", [

@@ -139,6 +139,40 @@ def test_supplied_selection_is_run_as_given_within_each_group():
     np.testing.assert_allclose(np.asarray(y)[0, t], want, rtol=1e-4, atol=1e-5)
 
 
+def test_negative_modality_is_invisible_to_the_routing_and_its_statistics():
+  """Tokens of modality -1 (padding) among real ones: the real tokens' outputs, selections and every statistic
+  equal those of the real tokens routed alone; the padded ones get no expert and a zero output."""
+  layer = _layer((2, 2), routing_groups=2)
+  x, modality = _inputs(2, 10, 2)
+  pad = np.zeros((2, 10), bool)
+  pad[0, 7:], pad[1, ::3] = True, True
+  y, aux, selected = _apply(layer, x, jnp.where(jnp.asarray(pad), -1, modality))
+  assert not np.asarray(selected)[pad].any() and not np.asarray(y)[pad].any()
+  alone = _layer((2, 2))  # the same parameters, one routing group
+  outs = [_apply(alone, x[r:r + 1, ~pad[r]], modality[r:r + 1, ~pad[r]]) for r in range(2)]
+  for r, (y_r, _, sel_r) in enumerate(outs):
+    np.testing.assert_array_equal(np.asarray(selected)[r, ~pad[r]], np.asarray(sel_r)[0])
+    np.testing.assert_allclose(np.asarray(y)[r, ~pad[r]], np.asarray(y_r)[0], rtol=1e-6, atol=1e-6)
+  n_real = (~pad).sum(1)
+  for key in ("z_loss", "router_entropy", "fraction_dropped", "expert_load"):  # groups weighed by real tokens
+    want = sum(n * np.asarray(o[1][key]) for n, o in zip(n_real, outs)) / n_real.sum()
+    np.testing.assert_allclose(np.asarray(aux[key]), want, rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_routing_groups_zero_routes_each_sequence_alone():
+  """routing_groups=0 = one routing group per row: equal to routing_groups=B, and a row's routing does not
+  depend on the other rows (with one group for the batch it does)."""
+  x, modality = _inputs(4, 6, 2)
+  per_row = _apply(_layer((2, 2), routing_groups=0), x, modality)
+  np.testing.assert_array_equal(np.asarray(per_row[2]), np.asarray(_apply(_layer((2, 2), routing_groups=4), x,
+                                                                          modality)[2]))
+  other = x.at[1:].set(-x[1:])
+  np.testing.assert_array_equal(np.asarray(_apply(_layer((2, 2), routing_groups=0), other, modality)[0][0]),
+                                np.asarray(per_row[0][0]))
+  batch_wide = [_apply(_layer((2, 2)), a, modality)[0][0] for a in (x, other)]
+  assert not np.allclose(np.asarray(batch_wide[0]), np.asarray(batch_wide[1]))
+
+
 def test_router_noise_only_with_a_key_and_fixed_by_it():
   layer = _layer((3, 3), router_noise=2.0)
   x, modality = _inputs(2, 8, 2)
@@ -182,6 +216,7 @@ def test_kernel_matches_reference_forward_and_backward():
 def test_expert_sharded_layer_equals_unsharded(mesh_shape, mesh_axes):
   layer = _layer((4, 4), routing_groups=8, z_loss_weight=1e-3)
   x, modality = _inputs(8, 6, 2)
+  modality = modality.at[0].set(-1).at[3, 2:].set(-1)  # padding: a whole routing group, and part of one
   (loss, (y, aux)), grads = _value_and_grad(layer, x, modality)
 
   mesh = sharding.make_mesh(mesh_shape, mesh_axes)

@@ -7,6 +7,9 @@ partition). Inside a group, routing is expert choice (Zhou et al. 2022, arXiv 22
 sigmoid score (MoMa eq. 1): expert e of group m takes its top `cap_e = min(N_m, ceil(capacity_factor * N_m /
 E_m))` tokens of modality m, N_m the tokens of that modality in the routing group, E_m the group's experts
 (capacity_factor 1 = each expert takes c N_m tokens with c = 1 / E_m, so the group processes N_m tokens in all).
+A token of negative modality takes part in no routing: it is not counted in N_m, never taken, and left out of
+the statistics and the z-loss (padding, which `moma.model` marks so, and the tokens a mixture-of-depths layer
+skips); a routing group's statistics weigh by its routed tokens, so a group of padding alone counts for nothing.
 A token's output is sum over the experts that took it of sigmoid(score) * expert(x); a token taken by none
 keeps only the residual. With a single group every token is eligible for every expert: the mixed-modal
 expert-choice MoE baseline is this same code.
@@ -46,7 +49,8 @@ class GroupSettings:
   """Static hyperparameters of a modality-grouped expert-choice layer (hashable; never traced)."""
   experts_per_group: tuple[int, ...]  # experts of modality 0 (text), 1 (image), ...; one entry = mixed-modal
   capacity_factor: float = 1.0        # expert e of group m takes ceil(capacity_factor * N_m / E_m) tokens
-  routing_groups: int = 1             # tokens are ranked within this many equal slices of the batch
+  routing_groups: int = 1             # tokens are ranked within this many equal slices of the batch; 0 = one
+                                      # per sequence (per row of x [B, L, d]: no ranking across rows)
   router_noise: float = 0.0           # scale of the logistic noise on the logits (training only)
   z_loss_weight: float = 0.0
   grouped_impl: str = "auto"          # common.kernels.grouped_matmul implementation
@@ -54,8 +58,8 @@ class GroupSettings:
   def __post_init__(self):
     if not self.experts_per_group or min(self.experts_per_group) < 1:
       raise ValueError(f"experts_per_group must be positive counts, got {self.experts_per_group}")
-    if self.capacity_factor <= 0 or self.routing_groups < 1:
-      raise ValueError("capacity_factor must be > 0 and routing_groups >= 1")
+    if self.capacity_factor <= 0 or self.routing_groups < 0:
+      raise ValueError("capacity_factor must be > 0 and routing_groups >= 0 (0 = one per sequence)")
     if self.grouped_impl not in GROUPED_IMPLS:
       raise ValueError(f"grouped_impl must be one of {GROUPED_IMPLS}, got '{self.grouped_impl}'")
 
@@ -76,6 +80,11 @@ class GroupSettings:
     if len(self.experts_per_group) == 1:
       return jnp.where(modality >= 0, 0, -1)
     return jnp.where((modality >= 0) & (modality < len(self.experts_per_group)), modality, -1)
+
+  def n_routing_groups(self, shape: tuple[int, ...]) -> int:
+    """Routing groups of tokens x of `shape` [..., d]: `routing_groups`, or with 0 one per sequence (the
+    product of the axes before [L, d]; 1 for flat tokens [T, d])."""
+    return self.routing_groups or math.prod(shape[:-2])
 
   def rows_per_group(self, n_tokens: int, *, external: bool = False) -> int:
     """Static rows of the expert buffer for one routing group of n_tokens tokens (see the module doc)."""
@@ -150,29 +159,41 @@ def run_selected(x: jax.Array, selected: jax.Array, gates: jax.Array, gate_up: j
 # ------------------------------------------------------------------------------------ the pure forward
 
 def _routing_stats(logits, selected, token_group, settings) -> dict:
-  """Statistics of one routing group: z-loss, mean binary entropy of the eligible sigmoid scores, the share of
-  eligible tokens taken by no expert, and each expert's share of the selected pairs."""
+  """Statistics of one routing group over its routed tokens (token_group >= 0): z-loss, mean binary entropy of
+  the eligible sigmoid scores, the share of routed tokens taken by no expert, and each expert's share of the
+  selected pairs."""
   expert_group = jnp.asarray(settings.expert_group, jnp.int32)
   eligible = token_group[:, None] == expert_group[None, :]
   p = jax.nn.sigmoid(logits)
   bernoulli = -(p * jnp.log(jnp.maximum(p, 1e-20)) + (1 - p) * jnp.log(jnp.maximum(1 - p, 1e-20)))
   has_group = token_group >= 0
+  n_routed = jnp.maximum(jnp.sum(has_group), 1)
   taken = jnp.any(selected, axis=-1)
   counts = jnp.sum(selected, axis=0).astype(jnp.float32)
-  return dict(
-      z_loss=router_lib.z_loss(logits),
+  return dict(  # z-loss: ST-MoE's mean squared log-partition (Zoph et al. 2022, eq. 5), over the routed tokens
+      z_loss=jnp.sum(jnp.where(has_group, jax.nn.logsumexp(logits, axis=-1) ** 2, 0.0)) / n_routed,
       router_entropy=jnp.sum(jnp.where(eligible, bernoulli, 0.0)) / jnp.maximum(jnp.sum(eligible), 1),
-      fraction_dropped=jnp.sum(has_group & ~taken) / jnp.maximum(jnp.sum(has_group), 1),
+      fraction_dropped=jnp.sum(has_group & ~taken) / n_routed,
       expert_load=counts / jnp.maximum(jnp.sum(counts), 1.0))
+
+
+def _pool(stats: dict, weight: jax.Array, axes=None) -> dict:
+  """Means of per-routing-group statistics [G, ...] weighted by weight [G] (each group's routed tokens), over
+  the mesh's token `axes` too when given; zeros when nothing was routed."""
+  sums = jax.tree.map(lambda v: jnp.tensordot(weight, v, axes=1), stats)
+  total = jnp.sum(weight)
+  if axes is not None:
+    sums, total = jax.lax.psum((sums, total), axes)
+  return jax.tree.map(lambda v: v / jnp.maximum(total, 1.0), sums)
 
 
 def grouped_expert_forward(settings: GroupSettings, params: dict, x: jax.Array, token_group: jax.Array,
                            rng: jax.Array | None = None, selected: jax.Array | None = None, *,
-                           group_offset=0, expert_axis: str | None = None):
+                           group_offset=0, expert_axis: str | None = None, pool_axes=None):
   """x [G, S, d], token_group [G, S] -> (y [G, S, d] in x.dtype, aux, selected [G, S, E]). `selected` given:
-  those decisions (restricted to each token's group) replace the expert choice. aux: per-group means of
-  aux_loss, balance_loss (0: expert choice balances by construction), z_loss, router_entropy,
-  fraction_dropped and expert_load [E]."""
+  those decisions (restricted to each token's group) replace the expert choice. aux: means over the routed
+  tokens' groups (`_pool`, also over the mesh axes `pool_axes`) of aux_loss, balance_loss (0: expert choice
+  balances by construction), z_loss, router_entropy, fraction_dropped and expert_load [E]."""
   st = settings
   n_groups, n_tokens, d = x.shape
   router_dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -194,22 +215,25 @@ def grouped_expert_forward(settings: GroupSettings, params: dict, x: jax.Array, 
   y = run_selected(x.reshape(-1, d), selected.reshape(-1, st.n_experts), gates.reshape(-1, st.n_experts),
                    params["gate_up"], params["down"], n_rows, impl=st.grouped_impl, expert_axis=expert_axis)
   stats = jax.vmap(lambda lg, s, tg: _routing_stats(lg, s, tg, st))(logits, selected, token_group)
-  aux = jax.tree.map(lambda v: jnp.mean(v, axis=0), stats)
+  aux = _pool(stats, jnp.sum(token_group >= 0, axis=1).astype(router_dtype), pool_axes)
   aux.update(balance_loss=jnp.zeros((), router_dtype), aux_loss=st.z_loss_weight * aux["z_loss"])
   return y.reshape(x.shape).astype(x.dtype), aux, selected
 
 
-def _sharded_forward(settings: GroupSettings, params: dict, tokens, token_group, rng, selected, mesh):
-  """`grouped_expert_forward` on tokens [T, d] with experts split over the mesh's `expert` axis."""
+def _sharded_forward(settings: GroupSettings, params: dict, tokens, token_group, rng, selected, mesh,
+                     n_groups: int):
+  """`grouped_expert_forward` on tokens [T, d] in n_groups routing groups with experts split over the mesh's
+  `expert` axis."""
   axes = token_axes(mesh)
   n_shards = math.prod(mesh.shape[a] for a in axes)
   ep = mesh.shape[EXPERT_AXIS]
   if settings.n_experts % ep:
     raise ValueError(f"moma experts ({settings.n_experts}) are not divisible by the expert mesh axis ({ep})")
-  if settings.routing_groups % n_shards or tokens.shape[0] % settings.routing_groups:
-    raise ValueError(f"moma.routing_groups={settings.routing_groups} must be a multiple of the {n_shards} token "
-                     f"shards of the mesh {dict(mesh.shape)} and divide the {tokens.shape[0]} tokens")
-  local_groups = settings.routing_groups // n_shards
+  if n_groups % n_shards or tokens.shape[0] % n_groups:
+    raise ValueError(f"moma.routing_groups={settings.routing_groups} ({n_groups} routing groups) must be a multiple "
+                     f"of the {n_shards} token shards of the mesh {dict(mesh.shape)} and divide the "
+                     f"{tokens.shape[0]} tokens")
+  local_groups = n_groups // n_shards
   d = tokens.shape[-1]
   spec = P(axes if len(axes) > 1 else axes[0])
 
@@ -221,8 +245,7 @@ def _sharded_forward(settings: GroupSettings, params: dict, tokens, token_group,
         settings, dict(router=router, gate_up=gate_up, down=down), x.reshape(local_groups, -1, d),
         group.reshape(local_groups, -1), key, None if chosen is None else chosen.reshape(local_groups, -1,
                                                                                          settings.n_experts),
-        group_offset=shard * local_groups, expert_axis=EXPERT_AXIS)
-    aux = jax.tree.map(lambda v: jax.lax.pmean(v, axes), aux)
+        group_offset=shard * local_groups, expert_axis=EXPERT_AXIS, pool_axes=axes)
     return y.reshape(-1, d), aux, sel.reshape(-1, settings.n_experts)
 
   fn = jax.shard_map(body, mesh=mesh,
@@ -257,13 +280,13 @@ class ModalityExperts(nnx.Module):
     tokens = x.reshape(-1, shape[-1]).astype(self.dtype)
     group = st.token_group(modality.reshape(-1))
     chosen = None if selected is None else selected.reshape(-1, st.n_experts)
-    if tokens.shape[0] % st.routing_groups:
+    g = st.n_routing_groups(shape)
+    if tokens.shape[0] % g:
       raise ValueError(f"moma.routing_groups={st.routing_groups} does not divide the {tokens.shape[0]} tokens")
     mesh = current_expert_mesh() if self.expert_parallel else None
     if mesh is not None:
-      y, aux, sel = _sharded_forward(st, self.params(), tokens, group, rng, chosen, mesh)
+      y, aux, sel = _sharded_forward(st, self.params(), tokens, group, rng, chosen, mesh, g)
     else:
-      g = st.routing_groups
       y, aux, sel = grouped_expert_forward(
           st, self.params(), tokens.reshape(g, -1, shape[-1]), group.reshape(g, -1), rng,
           None if chosen is None else chosen.reshape(g, -1, st.n_experts))
