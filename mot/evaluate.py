@@ -9,7 +9,8 @@ other way, a caption generated from an image is parsed back into attributes (`pa
 the scene's. Both accuracies are per attribute (shape, colour, size, position).
 
 Generation: Chameleon samples the image tokens autoregressively after `caption <boi>` (temperature, top-k) and
-decodes them with the run's VQ tokenizer; Transfusion denoises the image patches (`mot.transfusion.sample_images`).
+decodes them with the run's VQ tokenizer; Transfusion denoises the image patches (`mot.transfusion.sample_images`,
+optionally with classifier-free guidance).
 Captions are greedy text after `<boi> image <eoi>`. Decoding recomputes the whole fixed-length row at each step
 (no KV cache): the rows are short (a caption and 64 image tokens) and one compilation serves every step.
 """
@@ -344,10 +345,11 @@ def generate_captions(model, vocab, images: np.ndarray, *, image_tokenizer=None,
 
 def generate_images(model, vocab, captions: list[str], *, image_tokenizer=None, image_size: int = 32,
                     patch_size: int = 4, temperature: float = 1.0, top_k: int = 32, seed: int = 0,
-                    sample_steps: int = 50) -> np.ndarray:
+                    sample_steps: int = 50, guidance_scale: float = 1.0) -> np.ndarray:
   """Images f32 [N, H, W, 3] in [-1, 1], one per caption. Chameleon: the image tokens sampled after
   `BOS caption <boi>` (restricted to the image codes), decoded by the VQ tokenizer. Transfusion: DDIM over
-  the patches after the caption (`mot.transfusion.sample_images`)."""
+  the patches after the caption (`mot.transfusion.sample_images`), classifier-free guided at
+  `guidance_scale` (1: unguided)."""
   if _is_transfusion(model):
     from common.data.mixed_modal.documents import unpatchify
     from mot.transfusion import sample_images
@@ -356,7 +358,8 @@ def generate_images(model, vocab, captions: list[str], *, image_tokenizer=None, 
     caption_tokens = np.zeros((len(captions), width), np.int32)
     for i, e in enumerate(encoded):
       caption_tokens[i, width - len(e):] = e
-    patches = sample_images(model, jnp.asarray(caption_tokens), sample_steps, rng=jax.random.PRNGKey(seed))
+    patches = sample_images(model, jnp.asarray(caption_tokens), sample_steps, rng=jax.random.PRNGKey(seed),
+                            guidance_scale=guidance_scale)
     return np.clip(unpatchify(np.asarray(patches), image_size, patch_size), -1.0, 1.0)
   n_codes = image_tokenizer.tokens_per_image
   prompts = [np.concatenate([[0], vocab.encode_text(c), [vocab.boi]]).astype(np.int32) for c in captions]

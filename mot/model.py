@@ -7,6 +7,11 @@ their modality's weights only, then one causal self-attention runs over the whol
 the final norm and the output projection are shared (as in `common.models.dense_lm`). Each token uses one
 modality's weights, so a MoT layer costs the FLOPs of a dense layer of the same shape.
 
+Norm placement (`model.norm_placement`): 'post' is the reference's (Algorithm 1 of the paper, Chameleon's
+norm reordering, Chameleon Team 2024 arXiv 2405.09818 sec. 2.3): h = x + norm_m(attn(x)), out = h +
+norm_m(ffn(h)), nothing normalises the sublayer inputs; 'pre' (Llama's, h = x + attn(norm_m(x))) is what a
+config without the key means, and with one weight group it is exactly `common.models.DenseLM`.
+
 Implementation: the residual stream lives in modality-sorted rows (`common.nn.modality_routing`), sorted
 once per forward pass; each block's untied products are grouped matmuls on those rows (q, k and v fused into
 one, gate and up into one), and only the attention moves rows back to sequence order (q, k, v out, its output
@@ -31,6 +36,7 @@ from common.nn.modality_routing import (ModalityGroups, ModalityLinear, Modality
 from common.nn.rope import apply_rope, rope_frequencies
 
 SETTINGS = ("chameleon", "transfusion")
+NORM_PLACEMENTS = ("pre", "post")
 
 
 def n_weight_groups(m) -> int:
@@ -46,6 +52,13 @@ def validate_mot_config(m) -> None:
   require(m.grouped_impl in GROUPED_IMPLS, "model.grouped_impl",
           f"must be one of {GROUPED_IMPLS}, got '{m.grouped_impl}'")
   require(int(m.window) == 0, "model.window", "MoT attention is global (Liang et al. 2024, sec. 2.2): must be 0")
+  require(norm_placement(m) in NORM_PLACEMENTS, "model.norm_placement",
+          f"must be one of {NORM_PLACEMENTS}, got '{norm_placement(m)}'")
+
+
+def norm_placement(m) -> str:
+  """`model.norm_placement`; 'pre' where a config (an older run's) has no such key."""
+  return m.get("norm_placement", "pre")
 
 
 class AttentionInputs(NamedTuple):
@@ -56,9 +69,10 @@ class AttentionInputs(NamedTuple):
 
 
 class MoTBlock(nnx.Module):
-  """One pre-norm layer with modality-untied weights over modality-sorted rows [N, d_model]."""
+  """One layer with modality-untied weights over modality-sorted rows [N, d_model]; its two RMSNorms
+  normalise the sublayer inputs ('pre') or outputs ('post', the reference's)."""
 
-  def __init__(self, spec: BlockSpec, n_groups: int, grouped_impl: str, *, rngs: nnx.Rngs):
+  def __init__(self, spec: BlockSpec, n_groups: int, grouped_impl: str, *, rngs: nnx.Rngs, placement: str = "pre"):
     groups, dtype = n_groups, spec.dtype
     d, h, kv, hd = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.resolved_head_dim
     self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
@@ -78,13 +92,14 @@ class MoTBlock(nnx.Module):
                                init_scale=spec.out_scale)
     self.rope = (hd, spec.rope_theta)
     self.impl = grouped_impl
+    self.post_norm = placement == "post"
 
   def _attention(self, rows: jax.Array, groups: ModalityGroups | None, ctx: AttentionInputs) -> jax.Array:
     """Untied q/k/v on the sorted rows, global attention in sequence order, untied output projection."""
     batch_shape = ctx.positions.shape
     h, kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
     qkv_w = jnp.concatenate([self.q.weight(), self.k.weight(), self.v.weight()], axis=-1)
-    qkv = grouped_linear(self.attn_norm(rows, groups), qkv_w, groups, impl=self.impl)  # [N, (h + 2kv) hd]
+    qkv = grouped_linear(rows, qkv_w, groups, impl=self.impl)  # [N, (h + 2kv) hd]
     q, k, v = jnp.split(qkv.reshape(-1, h + 2 * kv, hd), (h, h + kv), axis=1)
     if self.q_norm is not None:  # QK-norm per head, with each row's modality's scale
       q, k = self.q_norm(q, groups), self.k_norm(k, groups)
@@ -103,12 +118,15 @@ class MoTBlock(nnx.Module):
 
   def _ffn(self, rows: jax.Array, groups: ModalityGroups | None) -> jax.Array:
     gate_up_w = jnp.concatenate([self.gate.weight(), self.up.weight()], axis=-1)
-    gate, up = jnp.split(grouped_linear(self.ffn_norm(rows, groups), gate_up_w, groups, impl=self.impl), 2, axis=-1)
+    gate, up = jnp.split(grouped_linear(rows, gate_up_w, groups, impl=self.impl), 2, axis=-1)
     return self.down(jax.nn.silu(gate) * up, groups, impl=self.impl)
 
   def __call__(self, rows: jax.Array, groups: ModalityGroups | None, ctx: AttentionInputs) -> jax.Array:
-    rows = rows + self._attention(rows, groups, ctx)
-    return rows + self._ffn(rows, groups)
+    if self.post_norm:  # Chameleon sec. 2.3: normalise what each sublayer adds to the residual stream
+      rows = rows + self.attn_norm(self._attention(rows, groups, ctx), groups)
+      return rows + self.ffn_norm(self._ffn(rows, groups), groups)
+    rows = rows + self._attention(self.attn_norm(rows, groups), groups, ctx)
+    return rows + self._ffn(self.ffn_norm(rows, groups), groups)
 
 
 class MoTTransformer(nnx.Module):
@@ -119,7 +137,7 @@ class MoTTransformer(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     spec = block_spec(cfg)
     self.n_groups = n_weight_groups(cfg)
-    self.blocks = nnx.List([MoTBlock(spec, self.n_groups, cfg.grouped_impl, rngs=rngs)
+    self.blocks = nnx.List([MoTBlock(spec, self.n_groups, cfg.grouped_impl, rngs=rngs, placement=norm_placement(cfg))
                             for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=spec.dtype)
     self.remat = remat_policy_name(cfg)
@@ -176,7 +194,7 @@ class MoTLM(nnx.Module):
 
 class DenseWithModality(DenseLM):
   """`common.models.DenseLM` with the mixed-modal calling convention (the modality is ignored): the Chameleon
-  setting's dense baseline."""
+  setting's pre-norm dense baseline (the post-norm one is `MoTLM` with `model.untied=False`)."""
 
   def __call__(self, tokens, positions=None, segment_ids=None, modality=None) -> jax.Array:
     return super().__call__(tokens, positions, segment_ids)

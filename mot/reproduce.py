@@ -1,6 +1,6 @@
 """`python -m mot.reproduce [--out=runs/mot_reproduce] [--steps=N] [--seeds=N]
 [--settings=chameleon,chameleon_audio,transfusion] [--eval_scenes=N] [--config=PATH] [--set=KEY=VALUE ...]
-[--image_tokenizer=DIR] [--quick]`
+[--image_tokenizer=DIR] [--guidance_scale=W] [--quick]`
 
 The comparison of Liang et al. 2024 (arXiv 2411.04996, figs. 3-5 and 9) in miniature: in each setting a dense
 transformer and a Mixture-of-Transformers of the same shapes (so the same FLOPs per token, common.flops) are
@@ -58,7 +58,7 @@ def score(model, task, cfg, a, classifier) -> dict:
   images = evaluate.generate_images(
       model, data.vocab, [scenes.caption(s) for s in held_out], image_tokenizer=data.image_tokenizer,
       image_size=size, patch_size=int(cfg.data.patch_size), temperature=a.temperature, top_k=a.top_k,
-      sample_steps=int(cfg.model.diffusion.sample_steps))
+      sample_steps=int(cfg.model.diffusion.sample_steps), guidance_scale=a.guidance_scale)
   captions = evaluate.generate_captions(model, data.vocab, scenes.render_batch(held_out, size),
                                         image_tokenizer=data.image_tokenizer, patch_size=int(cfg.data.patch_size))
   return dict(image_accuracy=evaluate.image_accuracy(images, held_out, classifier),
@@ -129,7 +129,7 @@ def markdown(summary: list[dict], generation: list[dict], classifier_accuracy: d
        for r in summary])
   attrs = " / ".join(evaluate.ATTRIBUTES)
   lines += ["", "Loss: nats per target token of the modality (Transfusion image: noise-prediction MSE per patch); "
-            "overall: the training objective over all targets.", "",
+            "overall: the training objective over all targets (Transfusion: text mean + lambda x image mean).", "",
             f"| setting | model | image from caption: {attrs} | caption from image: {attrs} | seeds |",
             "|---|---|---|---|---|"]
   for r in generation:
@@ -170,6 +170,8 @@ class Study(reproduce.Study):
                    "(default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="Chameleon image-token sampling")
     p.add_argument("--top_k", type=int, default=32, help="Chameleon image-token sampling")
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="Transfusion image sampling: classifier-free "
+                   "guidance scale (1: none; needs runs trained with model.diffusion.caption_dropout > 0)")
     p.add_argument("--classifier_steps", type=int, default=0, help="attribute classifier steps (0: the default)")
     p.add_argument("--image_tokenizer", default="", help="workdir of a mot.train_image_tokenizer run (default: "
                    "the cached tiny tokenizer)")
@@ -224,7 +226,8 @@ class Study(reproduce.Study):
     return mot_train.make_task(mot_train.resolve(cfg))
 
   def scoring(self) -> dict:
-    return dict(eval_scenes=self.args.eval_scenes, temperature=self.args.temperature, top_k=self.args.top_k)
+    return dict(eval_scenes=self.args.eval_scenes, temperature=self.args.temperature, top_k=self.args.top_k,
+                guidance_scale=self.args.guidance_scale)
 
   def score(self, arm, cfg, task, workdir) -> dict:
     """Every modality's eval curve (and 'overall', the training objective) and the generation scores."""

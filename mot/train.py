@@ -1,12 +1,12 @@
 """`python -m mot.train --config=mot/configs/tiny.py[:setting=chameleon|transfusion,modalities=text+image+audio,
-model=mot|dense] --workdir=DIR [--config.K=V ...]`
+model=mot|dense,norm=post|pre] --workdir=DIR [--config.K=V ...]`
 
 Trains a Mixture-of-Transformers (Liang et al. 2024, arXiv 2411.04996) or its dense baseline on mixed-modal
 documents (`common.data.mixed_modal`) with the shared loop: resume, SIGTERM -> 143, exit 2 on bad input.
 metrics.jsonl carries the loss of each modality (`eval/loss_text`, `eval/loss_image`, `eval/loss_audio`: mean
 nats per target token of that modality; in the Transfusion setting `eval/loss_image` is the diffusion
-noise-prediction MSE per image patch, sec. 3.2 of the paper), and DIR/samples.txt greedy captions of a few
-generated scenes at every eval.
+noise-prediction MSE per image patch, sec. 3.2 of the paper, and `eval/loss` the objective text mean +
+lambda x image mean), and DIR/samples.txt greedy captions of a few generated scenes at every eval.
 
 FLOPs per token (MFU, the reproduce's x-axis): a MoT layer multiplies each token by its own modality's
 weights only, so it costs a dense layer of the same shapes (sec. 2.2); the count is the dense LM's of
@@ -15,6 +15,8 @@ weights only, so it costs a dense layer of the same shapes (sec. 2.2); the count
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 from flax import nnx
 
@@ -27,7 +29,7 @@ from common.tasks import mixed_modal
 from common.tasks.mixed_modal import mixed_modal_task
 from common.train.__main__ import cli as common_cli
 from mot.evaluate import generate_captions
-from mot.model import DenseWithModality, MoTLM, validate_mot_config
+from mot.model import DenseWithModality, MoTLM, norm_placement, validate_mot_config
 from mot.transfusion import TransfusionLM, transfusion_loss
 
 SAMPLE_SEED = 4242  # the scenes captioned in the eval log (fixed, so captions can be compared across evals)
@@ -56,17 +58,23 @@ def validate(cfg) -> None:
   if cfg.data.setting == "transfusion":
     require(m.name == "mot", "model.name", "the Transfusion setting's dense baseline is model.name='mot' with "
             "model.untied=False (the same wrapper, FLOP count included, with one weight group)")
+  if m.name == "dense_lm":
+    require(norm_placement(m) == "pre", "model.norm_placement", "the common dense LM is pre-norm; the post-norm "
+            "dense baseline is model.name='mot' with model.untied=False")
   (validate_mot_config if m.name == "mot" else validate_model_config)(m)
 
 
-def transfusion_summary(sums: dict) -> dict:
-  """Eval values of the Transfusion loss sums: `loss_text` (nats per text target) and `loss_image` (noise MSE
-  per image patch, without the loss weight lambda)."""
+def transfusion_summary(sums: dict, loss_weight: float) -> dict:
+  """Eval values of the Transfusion loss sums over the eval set: `loss_text` (nats per text target) with its
+  `perplexity`, `loss_image` (noise MSE per image patch, without lambda), and `loss`, the objective of
+  Transfusion sec. 3.3 over the whole set: loss_text + lambda loss_image (a term absent from the set: 0)."""
   out = {}
   if sums.get("weight/text", 0.0) > 0:
     out["loss_text"] = sums["nll/text"] / sums["weight/text"]
+    out["perplexity"] = math.exp(min(out["loss_text"], 50.0))
   if sums.get("weight/image", 0.0) > 0:
     out["loss_image"] = sums["mse/image"] / sums["weight/image"]
+  out["loss"] = out.get("loss_text", 0.0) + loss_weight * out.get("loss_image", 0.0)
   return out
 
 
@@ -89,8 +97,9 @@ def caption_samples(cfg, data):
 
 def build_mot_model(model_cfg, seed: int):
   """The model of `model.name` ('mot' | 'dense_lm') and `model.setting` ('chameleon' | 'transfusion').
-  Chameleon: `mot.model.MoTLM`, or the common dense LM as the baseline. Transfusion:
-  `mot.transfusion.TransfusionLM`, whose dense baseline is `model.untied=False` (one weight group)."""
+  Chameleon: `mot.model.MoTLM`, whose dense baseline is `model.untied=False` (one weight group), or with
+  pre-norms the common dense LM. Transfusion: `mot.transfusion.TransfusionLM`, whose dense baseline is
+  `model.untied=False`."""
   rngs = nnx.Rngs(params=seed)
   name = model_cfg.name
   if name not in ("mot", "dense_lm"):
@@ -107,7 +116,8 @@ def make_task(cfg):
                           flops_per_token=training_flops_per_token, image_tokenizer=image_tokenizer.for_data(cfg.data))
   task = dataclasses.replace(task, eval_samples=caption_samples(cfg, task.data))
   if transfusion:
-    task = dataclasses.replace(task, eval_summary=transfusion_summary)
+    task = dataclasses.replace(task, eval_summary=functools.partial(
+        transfusion_summary, loss_weight=float(cfg.model.diffusion.loss_weight)))
   return task
 
 

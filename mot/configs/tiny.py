@@ -6,8 +6,11 @@ or two on a laptop CPU (plus, on first use, about a minute to train the cached V
   3.1) or `setting=transfusion` (text tokens + diffusion over image patches; sec. 3.2);
 - `modalities=text+image` (default) or `text+image+audio` (Chameleon only; the speech setting, sec. 3.1);
 - `model=mot` (default: weights untied per modality) or `model=dense` (the baseline of the same shapes, so
-  the same FLOPs per token: the common dense LM for Chameleon, the MoT code with one weight set for
-  Transfusion).
+  the same FLOPs per token: the MoT code with one weight set; with `norm=pre` in the Chameleon setting, the
+  common dense LM, which is that same function);
+- `norm=post` (default: RMSNorm on each sublayer's output, MoT's Algorithm 1 after Chameleon sec. 2.3, for
+  both models of a comparison, since the paper's dense baseline is Chameleon) or `norm=pre` (on its input,
+  the layout of runs made before the key existed).
 
 `eval.sample_images`: scenes captioned greedily at every eval, written to DIR/samples.txt (0 turns it off).
 """
@@ -21,15 +24,18 @@ from mot.configs.base import mot_model
 SETTINGS = ("chameleon", "transfusion")
 MODELS = ("mot", "dense")
 MODALITY_SETS = ("text+image", "text+image+audio")
+NORMS = ("post", "pre")
 
 
 def parse_args(arg, **defaults) -> dict[str, str]:
-  """The arguments shared by the MoT configs (`setting`, `modalities`, `model`) plus `defaults`."""
-  a = config_args(arg, dict(setting="chameleon", modalities="text+image", model="mot", **defaults))
+  """The arguments shared by the MoT configs (`setting`, `modalities`, `model`, `norm`) plus `defaults`."""
+  a = config_args(arg, dict(setting="chameleon", modalities="text+image", model="mot", norm="post", **defaults))
   if a["setting"] not in SETTINGS:
     raise ValueError(f"setting={a['setting']!r}: expected one of {', '.join(SETTINGS)}")
   if a["model"] not in MODELS:
     raise ValueError(f"model={a['model']!r}: expected one of {', '.join(MODELS)}")
+  if a["norm"] not in NORMS:
+    raise ValueError(f"norm={a['norm']!r}: expected one of {', '.join(NORMS)}")
   if a["modalities"] not in MODALITY_SETS:
     raise ValueError(f"modalities={a['modalities']!r}: expected one of {', '.join(MODALITY_SETS)}")
   if a["setting"] == "transfusion" and a["modalities"] != "text+image":
@@ -38,13 +44,14 @@ def parse_args(arg, **defaults) -> dict[str, str]:
 
 
 def apply_args(c, a: dict[str, str]) -> None:
-  """Sets data.setting / data.modalities and the model `model` names; the model keys that follow from data.*
-  (setting, n_modalities, patch shapes, vocab_size) are filled by `mot.train.resolve`."""
+  """Sets data.setting / data.modalities, the norm placement and the model `model` names; the model keys that
+  follow from data.* (setting, n_modalities, patch shapes, vocab_size) are filled by `mot.train.resolve`."""
   c.data.update(setting=a["setting"], modalities=tuple(a["modalities"].split("+")))
-  if a["setting"] == "transfusion":
-    c.model.untied = a["model"] == "mot"
-  elif a["model"] == "dense":
+  c.model.norm_placement = a["norm"]
+  if a["setting"] == "chameleon" and a["model"] == "dense" and a["norm"] == "pre":
     c.model.name = "dense_lm"
+  else:
+    c.model.untied = a["model"] == "mot"
 
 
 def get_config(arg=None):

@@ -1,6 +1,6 @@
 """Diffusion for Transfusion (mot.diffusion, mot.transfusion.sample_images): the schedules' closed forms, the
 noise-prediction loss at t = 0 and t = T as the schedule says, DDPM and DDIM steps that recover x_0 from an
-exact noise prediction, and the caption-conditioned sampler."""
+exact noise prediction, and the caption-conditioned sampler with classifier-free guidance."""
 import math
 
 import jax
@@ -11,7 +11,7 @@ from flax import nnx
 
 from mot import diffusion
 from mot.configs.base import mot_model
-from mot.transfusion import TransfusionLM, sample_images
+from mot.transfusion import TransfusionLM, _caption_layout, sample_images
 
 T = 1000
 
@@ -138,3 +138,36 @@ def test_left_padding_does_not_change_the_image(transfusion):
   a = sample_images(transfusion, short, 3, "ddim", jax.random.PRNGKey(1))
   b = sample_images(transfusion, padded, 3, "ddim", jax.random.PRNGKey(1))
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_scale_one_is_the_conditional_sampler_and_zero_the_empty_caption_one(transfusion):
+  captions = jnp.asarray([[0, 0, 40, 41, 42], [50, 51, 52, 53, 54]], jnp.int32)
+  plain = sample_images(transfusion, captions, 3, "ddim", jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(sample_images(transfusion, captions, 3, "ddim", jax.random.PRNGKey(2),
+                                              guidance_scale=1.0), plain)
+  unconditional = sample_images(transfusion, jnp.zeros_like(captions), 3, "ddim", jax.random.PRNGKey(2))
+  np.testing.assert_allclose(sample_images(transfusion, captions, 3, "ddim", jax.random.PRNGKey(2),
+                                           guidance_scale=0.0), unconditional, rtol=1e-5, atol=1e-5)
+
+
+def test_a_guided_step_takes_eps_uncond_plus_w_times_the_difference(transfusion):
+  """One DDIM step from t = T - 1 (unclipped: x0_hat itself) by hand: the model on the caption and on the
+  empty caption, eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6)."""
+  model, w = transfusion, 3.0
+  captions = jnp.asarray([[0, 40, 41], [50, 51, 52]], jnp.int32)
+  got = sample_images(model, captions, 1, "ddim", jax.random.PRNGKey(4), clip=False, guidance_scale=w)
+  x = jax.random.normal(jax.random.split(jax.random.PRNGKey(4))[1], got.shape, jnp.float32)
+  t = model.schedule.steps - 1
+
+  @jax.jit
+  def eps_of(tokens):
+    inputs, positions, segment_ids, modality, image_ids = _caption_layout(tokens, int(model.cfg.boi_id), 4)
+    full = jnp.concatenate([jnp.zeros((2, inputs.shape[1] - 4, 12)), x], axis=1)
+    _, eps = model(inputs, positions, segment_ids, modality, image_ids, full, jnp.where(image_ids > 0, t, 0))
+    return eps[:, -4:]
+
+  cond, uncond = (np.asarray(eps_of(c), np.float64) for c in (captions, jnp.zeros_like(captions)))
+  assert not np.allclose(cond, uncond, atol=1e-4)
+  ab = float(model.schedule.alpha_bar[t])
+  want = (np.asarray(x, np.float64) - math.sqrt(1 - ab) * (uncond + w * (cond - uncond))) / math.sqrt(ab)
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)

@@ -1,7 +1,9 @@
 """Mixture-of-Transformers (mot.model, common.nn.modality_routing): the modality grouping routes every token
 exactly once, untied layers with one modality are the dense layers, the untied model equals a slow masking
-reference, global attention is causal across modality boundaries (bidirectional within an image in the
-Transfusion setting), and one training step does not depend on the mesh."""
+reference, the post-norm block equals a hand-written float64 block and keeps modalities' gradients apart,
+global attention is causal across modality boundaries (bidirectional within an image in the Transfusion
+setting, whose loss weighs two means and whose caption dropout computes the empty-caption document), and
+one training step does not depend on the mesh."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +15,11 @@ from common.models.dense_lm import DenseLM
 from tests.mesh_invariance import assert_train_step_mesh_invariant
 from common.nn.modality_routing import (ModalityLinear, from_groups, group_by_modality, per_row, to_groups)
 from mot.configs.base import mot_model
-from mot.model import MoTLM
+from common.nn.training_rng import training_rng
+from mot import transfusion as transfusion_module
+from mot.model import AttentionInputs, MoTLM
 from mot.train import build_mot_model
-from mot.transfusion import TransfusionLM, transfusion_loss, transfusion_mask
+from mot.transfusion import TransfusionLM, drop_captions, transfusion_loss, transfusion_mask
 
 VOCAB, B, L = 128, 2, 24
 SHAPES = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, grouped_impl="xla_tiles")
@@ -177,6 +181,96 @@ def test_untied_model_equals_a_masking_reference(forward3):
   np.testing.assert_allclose(forward3(mot, tokens, modality), want, rtol=2e-5, atol=2e-5)
 
 
+def _post_norm_block_reference(blk, x, modality, eps, rope_theta):
+  """One post-norm MoT layer in float64 numpy (Chameleon sec. 2.3, MoT Algorithm 1): h = x + norm_m(attn(x)),
+  out = h + norm_m(ffn(h)), the weights and norm scales of each token's modality m, QK-norm, RoPE over
+  half-split pairs, grouped-query causal attention over the whole mixed sequence."""
+  m = np.asarray(modality)
+  w = lambda p: np.asarray(p[...], np.float64)
+  b, length, _ = x.shape
+
+  def rms(v, scale):  # scale [M, dim]: each token's modality's row
+    s = scale[m] if v.ndim == 3 else scale[m][:, :, None]
+    return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + eps) * s
+
+  lin = lambda v, kernel: np.einsum("bli,bli...->bl...", v, kernel[m])
+  q, k, v = lin(x, w(blk.q.kernel)), lin(x, w(blk.k.kernel)), lin(x, w(blk.v.kernel))  # [B, L, heads, hd]
+  q, k = rms(q, w(blk.q_norm.scale)), rms(k, w(blk.k_norm.scale))
+  hd = q.shape[-1]
+  angles = np.arange(length)[:, None] * (1.0 / rope_theta ** (np.arange(0, hd, 2) / hd))  # [L, hd / 2]
+  cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+  rot = lambda t: np.concatenate([t[..., :hd // 2] * cos - t[..., hd // 2:] * sin,
+                                  t[..., hd // 2:] * cos + t[..., :hd // 2] * sin], -1)
+  q, k = rot(q), rot(k)
+  group = q.shape[2] // k.shape[2]  # query head i reads key/value head i // group
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+  scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  attn = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, -1)
+  h = x + rms(lin(attn, w(blk.o.kernel)), w(blk.attn_norm.scale))
+  gate, up = lin(h, w(blk.gate.kernel)), lin(h, w(blk.up.kernel))
+  return h + rms(lin(gate / (1 + np.exp(-gate)) * up, w(blk.down.kernel)), w(blk.ffn_norm.scale))
+
+
+def _randomize_norm_scales(model, seed):
+  """Norm scales start at 1 for every modality; random ones make a wrong modality's scale visible."""
+  rng = np.random.default_rng(seed)
+  for path, param in nnx.iter_graph(model):
+    if path and path[-1] == "scale" and isinstance(param, nnx.Param):
+      param[...] = jnp.asarray(rng.uniform(0.5, 1.5, param[...].shape), jnp.float32)
+
+
+def test_post_norm_block_equals_a_hand_written_reference_block():
+  cfg = mot_model(**dict(SHAPES, n_layers=1), n_modalities=3, norm_placement="post")
+  mot = MoTLM(cfg, rngs=nnx.Rngs(params=11))
+  _randomize_norm_scales(mot, 12)
+  blk = mot.transformer.blocks[0]
+  rng = np.random.default_rng(13)
+  x = rng.normal(size=(B, L, cfg.d_model)).astype(np.float32)
+  modality = jnp.asarray(rng.integers(0, 3, (B, L)), jnp.int32)
+  groups = group_by_modality(modality, 3)
+  ctx = AttentionInputs(jnp.broadcast_to(jnp.arange(L), (B, L)), jnp.ones((B, L), jnp.int32), None)
+  run = jax.jit(lambda x: from_groups(blk(to_groups(x, groups), groups, ctx), groups, (B, L)))
+  want = _post_norm_block_reference(blk, np.asarray(x, np.float64), modality, cfg.norm_eps, cfg.rope_theta)
+  np.testing.assert_allclose(run(jnp.asarray(x)), want, rtol=1e-4, atol=1e-4)
+  blk.post_norm = False  # the same weights as pre-norms: another function
+  assert not np.allclose(jax.jit(lambda x: from_groups(blk(to_groups(x, groups), groups, ctx), groups, (B, L)))(
+      jnp.asarray(x)), want, atol=1e-2)
+
+
+def test_post_norm_mot_on_a_pure_text_batch_equals_the_dense_model_of_its_text_weights():
+  """The post-norm dense baseline is MoT with one weight group; untied MoT on text alone must be it."""
+  shapes = dict(SHAPES, n_layers=1)
+  mot = MoTLM(mot_model(**shapes, n_modalities=3, norm_placement="post"), rngs=nnx.Rngs(params=14))
+  _randomize_norm_scales(mot, 15)
+  dense = MoTLM(mot_model(**shapes, untied=False, norm_placement="post"), rngs=nnx.Rngs(params=16))
+  mot_state, dense_state = nnx.state(mot, nnx.Param), nnx.state(dense, nnx.Param)
+  nnx.update(dense, jax.tree.map(lambda d, m: m if m.shape == d.shape else m[:1], dense_state, mot_state))
+  tokens, _ = _tokens(4)
+  text = jnp.zeros((B, L), jnp.int32)
+  want = jax.jit(lambda t: dense(t, None, None, text))(tokens)
+  np.testing.assert_allclose(_compiled_forward(mot)(mot, tokens, text), want, rtol=1e-5, atol=1e-5)
+  _, modality = _tokens(4)
+  assert not np.allclose(_compiled_forward(mot)(mot, tokens, modality), want, atol=1e-3)
+
+
+def test_post_norm_keeps_each_modality_s_weights_out_of_other_modalities_gradients():
+  mot = MoTLM(mot_model(**dict(SHAPES, n_layers=1), n_modalities=3, norm_placement="post"), rngs=nnx.Rngs(params=17))
+  tokens, _ = _tokens(5)
+  text = jnp.zeros((B, L), jnp.int32)
+  loss = lambda model: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      model(tokens[:, :-1], None, None, text[:, :-1]), tokens[:, 1:]))
+  grads = nnx.jit(nnx.grad(loss))(mot)
+  untied = {".".join(map(str, path)): g[...] for path, g in nnx.iter_graph(grads)
+            if isinstance(g, nnx.Variable) and path[0] == "transformer" and path[1] == "blocks"}
+  assert len(untied) == 11  # q k v o, q/k norms, the two norms, gate up down
+  for name, g in untied.items():
+    assert float(jnp.sum(jnp.abs(g[1:]))) == 0.0, name  # image and audio slices: untouched by text
+    assert float(jnp.sum(jnp.abs(g[0]))) > 0.0, name
+
+
 def test_modality_weights_matter(forward3):
   mot = MoTLM(CFG3, rngs=nnx.Rngs(params=4))
   tokens, modality = _tokens(3)
@@ -258,15 +352,138 @@ def _with(array, index, value):
   return out
 
 
-def test_transfusion_loss_is_text_nll_plus_lambda_times_noise_mse(transfusion):
+def _fixed_noise(schedule, patches, image_ids, key):
+  """`noise_images` with noise and timesteps that are functions of each row alone (a duplicated row gets its
+  original's), so that batches of duplicated rows can be compared exactly."""
+  noise = jnp.sin(3.0 * patches + 1.0)
+  timesteps = jnp.where(image_ids > 0, 300 + 50 * image_ids, 0)
+  return transfusion_module.diffusion.q_sample(patches, timesteps, noise, schedule), timesteps, noise
+
+
+def test_transfusion_loss_is_the_text_mean_plus_lambda_times_the_image_mean_whatever_the_image_share(
+    transfusion, monkeypatch):
+  """Transfusion sec. 3.3: L = L_LM + lambda L_DDPM, each its own mean. A batch of a text row (all the text
+  targets) and an image row (all the patches; its text is context only): duplicating either changes the
+  image share but neither mean nor L; the old sum over both divided by all tokens moves with the share."""
+  monkeypatch.setattr(transfusion_module, "noise_images", _fixed_noise)
+  model, b = transfusion, _transfusion_batch()
+  b = dict(b, targets=np.roll(b["inputs"], -1, axis=1), loss_mask=np.zeros((1, 16), np.float32))
+  text_row = dict(b, image_ids=np.zeros_like(b["image_ids"]), modality=np.zeros_like(b["modality"]),
+                  loss_mask=np.ones((1, 16), np.float32))
+  batch_of = lambda rows: {k: np.concatenate([r[k] for r in rows]) for k in b}
+
+  loss = jax.jit(lambda batch: transfusion_loss(model, batch))
+  forward = jax.jit(lambda batch: model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["modality"],
+                                        batch["image_ids"], *_fixed_noise(model.schedule, batch["patches"],
+                                                                          batch["image_ids"], None)[:2]))
+  objectives, old = [], []
+  for rows in ([text_row, text_row, b, b], [text_row, b, b, b], [text_row, text_row, text_row, b]):  # one shape
+    batch = batch_of(rows)
+    total, weight, sums = loss(batch)
+    logits, eps = (np.asarray(a, np.float64) for a in forward(batch))  # the two means by hand
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    ce_mean = np.sum(nll * batch["loss_mask"]) / batch["loss_mask"].sum()
+    image = batch["image_ids"] > 0
+    mse_mean = np.mean((eps - np.sin(3.0 * batch["patches"] + 1.0))[image] ** 2)
+    np.testing.assert_allclose(float(total) / float(weight), ce_mean + 3.0 * mse_mean, rtol=1e-5)
+    assert float(weight) == batch["loss_mask"].sum() + image.sum()
+    objectives.append(float(total) / float(weight))
+    old.append(float(sums["nll/text"] + 3.0 * sums["mse/image"]) / float(weight))
+  np.testing.assert_allclose(objectives, objectives[0], rtol=1e-5)
+  assert max(old) - min(old) > 0.05 * abs(old[0])  # the old formula's lambda follows the image share
+  assert 0.3 < mse_mean < 3.0  # an untrained noise predictor: MSE of order 1
+
+
+def _caption_rows(caption_len: int):
+  """One packed row: a text document, then `BOS caption <boi> image(4) <eoi>` (segment 2), then padding; the
+  caption's ids, the image's patches and its timestep are fixed, so two rows differ only in the caption."""
+  length, rng = 24, np.random.default_rng(18)
+  doc1 = rng.integers(3, VOCAB, 4)
+  doc2 = np.concatenate([[0], rng.integers(3, VOCAB, caption_len), [100], np.full(4, 120), [101]])
+  inputs = np.zeros((1, length), np.int32)
+  inputs[0, :4], inputs[0, 4:4 + len(doc2)] = doc1, doc2
+  segment_ids = np.zeros((1, length), np.int32)
+  segment_ids[0, :4], segment_ids[0, 4:4 + len(doc2)] = 1, 2
+  positions = np.zeros((1, length), np.int32)
+  positions[0, :4], positions[0, 4:4 + len(doc2)] = np.arange(4), np.arange(len(doc2))
+  image_ids = np.zeros((1, length), np.int32)
+  first = 4 + caption_len + 2
+  image_ids[0, first:first + 4] = 1
+  patches = np.zeros((1, length, 12), np.float32)
+  patches[0, first:first + 4] = np.random.default_rng(19).normal(size=(4, 12))
+  return dict(inputs=inputs, positions=positions, segment_ids=segment_ids, modality=(image_ids > 0).astype(np.int32),
+              image_ids=image_ids, patches=patches, timesteps=np.where(image_ids > 0, 400, 0).astype(np.int32)), first
+
+
+def test_a_dropped_caption_computes_the_empty_caption_document_exactly(transfusion):
+  """Caption dropout (classifier-free guidance): the image of `BOS caption <boi> image` with its caption
+  dropped gets the noise prediction of `BOS <boi> image`, and what follows it the same logits; the text
+  document before it is untouched."""
   model = transfusion
-  b = _transfusion_batch()
-  text = (b["image_ids"] == 0) & (np.roll(b["image_ids"], -1, axis=1) == 0)
-  batch = dict(b, targets=np.roll(b["inputs"], -1, axis=1), loss_mask=text.astype(np.float32))
-  total, weight, sums = jax.jit(lambda batch: transfusion_loss(model, batch))(batch)
-  np.testing.assert_allclose(total, sums["nll/text"] + 3.0 * sums["mse/image"], rtol=1e-6)
-  assert float(sums["weight/image"]) == 7 and float(weight) == text.sum() + 7
-  assert 0.3 < float(sums["mse/image"]) / 7 < 3.0  # an untrained noise predictor: MSE of order 1
+  run = jax.jit(lambda r, positions, hidden: model(r["inputs"], positions, r["segment_ids"], r["modality"],
+                                                   r["image_ids"], r["patches"], r["timesteps"], hidden))
+  with_caption, first = _caption_rows(5)
+  empty, first_empty = _caption_rows(0)
+  dropped = jnp.ones((1, 25), bool)
+  positions, hidden = drop_captions(with_caption["positions"], with_caption["segment_ids"], with_caption["image_ids"],
+                                    dropped)
+  np.testing.assert_array_equal(positions[0, first - 1:first + 5], np.arange(1, 7))  # <boi> at 1, as if empty
+  logits, eps = run(with_caption, positions, hidden)
+  want_logits, want_eps = run(empty, jnp.asarray(empty["positions"]), None)
+  span, span_empty = slice(first - 1, first + 5), slice(first_empty - 1, first_empty + 5)  # <boi> .. <eoi>
+  np.testing.assert_allclose(eps[0, span], want_eps[0, span_empty], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[0, span], want_logits[0, span_empty], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[0, :4], want_logits[0, :4], rtol=1e-5, atol=1e-5)
+  kept, kept_eps = run(with_caption, jnp.asarray(with_caption["positions"]), None)  # the conditional image
+  assert not np.allclose(kept_eps[0, first:first + 4], eps[0, first:first + 4], atol=1e-4)
+  keep = drop_captions(with_caption["positions"], with_caption["segment_ids"], with_caption["image_ids"],
+                       jnp.zeros((1, 25), bool))
+  np.testing.assert_array_equal(keep[0], with_caption["positions"])
+  assert not bool(jnp.any(keep[1]))
+
+
+def test_caption_dropout_draws_per_document_in_training_only(transfusion, monkeypatch):
+  """With caption_dropout 1, training (a training key) computes the image with its caption dropped and at 0
+  with it kept, evaluation (no key) never drops; a draw of each document's decision moves all of that
+  document's positions or none."""
+  monkeypatch.setattr(transfusion_module, "noise_images", _fixed_noise)  # the same noise whatever the key
+  model = transfusion
+  rows, _ = _caption_rows(5)
+  batch = dict(rows, targets=np.roll(rows["inputs"], -1, axis=1), loss_mask=(rows["segment_ids"] > 0) & (
+      rows["image_ids"] == 0))
+  train = {}
+  for rate in (0.0, 1.0):  # the config is read while tracing: one trace per rate
+    monkeypatch.setitem(model.cfg.diffusion, "caption_dropout", rate)
+    train[rate] = jax.jit(lambda b: _with_key(jax.random.PRNGKey(3), lambda: transfusion_loss(model, b)))(batch)[2]
+
+  @jax.jit
+  def image_mse(positions, hidden):
+    noisy, timesteps, noise = _fixed_noise(model.schedule, rows["patches"], rows["image_ids"], None)
+    _, eps = model(rows["inputs"], positions, rows["segment_ids"], rows["modality"], rows["image_ids"], noisy,
+                   timesteps, hidden)
+    return jnp.sum(jnp.mean((eps - noise) ** 2, -1) * (rows["image_ids"] > 0))
+
+  dropped = drop_captions(rows["positions"], rows["segment_ids"], rows["image_ids"], jnp.ones((1, 25), bool))
+  np.testing.assert_allclose(train[1.0]["mse/image"], image_mse(*dropped), rtol=1e-5)
+  np.testing.assert_allclose(train[0.0]["mse/image"], image_mse(jnp.asarray(rows["positions"]),
+                                                                jnp.zeros((1, 24, 24), bool)), rtol=1e-5)
+  assert abs(float(train[1.0]["mse/image"]) - float(train[0.0]["mse/image"])) > 1e-4
+  monkeypatch.setattr(transfusion_module, "drop_captions", lambda *a: pytest.fail("evaluation dropped a caption"))
+  jax.eval_shape(lambda b: transfusion_loss(model, b), batch)
+  dropped_docs = jax.random.uniform(jax.random.PRNGKey(21), (4, 25)) < 0.5
+  segment_ids = jnp.asarray(np.repeat(np.arange(1, 5), 6)[None].repeat(4, 0), jnp.int32)
+  image_ids = jnp.asarray(np.tile([0, 0, 0, 1, 1, 0], (4, 4)), jnp.int32)
+  positions = jnp.asarray(np.tile(np.arange(6), (4, 4)), jnp.int32)
+  moved, _ = drop_captions(positions, segment_ids, image_ids, dropped_docs)
+  doc_moved = np.asarray(moved != positions).reshape(4, 4, 6).any(-1)
+  np.testing.assert_array_equal(doc_moved, np.asarray(dropped_docs)[:, 1:5])
+
+
+def _with_key(key, fn):
+  with training_rng(key):
+    return fn()
 
 
 # ------------------------------------------------------------------------------------------ mesh invariance

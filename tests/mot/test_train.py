@@ -66,9 +66,11 @@ def test_chameleon_reports_each_modality_and_captions(tmp_path, vq_run):
 
 
 def test_transfusion_resumes_exactly(tmp_path):
-  """Four steps straight, then the same run cut back to its step-2 checkpoint and rerun: the same numbers."""
+  """Four steps straight, then the same run cut back to its step-2 checkpoint and rerun: the same numbers
+  (caption dropout on: its draws, too, come from the step's training key)."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  args = [f"--config={TINY}:setting=transfusion", *_small(tmp_path / "cache", 4)]
+  args = [f"--config={TINY}:setting=transfusion", *_small(tmp_path / "cache", 4),
+          "--config.model.diffusion.caption_dropout=0.5"]
   assert _train(args + [f"--workdir={straight}"]) == 0
   shutil.copytree(straight, resumed)
   shutil.rmtree(resumed / "checkpoints" / "4")
@@ -96,6 +98,36 @@ def test_resolve_derives_the_model_keys_from_the_data_and_validate_names_the_key
     mot_train.validate(cfg)
   with pytest.raises(ConfigError, match="transfusion setting is text\\+image only"):
     load(f"{TINY}:setting=transfusion,modalities=text+image+audio")
+
+
+def test_the_paper_configs_use_post_norms_for_both_models_and_the_placement_is_checked():
+  """MoT's Algorithm 1 normalises sublayer outputs (Chameleon sec. 2.3); the dense baseline (Chameleon) too,
+  so it is MoT with one weight group; `norm=pre` keeps the layout of older runs (the common dense LM)."""
+  from common.config import load
+  for setting in ("chameleon", "transfusion"):
+    for model, untied in (("mot", True), ("dense", False)):
+      m = mot_train.resolve(load(f"{ROOT}/mot/configs/reproduce.py:setting={setting},model={model}")).model
+      assert (m.name, m.untied, m.norm_placement) == ("mot", untied, "post")
+  cfg = mot_train.resolve(load(f"{TINY}:model=dense,norm=pre"))
+  assert (cfg.model.name, cfg.model.norm_placement) == ("dense_lm", "pre")
+  mot_train.validate(cfg)
+  cfg.model.norm_placement = "post"
+  with pytest.raises(ConfigError, match="model.norm_placement"):
+    mot_train.validate(cfg)
+  cfg = mot_train.resolve(load(TINY))
+  cfg.model.norm_placement = "sandwich"
+  with pytest.raises(ConfigError, match="model.norm_placement"):
+    mot_train.validate(cfg)
+  del cfg.model["norm_placement"]  # a config written before the key: pre-norms
+  from mot.model import norm_placement
+  assert norm_placement(cfg.model) == "pre"
+
+
+def test_transfusion_eval_summary_is_the_objective_over_the_eval_set():
+  sums = {"nll/text": 30.0, "weight/text": 10.0, "mse/image": 8.0, "weight/image": 40.0}
+  out = mot_train.transfusion_summary(sums, loss_weight=5.0)
+  assert out["loss_text"] == 3.0 and out["loss_image"] == 0.2 and out["loss"] == 3.0 + 5.0 * 0.2
+  assert mot_train.transfusion_summary({"nll/text": 3.0, "weight/text": 2.0}, 5.0)["loss"] == 1.5
 
 
 def test_cli_bad_key_exits_2(tmp_path):
