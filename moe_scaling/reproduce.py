@@ -108,8 +108,9 @@ def curve_equivalence(rows: list[dict]) -> list[dict]:
 
 
 def summarize(rows: list[dict], loss_key: str = "in_loss") -> list[dict]:
-  """Per seed, the factor at each MoE point (dense compute / MoE compute at the MoE loss, from the dense
-  law of that seed); then the mean and 95% t-interval over seeds per MoE size."""
+  """Per seed, the factor at each MoE point (dense compute / MoE compute at the MoE loss, from the law
+  through the dense final points of that seed); then the mean and 95% t-interval over seeds per MoE size, over
+  the seeds where the law reaches the MoE loss at all (`never` counts the others)."""
   per_size: dict[int, list[tuple[float, float]]] = {}
   for seed in sorted({r["seed"] for r in rows}):
     moe = [r for r in rows if r["family"] == "moe" and r["seed"] == seed]
@@ -119,10 +120,20 @@ def summarize(rows: list[dict], loss_key: str = "in_loss") -> list[dict]:
       per_size.setdefault(size_at[eq["compute"]], []).append((eq["compute"], eq["factor"]))
   out = []
   for d_model, pairs in sorted(per_size.items()):
-    factor, half = reproduce.t_interval([f for _, f in pairs])
+    finite = [f for _, f in pairs if math.isfinite(f)]
+    factor, half = reproduce.t_interval(finite) if finite else (math.inf, math.nan)
     out.append(dict(d_model=d_model, flops=sum(c for c, _ in pairs) / len(pairs), factor=factor, ci95=half,
-                    n=len(pairs)))
+                    n=len(pairs), never=len(pairs) - len(finite)))
   return out
+
+
+def format_factor(s: dict) -> str:
+  """'mean ± half x' over the seeds where the dense law reaches the MoE loss; how many seeds it never does
+  (the MoE loss below the law's floor E)."""
+  if s["never"] == s["n"]:
+    return f"never ({s['n']}/{s['n']} seeds)"
+  text = format_pm(s["factor"], s["ci95"], ".2f") + "x"
+  return text + (f", never in {s['never']}/{s['n']}" if s["never"] else "")
 
 
 def seed_means(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -158,17 +169,20 @@ def tables(rows: list[dict], shots) -> tuple[list[str], dict]:
     law = fit_loss_vs_compute(*frontier([m for m in means if m["family"] == family], loss_key="in_loss"))
     fits[family] = dict(E=law.E, K=law.K, gamma=law.gamma)
   curves = curve_equivalence(rows)
+  final = {s["d_model"]: s for s in summarize(rows)}
   ood = {s["d_model"]: s for s in summarize(rows, "ood_loss")}
-  lines += ["", "Compute equivalence (the headline): dense compute / MoE compute at equal loss. In domain: the law "
-            "through the dense validation curves' lower envelope, at half and at all of each MoE run's training; "
-            "out of domain: the law through the dense sizes' final out-of-domain losses.", ""]
+  factor = lambda by_size, d: format_factor(by_size[d]) if d in by_size else "-"
+  lines += ["", "Compute equivalence (the headline): dense compute / MoE compute at equal loss. Curves: the law "
+            "through the lower envelope of the dense validation curves, at half and at all of each MoE run's "
+            "training (a dense point mid-schedule is not annealed, which favours MoE); final points: the law "
+            "through the dense sizes' final losses only (each at the end of its schedule), in and out of domain.",
+            ""]
   lines += reproduce.table(
-      ["MoE d_model", "MoE train FLOPs", "in-domain, half-way", "in-domain, end", "out-of-domain, end",
-       "MoE below all dense points", "seeds"],
+      ["MoE d_model", "MoE train FLOPs", "curves, half-way", "curves, end", "MoE below all dense points",
+       "final points, in domain", "final points, out of domain", "seeds"],
       [([c["d_model"], f"{c['flops']:.3g}", format_pm(c["factor_half"], c["ci95_half"], ".2f") + "x",
-         format_pm(c["factor"], c["ci95"], ".2f") + "x",
-         format_pm(ood[c["d_model"]]["factor"], ood[c["d_model"]]["ci95"], ".2f") + "x" if c["d_model"] in ood
-         else "-", f"{c['beyond_dense']}/{c['n']}", c["n"]], PAPER) for c in curves])
+         format_pm(c["factor"], c["ci95"], ".2f") + "x", f"{c['beyond_dense']}/{c['n']}",
+         factor(final, c["d_model"]), factor(ood, c["d_model"]), c["n"]], PAPER) for c in curves])
   stats = [dict(d_model=d, **{k: reproduce.t_interval([r["routing"][k] for r in rows
                                                       if r["family"] == "moe" and r["d_model"] == d])
                               for k in ("fraction_dropped", "max_load_ratio", "balance_loss")})
@@ -179,7 +193,8 @@ def tables(rows: list[dict], shots) -> tuple[list[str], dict]:
   lines += [f"| {s['d_model']} | " + " | ".join(format_pm(*s[k], ".3f") for k in
                                                ("fraction_dropped", "max_load_ratio", "balance_loss")) + " |"
             for s in stats]
-  return lines, dict(means=means, fits=fits, equivalence=dict(in_domain=curves, out_of_domain=list(ood.values())))
+  return lines, dict(means=means, fits=fits, equivalence=dict(
+      curves=curves, in_domain=list(final.values()), out_of_domain=list(ood.values())))
 
 
 def plot(records: list[dict], path: str) -> str:

@@ -35,7 +35,7 @@ class LossVsCompute:
   def compute(self, loss):
     """The compute at which the law reaches `loss` (inf at or below E)."""
     excess = np.asarray(loss, float) - self.E
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
       return np.where(excess > 0, (self.K / np.maximum(excess, 1e-300)) ** (1 / self.gamma), np.inf)
 
 

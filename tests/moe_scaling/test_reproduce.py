@@ -49,3 +49,18 @@ def test_curve_equivalence_recovers_a_planted_factor_with_a_t_interval():
 def test_curve_equivalence_is_one_when_moe_is_dense():
   for o in reproduce.curve_equivalence(_runs({0: 1.0})):
     assert o["factor"] == pytest.approx(1.0, rel=0.02) and o["beyond_dense"] == 0
+
+
+def test_final_point_factor_says_never_where_the_moe_loss_is_below_the_dense_floor():
+  rows = []
+  for seed in (0, 1):
+    for d, c in ((32, 1e12), (48, 4e12), (64, 1.6e13)):
+      rows.append(dict(family="dense", d_model=d, seed=seed, budget=d, flops=c, in_loss=1.5 + 10 * c ** -0.1))
+      # d64's MoE loss (1.2) is below the dense law's floor E (about 1.5) in seed 1 only
+      loss = 1.2 if (d, seed) == (64, 1) else 1.5 + 10 * (2 * c) ** -0.1
+      rows.append(dict(family="moe", d_model=d, seed=seed, budget=d, flops=c, in_loss=loss))
+  out = {s["d_model"]: s for s in reproduce.summarize(rows)}
+  assert out[32]["never"] == 0 and out[32]["factor"] == pytest.approx(2.0, rel=0.05)
+  assert out[64]["never"] == 1 and out[64]["n"] == 2 and out[64]["factor"] == pytest.approx(2.0, rel=0.05)
+  assert reproduce.format_factor(out[64]).endswith(", never in 1/2")
+  assert reproduce.format_factor(dict(out[64], never=2)) == "never (2/2 seeds)"
