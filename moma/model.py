@@ -60,6 +60,8 @@ def validate_moma_config(m) -> None:
   require(int(mm.d_ff) >= 0, "model.moma.d_ff", f"must be >= 0 (0 = model.d_ff), got {mm.d_ff}")
   require(mm.grouped_impl in GROUPED_IMPLS, "model.moma.grouped_impl",
           f"must be one of {GROUPED_IMPLS}, got '{mm.grouped_impl}'")
+  require(float(mm.get("exchange_slack", 2.0)) > 0, "model.moma.exchange_slack",
+          f"must be > 0, got {mm.get('exchange_slack')}")
   layers = tuple(int(i) for i in mm.mod_layers)
   require(all(0 <= i < int(m.n_layers) for i in layers) and len(set(layers)) == len(layers),
           "model.moma.mod_layers", f"must be distinct layer indices in [0, {m.n_layers}), got {layers}")
@@ -78,7 +80,7 @@ def group_settings(m) -> GroupSettings:
   return GroupSettings(experts_per_group=tuple(int(e) for e in mm.experts),
                        capacity_factor=float(mm.capacity_factor), routing_groups=int(mm.routing_groups),
                        router_noise=float(mm.router_noise), z_loss_weight=float(mm.z_loss_weight),
-                       grouped_impl=mm.grouped_impl)
+                       grouped_impl=mm.grouped_impl, exchange_slack=float(mm.get("exchange_slack", 2.0)))
 
 
 class MoMaBlock(Block):

@@ -53,10 +53,13 @@ def dense_model(**overrides) -> ml_collections.ConfigDict:
       # Mixture-of-experts FFN in every `every`-th layer (common.nn.moe); num_experts 0 = dense.
       # second_policy: 'all' | 'sampling' (fairseq's Gumbel rule) | 'random' (GShard's). Evaluation with
       # mode 'capacity': ceil(eval_capacity_token_fraction * S) slots per expert, <= 0 = dropless (exact).
+      # exchange_slack: expert-parallel dropless all-to-all buffers, in even shares of a shard's rows
+      # (common.nn.moe.exchange; a call that overflows them takes an exact, slower fallback).
       moe=ml_collections.ConfigDict(dict(
           num_experts=0, top_k=2, every=2, routing="token_choice", mode="capacity", capacity_factor=1.0,
           second_policy="all", num_groups=1, router_noise=0.0, balance_weight=0.01, z_loss_weight=0.0,
-          d_ff=0, expert_parallel=True, grouped_impl="auto", eval_capacity_token_fraction=0.0)),
+          d_ff=0, expert_parallel=True, grouped_impl="auto", eval_capacity_token_fraction=0.0,
+          exchange_slack=2.0)),
   ))
   with m.ignore_type():  # remat may be a bool (true: 'full'), as configs written before the policies say
     m.remat = overrides.pop("remat", m.remat)

@@ -95,6 +95,8 @@ def validate_moe_config(m) -> None:
   require(int(moe.d_ff) >= 0, "model.moe.d_ff", f"must be >= 0 (0 = model.d_ff), got {moe.d_ff}")
   require(moe.get("grouped_impl", "auto") in GROUPED_IMPLS, "model.moe.grouped_impl",
           f"must be one of {GROUPED_IMPLS} (the dropless grouped matmul), got '{moe.get('grouped_impl')}'")
+  require(float(moe.get("exchange_slack", 2.0)) > 0, "model.moe.exchange_slack",
+          f"must be > 0, got {moe.get('exchange_slack')}")
 
 
 def block_spec(m) -> BlockSpec:
@@ -120,6 +122,7 @@ def moe_settings(m) -> MoESettings:
                      num_groups=int(moe.num_groups), router_noise=float(moe.router_noise),
                      balance_weight=float(moe.balance_weight), z_loss_weight=float(moe.z_loss_weight),
                      grouped_impl=moe.get("grouped_impl", "auto"),
+                     exchange_slack=float(moe.get("exchange_slack", 2.0)),
                      eval_capacity_token_fraction=float(moe.get("eval_capacity_token_fraction", 0.0)))
 
 

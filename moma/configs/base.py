@@ -29,6 +29,7 @@ def moma_section(**overrides) -> ml_collections.ConfigDict:
       d_ff=0,                 # expert width; 0 = model.d_ff (FLOPs-matched with the dense FFN)
       grouped_impl="auto",
       expert_parallel=True,
+      exchange_slack=2.0,     # expert-parallel all-to-all buffers, in even shares of a shard's rows
       mod_layers=(),          # 0-based indices of the layers wrapped in mixture-of-depths; () = none
       mod_capacity=0.25,      # share of each row's real tokens a routed layer processes
   ))

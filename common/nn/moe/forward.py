@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from common.kernels.grouped_matmul import IMPLS as GROUPED_IMPLS
+from common.nn.moe import exchange
 from common.nn.moe import experts as experts_lib
 from common.nn.moe import router as router_lib
 from common.nn.moe import routing
@@ -49,6 +50,7 @@ class MoESettings:
   z_loss_weight: float = 0.0
   grouped_impl: str = "auto"        # dropless: grouped-matmul implementation (common.kernels.grouped_matmul)
   eval_capacity_token_fraction: float = 0.0  # token choice with capacity, evaluation: ceil(f * S) slots; <= 0 none
+  exchange_slack: float = exchange.EXCHANGE_SLACK  # dropless, expert-parallel: all-to-all buffer size (exchange)
 
   def __post_init__(self):
     if self.n_experts < 1:
@@ -63,8 +65,8 @@ class MoESettings:
       raise ValueError(f"second_policy must be one of {SECOND_POLICIES}, got '{self.second_policy}'")
     if self.grouped_impl not in GROUPED_IMPLS:
       raise ValueError(f"grouped_impl must be one of {GROUPED_IMPLS}, got '{self.grouped_impl}'")
-    if self.capacity_factor <= 0 or self.num_groups < 1:
-      raise ValueError("capacity_factor must be > 0 and num_groups >= 1")
+    if self.capacity_factor <= 0 or self.num_groups < 1 or self.exchange_slack <= 0:
+      raise ValueError("capacity_factor and exchange_slack must be > 0 and num_groups >= 1")
 
 
 # ------------------------------------------------------------------------------------ the pure forward
@@ -106,31 +108,19 @@ def _run_slots(x, dispatch, gate_up, down, expert_axis):
   return _scatter_slots(out, dispatch, x.shape[1])
 
 
-def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, expert_axis, impl="auto"):
-  """Every kept assignment executed (those not attempted, padding and sampled-out choices, get no row): rows
-  sorted by expert, a grouped matmul (`impl`), rows unsorted and gated. Under shard_map the tokens of all
-  shards of `expert_axis` are gathered, each shard runs its own experts' rows, and a reduce-scatter returns
-  each token's sum to its shard (no capacity, hence no fixed-size all-to-all)."""
+def _run_dropless(x, assign: routing.Assignment, gate_up, down, n_experts, expert_axis, impl, slack):
+  """Every kept assignment executed as a row of `exchange.run_rows` (those not attempted, padding and
+  sampled-out choices, get none), then gated and summed over the token's k choices. Under shard_map the rows
+  travel to their experts' shards with a bounded all-to-all (`exchange`)."""
   g, s, d = x.shape
   k = assign.expert.shape[-1]
-  rows, gate = x.reshape(g * s, d), assign.gate.reshape(g * s, k)
   expert = jnp.where(assign.kept, assign.expert, n_experts).reshape(-1)  # n_experts: not executed
-  local_expert = expert
-  if expert_axis is not None:
-    rows = jax.lax.all_gather(rows, expert_axis, tiled=True)
-    expert = jax.lax.all_gather(expert, expert_axis, tiled=True)
-    gate = jax.lax.all_gather(gate, expert_axis, tiled=True)
-    first = jax.lax.axis_index(expert_axis) * gate_up.shape[0]
-    # This shard's experts first, in order; unexecuted assignments last.
-    local_expert = jnp.where(expert < n_experts, (expert - first) % n_experts, n_experts)
-  order = jnp.argsort(local_expert, stable=True)
-  group_sizes = jnp.bincount(local_expert, length=n_experts + 1)[:gate_up.shape[0]].astype(jnp.int32)
-  out = experts_lib.run_grouped(rows[order // k], gate_up, down, group_sizes, impl=impl)
-  out = out[jnp.argsort(order)].reshape(-1, k, d).astype(jnp.promote_types(out.dtype, gate.dtype))
-  y = jnp.sum(out * gate[..., None], axis=1)
-  if expert_axis is not None:
-    y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
-  return y.reshape(g, s, d)
+  token = jnp.arange(g * s * k) // k
+  out = exchange.run_rows(x.reshape(g * s, d), token, expert, gate_up, down, impl=impl, expert_axis=expert_axis,
+                          slack=slack)
+  gate = assign.gate.reshape(g * s, k)
+  out = out.reshape(-1, k, d).astype(jnp.promote_types(out.dtype, gate.dtype))
+  return jnp.sum(out * gate[..., None], axis=1).reshape(g, s, d)
 
 
 def _group_mean(per_group: jax.Array, n_real: jax.Array, stat_axes) -> jax.Array:
@@ -191,7 +181,8 @@ def moe_forward(settings: MoESettings, params: dict, x: jax.Array, rng: jax.Arra
       dispatch = jax.vmap(lambda a: routing.dispatch_from_assignment(a, e, capacity))(assign)
       y = _run_slots(x, dispatch, params["gate_up"], params["down"], expert_axis)
     else:
-      y = _run_dropless(x, assign, params["gate_up"], params["down"], e, expert_axis, st.grouped_impl)
+      y = _run_dropless(x, assign, params["gate_up"], params["down"], e, expert_axis, st.grouped_impl,
+                        st.exchange_slack)
     balance = jax.vmap(router_lib.balance_loss)(probs, assign.expert[..., 0], real)
     active = assign.active
     n_active = jnp.maximum(jnp.sum(active, axis=(1, 2)), 1)

@@ -24,8 +24,8 @@ buffer is S * max_m E_m rows there.
 Training noise (`router_noise` > 0, training only, `common.nn.training_rng`): logistic noise (the difference
 of two Gumbel variables, the Gumbel-sigmoid of MoMa sec. 2.2) times `router_noise` on the logits, used for both
 the choice and the gate. Under a mesh with an `expert` axis, experts are split over it and each shard routes
-its own routing groups; the expert rows of all shards of the axis are gathered, each shard runs its own
-experts' rows and a reduce-scatter returns each token's sum (as the dropless path of `parallel.py`).
+its own routing groups, and the selected rows travel to their experts' shards and back with the bounded
+all-to-all of `exchange.py` (as the dropless token-choice layer's).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from common.kernels.grouped_matmul import IMPLS as GROUPED_IMPLS
+from common.nn.moe import exchange
 from common.nn.moe import experts as experts_lib
 from common.nn.moe import router as router_lib
 from common.nn.moe.parallel import EXPERT_AXIS, current_expert_mesh, token_axes
@@ -54,12 +55,14 @@ class GroupSettings:
   router_noise: float = 0.0           # scale of the logistic noise on the logits (training only)
   z_loss_weight: float = 0.0
   grouped_impl: str = "auto"          # common.kernels.grouped_matmul implementation
+  exchange_slack: float = exchange.EXCHANGE_SLACK  # expert-parallel all-to-all buffer size (exchange.py)
 
   def __post_init__(self):
     if not self.experts_per_group or min(self.experts_per_group) < 1:
       raise ValueError(f"experts_per_group must be positive counts, got {self.experts_per_group}")
-    if self.capacity_factor <= 0 or self.routing_groups < 0:
-      raise ValueError("capacity_factor must be > 0 and routing_groups >= 0 (0 = one per sequence)")
+    if self.capacity_factor <= 0 or self.routing_groups < 0 or self.exchange_slack <= 0:
+      raise ValueError("capacity_factor and exchange_slack must be > 0 and routing_groups >= 0 (0 = one per "
+                       "sequence)")
     if self.grouped_impl not in GROUPED_IMPLS:
       raise ValueError(f"grouped_impl must be one of {GROUPED_IMPLS}, got '{self.grouped_impl}'")
 
@@ -135,25 +138,16 @@ def selection_rows(selected: jax.Array, n_rows: int) -> tuple[jax.Array, jax.Arr
 
 
 def run_selected(x: jax.Array, selected: jax.Array, gates: jax.Array, gate_up: jax.Array, down: jax.Array,
-                 n_rows: int, *, impl: str = "auto", expert_axis: str | None = None) -> jax.Array:
+                 n_rows: int, *, impl: str = "auto", expert_axis: str | None = None,
+                 slack: float = exchange.EXCHANGE_SLACK) -> jax.Array:
   """sum_e selected[t, e] * gates[t, e] * expert_e(x[t]): x [T, d], selected and gates [T, E] -> [T, d] f32.
-  Under shard_map with `expert_axis`, gate_up/down hold this shard's experts; the tokens of the axis are
-  gathered, this shard's rows run, and the sums are reduce-scattered back (n_rows: the budget of one shard)."""
-  if expert_axis is not None:
-    n_local = gate_up.shape[0]
-    x, selected, gates = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, selected, gates))
-    first = jax.lax.axis_index(expert_axis) * n_local
-    selected = jax.lax.dynamic_slice_in_dim(selected, first, n_local, axis=1)
-    gates = jax.lax.dynamic_slice_in_dim(gates, first, n_local, axis=1)
-    n_rows *= jax.lax.axis_size(expert_axis)
-  token, expert, group_sizes = selection_rows(selected, n_rows)
-  out = experts_lib.run_grouped(x[token], gate_up, down, group_sizes, impl=impl)  # [R, d]
+  Under shard_map with `expert_axis`, gate_up/down hold this shard's experts and the rows travel to their
+  experts' shards and back (`exchange.run_rows`); n_rows: the row budget of this shard's tokens."""
+  token, expert, _ = selection_rows(selected, n_rows)
+  out = exchange.run_rows(x, token, expert, gate_up, down, impl=impl, expert_axis=expert_axis, slack=slack)
   row_gate = jnp.where(expert < gates.shape[1], gates[token, jnp.minimum(expert, gates.shape[1] - 1)], 0.0)
   acc = jnp.promote_types(out.dtype, gates.dtype)
-  y = jnp.zeros((x.shape[0], x.shape[1]), acc).at[token].add(out.astype(acc) * row_gate[:, None])
-  if expert_axis is not None:
-    y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
-  return y
+  return jnp.zeros((x.shape[0], x.shape[1]), acc).at[token].add(out.astype(acc) * row_gate[:, None])
 
 
 # ------------------------------------------------------------------------------------ the pure forward
@@ -213,7 +207,8 @@ def grouped_expert_forward(settings: GroupSettings, params: dict, x: jax.Array, 
   gates = jnp.where(selected, jax.nn.sigmoid(routed), 0.0)
   n_rows = n_groups * st.rows_per_group(n_tokens, external=external)
   y = run_selected(x.reshape(-1, d), selected.reshape(-1, st.n_experts), gates.reshape(-1, st.n_experts),
-                   params["gate_up"], params["down"], n_rows, impl=st.grouped_impl, expert_axis=expert_axis)
+                   params["gate_up"], params["down"], n_rows, impl=st.grouped_impl, expert_axis=expert_axis,
+                   slack=st.exchange_slack)
   stats = jax.vmap(lambda lg, s, tg: _routing_stats(lg, s, tg, st))(logits, selected, token_group)
   aux = _pool(stats, jnp.sum(token_group >= 0, axis=1).astype(router_dtype), pool_axes)
   aux.update(balance_loss=jnp.zeros((), router_dtype), aux_loss=st.z_loss_weight * aux["z_loss"])

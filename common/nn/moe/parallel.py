@@ -4,10 +4,10 @@ Tokens are split over every batch axis of the mesh (`common.sharding.RULES['batc
 `expert`), experts over `expert` only (GShard, Lepikhin et al. 2020, sec. 3.2). Each shard routes its own
 groups of tokens, so the routing is identical to the unsharded layer's as long as each shard holds whole
 groups; capacity buffers go to the experts' owners with one all-to-all and come back with another. The
-dropless mode has no fixed buffer size, so it gathers the tokens of the expert axis, runs each shard's own
-experts and reduce-scatters the sums instead. Statistics are averaged over all groups of all shards (each
-group weighted by its real tokens, `forward._group_mean`, summed with a psum). The token mask travels with
-the tokens.
+dropless mode has no fixed buffer size: its rows travel in all-to-all buffers of a bounded size, with an
+exact gather/reduce-scatter fallback for a call that would overflow them (`exchange.py`). Statistics are
+averaged over all groups of all shards (each group weighted by its real tokens, `forward._group_mean`, summed
+with a psum). The token mask travels with the tokens.
 
 The path is taken when the layer is traced under a mesh (`jax.set_mesh`) whose `expert` axis has size > 1;
 otherwise the plain layer runs and XLA's SPMD partitioner places it.
