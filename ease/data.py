@@ -81,9 +81,13 @@ class WordTokenizer(Tokenizer):
     return " ".join(self.itos[int(i)] for i in ids if len(SPECIALS) <= int(i) < self.vocab_size)
 
 
-def tokenizer_for(data_cfg) -> tuple[Tokenizer, int, int]:
+def tokenizer_for(data_cfg, pretrained: Tokenizer | None = None) -> tuple[Tokenizer, int, int]:
   """(tokenizer, sep id, bos id): the word vocabulary has its own; byte and SentencePiece vocabularies get
-  two ids past their own (the model's vocabulary covers them)."""
+  two ids past their own (the model's vocabulary covers them). A pretrained abstractor's tokenizer
+  (`pretrained`) replaces data.tokenizer and keeps to the ids its model was trained on: its eos separates
+  document and summary, and its bos (eos where it has none) opens the row."""
+  if pretrained is not None:
+    return pretrained, pretrained.eos_id, pretrained.eos_id if pretrained.bos_id is None else pretrained.bos_id
   if data_cfg.tokenizer == "words":
     tok = WordTokenizer()
     return tok, 3, 4
@@ -253,9 +257,9 @@ class SummaryData:
   of an epoch permutation drawn from (seed, epoch), plus uniform `noise` per position for the mask sampler and
   `hard` (0: the loss samples a relaxed mask; 1, on eval batches: it uses the top-k evidence)."""
 
-  def __init__(self, data_cfg, *, batch_size: int, seed: int):
+  def __init__(self, data_cfg, *, batch_size: int, seed: int, pretrained: Tokenizer | None = None):
     check_data(data_cfg)
-    self.tokenizer, self.sep_id, self.bos_id = tokenizer_for(data_cfg)
+    self.tokenizer, self.sep_id, self.bos_id = tokenizer_for(data_cfg, pretrained)
     self.examples = {split: examples_for(data_cfg, split) for split in ("train", "eval")}
     shape = (int(data_cfg.doc_len), int(data_cfg.summary_len), int(data_cfg.max_units))
     self.rows = {split: encode(ex, self.tokenizer, self.sep_id, self.bos_id, *shape)

@@ -22,9 +22,11 @@ from flax import nnx
 
 from common.cli import ArgumentParser
 from common.config import ConfigError, run_main
+from common.models.dense_lm import unrolled
 from common.train.restore import load_run_model, read_run_config
 from ease import train
 from ease.data import SummaryData
+from ease.model import key_bias
 
 _WORDS = re.compile(r"\w+")
 
@@ -62,18 +64,25 @@ def evidence_scores(keep: np.ndarray, doc_mask: np.ndarray, gold: np.ndarray) ->
 
 @functools.partial(nnx.jit, static_argnames=("budget", "doc_len", "summary_len"))
 def generate(model, batch: dict, *, budget: float, doc_len: int, summary_len: int):
-  """(keep [b, l], generated ids [b, summary_len]): greedy decoding of the summary from the hard evidence."""
+  """(keep [b, l], generated ids [b, summary_len]): greedy decoding of the summary from the hard evidence, with
+  the abstractor's KV cache (`DenseLM.decode`, the evidence bias over the row's tokens at every step)."""
   unit_mask, _ = model.unit_mask(batch, hard=True, budget=budget)
   keep = model.keep(batch, unit_mask)
-  tokens = batch["inputs"].at[:, doc_len + 1:].set(0)  # the summary region emptied
-  logits, caches = model.prefill(tokens, keep)
-  first = jnp.argmax(logits[:, doc_len], -1).astype(jnp.int32)
-  out = jnp.zeros((tokens.shape[0], summary_len), jnp.int32).at[:, 0].set(first)
+  bias, lm = key_bias(keep), model.abstractor
+  prompt = batch["inputs"][:, :doc_len + 1]  # [bos] document [sep]
+  rows = prompt.shape[0]
+  positions = jnp.broadcast_to(jnp.arange(doc_len + 1), prompt.shape)
+  caches = lm.init_cache(rows, doc_len + summary_len)
+  logits, caches = lm.decode(prompt, positions, jnp.ones_like(prompt), caches, last_only=True, key_bias=bias)
+  first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+  out = jnp.zeros((rows, summary_len), jnp.int32).at[:, 0].set(first)
+  ones = jnp.ones((rows, 1), jnp.int32)
 
   def body(t, carry):
     out, caches = carry
-    logits, caches = model.step(out[:, t - 1], doc_len + t, caches, keep)
-    return out.at[:, t].set(jnp.argmax(logits, -1).astype(jnp.int32)), caches
+    token = jax.lax.dynamic_slice_in_dim(out, t - 1, 1, axis=1)
+    logits, caches = lm.decode(token, (doc_len + t) * ones, ones, caches, key_bias=bias)
+    return out.at[:, t].set(jnp.argmax(logits[:, 0], -1).astype(jnp.int32)), caches
 
   out, _ = jax.lax.fori_loop(1, summary_len, body, (out, caches))
   return keep, out
@@ -91,6 +100,8 @@ def _until_eos(ids: Sequence[int], eos: int) -> list[int]:
 
 def evaluate(model, data: SummaryData, *, budgets: Sequence[float], docs: int, batch_size: int = 64) -> dict:
   """{budget: mean metrics} over the first `docs` eval documents, and a few example summaries."""
+  if model.abstractor.scan_layers:  # the KV cache runs the unrolled blocks
+    model.abstractor = unrolled(model.abstractor)
   rows = {k: v[:docs] for k, v in data.rows["eval"].items()}
   examples = data.examples["eval"][:docs]
   tok, doc_len = data.tokenizer, data.doc_len

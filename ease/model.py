@@ -1,15 +1,19 @@
 """EASE's modules (Li et al. 2021, arXiv 2105.06982) and the `model.*` section of its configs.
 
-- `Extractor`: a small bidirectional transformer over the document; one logit per token (`level=token`) or
-  per sentence (`level=sentence`, from the mean of its tokens' hidden states).
+- `Extractor`: a small bidirectional transformer over the document (`common.nn.Block`s with `causal=False`,
+  the document one segment); one logit per token (`level=token`) or per sentence (`level=sentence`, from the
+  mean of its tokens' hidden states).
 - The mask m: during training a relaxed-Bernoulli (Gumbel-sigmoid) or hard-concrete sample per unit
   (common.nn.relaxed_bernoulli), a sentence's sample shared by its tokens; at inference the top-k units by
   logit, k = max(1, round(budget * units)).
-- `Abstractor`: a decoder-only LM over `[bos] document [sep] summary` whose attention adds log m to the score
-  of every document key, for every query (document positions included). With a hard mask an unselected token
-  is a key of no query, so nothing computed at any other position depends on it: the summary is a function of
-  the evidence alone (tests/ease check it). With a relaxed mask the bias scales a kept token's attention
-  weight by m, which is how the summary loss reaches the extractor.
+- The abstractor: the dense LM of `common.models.dense_lm` (the model `common.models.hf_llama` imports into and
+  the checkpoint library stores), a decoder over `[bos] document [sep] summary` called with the per-key
+  attention bias log m on every document key (`key_bias`; -inf where m = 0), for every query, document
+  positions included. With a hard mask an unselected token is a key of no query, so nothing computed at any
+  other position depends on it: the summary is a function of the evidence alone (tests/ease check it). With a
+  relaxed mask the bias scales a kept token's attention weight by m, which is how the summary loss reaches the
+  extractor. `model.*` holds the dense LM's keys (`common.configs.base.dense_model`) beside EASE's own
+  (`EASE_KEYS`); `model.init_from` names a checkpoint-library entry the abstractor starts from (ease/train.py).
 - The objective (the information bottleneck, sec. 3): -log q(y | m * x) + beta * KL(p(m | x) || Bernoulli(pi)),
   the KL averaged over a document's units (Paranjape et al. 2020) so beta means the same at both levels.
 
@@ -18,7 +22,7 @@ extractor: the first k sentences at the same budget).
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -26,33 +30,45 @@ import ml_collections
 from flax import nnx
 
 from common.config import require
-from common.nn.embed import Embed
-from common.nn.linear import Linear
-from common.nn.mlp import SwiGLU
-from common.nn.norms import RMSNorm
+from common.configs.base import dense_model
+from common.flops import flops_for
+from common.models.dense_lm import DenseLM, block_spec, validate_model_config as validate_dense_config
+from common.nn import Block, Embed, Linear, RMSNorm
 from common.nn.relaxed_bernoulli import (bernoulli_kl, gumbel_sigmoid, hard_concrete,
                                         hard_concrete_keep_probability)
-from common.nn.rope import apply_rope, rope_frequencies
 
 VARIANTS = ("abstractive", "lead", "ease")
 LEVELS = ("sentence", "token")
 SAMPLERS = ("gumbel", "hard_concrete")
-_NEG = -1e30
+# The keys of `model.*` that are EASE's; the rest describe the abstractor (a dense-LM section).
+EASE_KEYS = ("name", "variant", "level", "pi", "beta", "budget", "sampler", "temperature", "doc_len", "max_units",
+             "enc_layers", "init_from")
 
 
 def model_config(variant: str = "ease", level: str = "sentence", pi: float = 0.3, beta: float = 1.0,
                  **overrides) -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict(dict(
+  # The abstractor; vocab_size 0: from the data (train.resolve); n_kv_heads 0: n_heads (multi-head attention).
+  m = dense_model(vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=0, d_ff=384)
+  m.update(dict(
       name="ease", variant=variant, level=level,
       pi=pi,              # the prior's keep probability (the bottleneck's target evidence share)
       beta=beta,          # weight of the KL to the prior
       budget=0.4,         # share of units kept at inference (top-k); lead keeps this share of sentences
       sampler="gumbel", temperature=0.5,
-      vocab_size=0, doc_len=0, max_units=0,  # 0: from the data (resolve)
-      d_model=128, n_layers=2, n_heads=4, d_ff=384, enc_layers=1, rope_theta=10000.0, norm_eps=1e-5,
+      doc_len=0, max_units=0,  # 0: from the data (resolve)
+      enc_layers=1,       # the extractor's layers (its width and heads are the abstractor's)
+      init_from="",       # a checkpoint-library entry the abstractor starts from; '' = random init
   ))
   m.update(overrides)
   return m
+
+
+def abstractor_config(m) -> ml_collections.ConfigDict:
+  """The dense-LM section of `model.*` (EASE's own keys dropped; keys a config lacks at their defaults)."""
+  own = {k: v for k, v in m.to_dict().items() if k not in EASE_KEYS}
+  a = ml_collections.ConfigDict({**dense_model().to_dict(), **own, "name": "dense_lm"})
+  a.n_kv_heads = int(a.n_kv_heads) or int(a.n_heads)
+  return a
 
 
 def validate_model_config(m) -> None:
@@ -63,101 +79,50 @@ def validate_model_config(m) -> None:
   require(float(m.beta) >= 0.0, "model.beta", f"must be >= 0, got {m.beta}")
   require(0.0 < float(m.budget) <= 1.0, "model.budget", f"must be in (0, 1], got {m.budget}")
   require(float(m.temperature) > 0.0, "model.temperature", f"must be positive, got {m.temperature}")
-  require(int(m.d_model) % int(m.n_heads) == 0, "model.n_heads", f"must divide model.d_model={m.d_model}")
-  for key in ("vocab_size", "doc_len", "max_units", "d_model", "n_layers", "n_heads", "d_ff", "enc_layers"):
+  for key in ("doc_len", "max_units", "enc_layers"):
     require(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
-
-
-class EvidenceAttention(nnx.Module):
-  """Multi-head attention with RoPE, a boolean mask and an additive bias per key: scores + key_bias[key].
-  common.nn.attention builds its masks from segment ids alone; the evidence mask needs the per-key bias."""
-
-  def __init__(self, d_model: int, n_heads: int, *, rngs: nnx.Rngs, rope_theta: float, out_scale: float):
-    head_dim = d_model // n_heads
-    self.n_heads, self.head_dim, self.rope_theta = n_heads, head_dim, rope_theta
-    self.qkv = Linear(d_model, (3, n_heads, head_dim), axes=("embed", None, "heads", "head_dim"), rngs=rngs)
-    self.o = Linear(d_model, d_model, axes=("heads", "embed"), rngs=rngs, init_scale=out_scale)
-
-  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q, k, v [b, l, heads, head_dim], RoPE at `positions` on q and k."""
-    qkv = self.qkv(x)
-    inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
-    return apply_rope(qkv[:, :, 0], positions, inv_freq), apply_rope(qkv[:, :, 1], positions, inv_freq), qkv[:, :, 2]
-
-  def attend(self, q, k, v, allowed: jax.Array, key_bias: jax.Array) -> jax.Array:
-    """allowed bool [b, q, k]; key_bias [b, k] (0 for plain keys, log m for masked ones)."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim) + key_bias[:, None, None, :]
-    scores = jnp.where(allowed[:, None], scores, _NEG)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-    return self.o(out.reshape(*q.shape[:2], -1))
-
-  def __call__(self, x: jax.Array, positions: jax.Array, allowed: jax.Array, key_bias: jax.Array) -> jax.Array:
-    return self.attend(*self.project(x, positions), allowed, key_bias)
-
-
-class Block(nnx.Module):
-  """The pre-norm layer (as common.nn.transformer.Block) over `EvidenceAttention`."""
-
-  def __init__(self, m, n_layers: int, *, rngs: nnx.Rngs):
-    scale = 1.0 / math.sqrt(2 * n_layers)
-    self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
-    self.attn = EvidenceAttention(m.d_model, m.n_heads, rngs=rngs, rope_theta=m.rope_theta, out_scale=scale)
-    self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
-    self.ffn = SwiGLU(m.d_model, m.d_ff, rngs=rngs, out_scale=scale)
-
-  def __call__(self, x, positions, allowed, key_bias):
-    return self.prefill(x, positions, allowed, key_bias)[0]
-
-  def prefill(self, x, positions, allowed, key_bias):
-    """The block on a whole row, and its keys and values (the cache `step` continues from)."""
-    q, k, v = self.attn.project(self.attn_norm(x), positions)
-    x = x + self.attn.attend(q, k, v, allowed, key_bias)
-    return x + self.ffn(self.ffn_norm(x)), (k, v)
-
-  def step(self, x, position, cache, allowed, key_bias):
-    """One new token x [b, 1, d] at `position`: its key and value written into the cache, then attended
-    over the cache with allowed [b, 1, l]."""
-    q, k_new, v_new = self.attn.project(self.attn_norm(x), jnp.full(x.shape[:2], position))
-    k = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new, position, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new, position, axis=1)
-    x = x + self.attn.attend(q, k, v, allowed, key_bias)
-    return x + self.ffn(self.ffn_norm(x)), (k, v)
+  kv_heads = int(m.get("n_kv_heads", 0))
+  require(kv_heads >= 0, "model.n_kv_heads", f"must be >= 0 (0 = model.n_heads), got {kv_heads}")
+  validate_dense_config(abstractor_config(m))
 
 
 class Extractor(nnx.Module):
   """Document -> unit logits: [b, l] per token (token level) or [b, units] per sentence (sentence level)."""
 
   def __init__(self, m, *, rngs: nnx.Rngs):
-    self.embed = Embed(m.vocab_size, m.d_model, rngs=rngs)
-    self.blocks = nnx.List([Block(m, m.enc_layers, rngs=rngs) for _ in range(m.enc_layers)])
-    self.norm = RMSNorm(m.d_model, eps=m.norm_eps)
-    self.score = Linear(m.d_model, 1, axes=("embed", None), rngs=rngs)
+    spec = dataclasses.replace(block_spec(abstractor_config(m)), n_layers=int(m.enc_layers), window=0,
+                               causal=False)
+    self.embed = Embed(m.vocab_size, spec.d_model, rngs=rngs, dtype=spec.dtype)
+    self.blocks = nnx.List([Block(spec, rngs=rngs) for _ in range(int(m.enc_layers))])
+    self.norm = RMSNorm(spec.d_model, eps=spec.norm_eps, dtype=spec.dtype)
+    self.score = Linear(spec.d_model, 1, axes=("embed", None), rngs=rngs)
     self.level = m.level
 
-  def __call__(self, inputs, positions, doc_mask, sent_ids, num_units: int) -> jax.Array:
-    allowed = doc_mask[:, :, None] & doc_mask[:, None, :]  # bidirectional, within the document
-    allowed |= jnp.eye(inputs.shape[1], dtype=bool)[None]  # non-document rows attend to themselves
+  def __call__(self, inputs, doc_mask, sent_ids, num_units: int) -> jax.Array:
+    length = inputs.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length), inputs.shape)
+    # The document is one segment, read both ways; every other position is a segment of its own.
+    segments = jnp.where(doc_mask, 1, 2 + jnp.arange(length)[None, :])
     x = self.embed(inputs)
     for block in self.blocks:
-      x = block(x, positions, allowed, jnp.zeros(inputs.shape, jnp.float32))
+      x = block(x, positions, segments)
     h = self.norm(x)
     if self.level == "token":
-      return self.score(h)[..., 0]
+      return self.score(h)[..., 0].astype(jnp.float32)
     member = (sent_ids[:, None, :] == jnp.arange(1, num_units + 1)[None, :, None]).astype(h.dtype)  # [b, u, l]
     pooled = jnp.einsum("bul,bld->bud", member, h) / jnp.maximum(member.sum(-1, keepdims=True), 1.0)
-    return self.score(pooled)[..., 0]
+    return self.score(pooled)[..., 0].astype(jnp.float32)
 
 
 class EASE(nnx.Module):
-  """The extractor (variant `ease` only) and the abstractor."""
+  """The extractor (variant `ease` only) and the abstractor (a `DenseLM`; `abstractor` given: that one, e.g.
+  a checkpoint-library entry's)."""
 
-  def __init__(self, m, *, rngs: nnx.Rngs):
+  def __init__(self, m, *, rngs: nnx.Rngs, abstractor: DenseLM | None = None):
     validate_model_config(m)
     self.cfg = m
     self.extractor = Extractor(m, rngs=rngs) if m.variant == "ease" else None
-    self.embed = Embed(m.vocab_size, m.d_model, rngs=rngs)
-    self.blocks = nnx.List([Block(m, m.n_layers, rngs=rngs) for _ in range(m.n_layers)])
-    self.norm = RMSNorm(m.d_model, eps=m.norm_eps)
+    self.abstractor = abstractor if abstractor is not None else DenseLM(abstractor_config(m), rngs=rngs)
 
   def num_units(self, inputs) -> int:
     return inputs.shape[1] if self.cfg.level == "token" else int(self.cfg.max_units)
@@ -173,8 +138,7 @@ class EASE(nnx.Module):
 
   def unit_logits(self, batch) -> jax.Array:
     inputs = batch["inputs"]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-    return self.extractor(inputs, positions, batch["doc_mask"], batch["sent_ids"], self.num_units(inputs))
+    return self.extractor(inputs, batch["doc_mask"], batch["sent_ids"], self.num_units(inputs))
 
   def top_k(self, scores: jax.Array, valid: jax.Array, budget: float) -> jax.Array:
     """1.0 for the max(1, round(budget * valid units)) highest-scoring valid units of each row, else 0."""
@@ -220,44 +184,28 @@ class EASE(nnx.Module):
   def __call__(self, inputs: jax.Array, keep: jax.Array) -> jax.Array:
     """Logits [b, l, vocab] of the causal abstractor that sees a document key j only with weight keep[j]
     (keep 0: not at all)."""
-    return self.prefill(inputs, keep)[0]
-
-  def prefill(self, inputs: jax.Array, keep: jax.Array) -> tuple[jax.Array, list]:
-    """(logits [b, l, vocab], the key/value cache of every layer for `step`)."""
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-    causal = jnp.tril(jnp.ones((inputs.shape[1],) * 2, bool))[None]
-    allowed = causal & (keep > 0)[:, None, :]
-    x, caches = self.embed(inputs), []
-    for block in self.blocks:
-      x, cache = block.prefill(x, positions, allowed, key_bias(keep))
-      caches.append(cache)
-    return self.embed.attend(self.norm(x)).astype(jnp.float32), caches
-
-  def step(self, tokens: jax.Array, position, caches: list, keep: jax.Array) -> tuple[jax.Array, list]:
-    """The cached twin of `__call__` for one token per row at `position` (everything before it in the
-    caches): (logits [b, vocab], updated caches)."""
-    allowed = ((jnp.arange(keep.shape[1]) <= position)[None] & (keep > 0))[:, None, :]
-    x, new = self.embed(tokens[:, None]), []
-    for block, cache in zip(self.blocks, caches):
-      x, cache = block.step(x, position, cache, allowed, key_bias(keep))
-      new.append(cache)
-    return self.embed.attend(self.norm(x))[:, 0].astype(jnp.float32), new
+    return self.abstractor(inputs, key_bias=key_bias(keep))
 
 
 def key_bias(keep: jax.Array) -> jax.Array:
-  """log keep where keep > 0 (the attention mask hides the rest)."""
-  return jnp.log(jnp.where(keep > 0, keep, 1.0))
+  """The abstractor's attention bias [b, l]: log keep, -inf where keep == 0 (a key no query sees; no gradient
+  flows through the hidden ones)."""
+  kept = keep > 0
+  return jnp.where(kept, jnp.log(jnp.where(kept, keep, 1.0)), -jnp.inf)
 
 
-def build_model(m, *, seed: int) -> EASE:
-  return EASE(m, rngs=nnx.Rngs(params=seed))
+def build_model(m, *, seed: int, abstractor: DenseLM | None = None) -> EASE:
+  return EASE(m, rngs=nnx.Rngs(params=seed), abstractor=abstractor)
 
 
 def flops_per_row(m, seq_len: int) -> float:
-  """Training FLOPs of one row (6 x parameters x tokens + attention), extractor included, from the config."""
-  def stack(layers: int, d: int, d_ff: int) -> float:
-    return layers * (2 * (4 * d * d + 3 * d * d_ff) * seq_len + 4 * d * seq_len * seq_len)
-  forward = stack(int(m.n_layers), int(m.d_model), int(m.d_ff)) + 2 * int(m.d_model) * int(m.vocab_size) * seq_len
+  """Training FLOPs of one row: the abstractor's (common.flops, causal attention) and, for `ease`, the
+  extractor's (bidirectional, a one-logit head where the LM has its vocabulary projection)."""
+  a = abstractor_config(m)
+  total = flops_for(a, seq_len).training
   if m.variant == "ease":
-    forward += stack(int(m.enc_layers), int(m.d_model), int(m.d_ff))
-  return 3.0 * forward
+    encoder = {k: v for k, v in a.to_dict().items() if k != "moe"}
+    encoder.update(n_layers=int(m.enc_layers), window=0)
+    count = flops_for(ml_collections.ConfigDict(encoder), seq_len, causal=False)
+    total += dataclasses.replace(count, logits=2 * int(a.d_model)).training
+  return total * seq_len

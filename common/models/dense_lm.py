@@ -10,7 +10,10 @@ with `common.nn.moe.moe_loss_terms(model, weight)` after the forward pass.
 Scale options (MaxText's names): `model.scan_layers` stacks the blocks' parameters on a leading 'layers' axis
 and runs one `jax.lax.scan` over them, so the compiled program (and its compile time) does not grow with the
 depth; `model.remat` picks what the backward pass recomputes (`REMAT_POLICIES`); `model.param_dtype` stores
-the parameters in bfloat16 (the compute dtype stays `model.dtype`)."""
+the parameters in bfloat16 (the compute dtype stays `model.dtype`).
+
+The forward pass and the cached decode take an optional per-key attention bias `key_bias` [batch, length], the
+same in every layer and head (`common.nn.attention`): EASE's abstractor reads a document through it."""
 from __future__ import annotations
 
 import math
@@ -183,29 +186,30 @@ class DenseLM(nnx.Module):
       params = nnx.state(self, nnx.Param)
       nnx.update(self, jax.tree.map(lambda p: p.astype(param_dtype), params))
 
-  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None) -> jax.Array:
-    """Final normed hidden states [batch, length, d_model]."""
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+             key_bias: jax.Array | None = None) -> jax.Array:
+    """Final normed hidden states [batch, length, d_model]; key_bias f32 [batch, length] or None."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     x = self.embed(tokens)
     if self.scan_layers:
-      return self.final_norm(self._scan_blocks(x, positions, segment_ids))
+      return self.final_norm(self._scan_blocks(x, positions, segment_ids, key_bias))
     for block in self.blocks:
       if self.remat:
-        x = nnx.remat(lambda blk, h: blk(h, positions, segment_ids), policy=self.remat_policy)(block, x)
+        x = nnx.remat(lambda blk, h: blk(h, positions, segment_ids, key_bias), policy=self.remat_policy)(block, x)
       else:
-        x = block(x, positions, segment_ids)
+        x = block(x, positions, segment_ids, key_bias)
     return self.final_norm(x)
 
-  def _scan_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def _scan_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                   key_bias: jax.Array | None) -> jax.Array:
     """The stacked blocks as one scan step per layer; with remat the step is the checkpointed unit."""
     graphdef, stacked = nnx.split(self.blocks)
 
     def layer(h, layer_state):
-      return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
+      return nnx.merge(graphdef, layer_state)(h, positions, segment_ids, key_bias), None
 
     if self.remat:
       layer = jax.checkpoint(layer, policy=self.remat_policy)
@@ -215,8 +219,8 @@ class DenseLM(nnx.Module):
     out = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
     return out.astype(jnp.float32)
 
-  def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-    return self.logits(self.hidden(tokens, positions, segment_ids))
+  def __call__(self, tokens, positions=None, segment_ids=None, key_bias=None) -> jax.Array:
+    return self.logits(self.hidden(tokens, positions, segment_ids, key_bias))
 
   def _require_unrolled(self) -> None:
     if self.scan_layers:
@@ -230,12 +234,15 @@ class DenseLM(nnx.Module):
     return init_caches(self.blocks, batch, max_len, dtype=DTYPES[self.cfg.dtype])
 
   def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, caches: list[KVCache],
-             advance: jax.Array | None = None, *, last_only: bool = False) -> tuple[jax.Array, list[KVCache]]:
+             advance: jax.Array | None = None, *, last_only: bool = False,
+             key_bias: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
     """The cached twin of `__call__`: logits [batch, new, vocab] (f32) of new tokens [batch, new] at absolute
     `positions` given what the caches hold (a prompt, then one token at a time), and the updated caches.
-    `last_only`: logits of the last new token only ([batch, 1, vocab]), all a prompt's prefill needs."""
+    `last_only`: logits of the last new token only ([batch, 1, vocab]), all a prompt's prefill needs.
+    `key_bias` [batch, n]: the bias `__call__` would take, over each row's tokens (the row's i-th token, cached
+    or new, takes key_bias[:, i]; pass the same array at every step)."""
     self._require_unrolled()
-    x, caches = decode_blocks(self.blocks, self.embed(tokens), positions, segment_ids, caches, advance)
+    x, caches = decode_blocks(self.blocks, self.embed(tokens), positions, segment_ids, caches, advance, key_bias)
     if last_only:
       x = x[:, -1:]
     return self.logits(self.final_norm(x)), caches

@@ -17,6 +17,10 @@ from a host callback under jit), whereas the ring buffer of a windowed layer wra
 
 Rows advance independently (`length` per row, and an `advance` mask per step), which the BLT needs: its
 global model takes a step only for the rows whose patch has just closed (Pagnoni et al. 2024, Sec. 3.1).
+
+A per-key attention bias (`common.nn.attention`'s `key_bias`) is given over the tokens of each row, as in the
+full forward pass; a slot's token is known from the row's `length` alone (token i sits in slot i mod slots), so
+the bias follows its key into any slot, of a full cache or a ring buffer, with nothing more stored.
 """
 from __future__ import annotations
 
@@ -111,6 +115,31 @@ def cache_mask(cache: KVCache, positions: jax.Array, segment_ids: jax.Array, *, 
   return _visible(cache.positions, cache.segment_ids, positions, segment_ids, window)
 
 
+def slot_tokens(cache: KVCache) -> jax.Array:
+  """int32 [batch, slots]: which token of its row (0 = the row's first) each slot holds, negative where the
+  slot is still empty: the last one written there, length - 1 - ((length - 1 - slot) mod slots)."""
+  last = cache.length[:, None] - 1
+  return last - (last - jnp.arange(cache.slots)[None, :]) % cache.slots
+
+
+def bias_of_tokens(key_bias: jax.Array, tokens: jax.Array) -> jax.Array:
+  """key_bias [batch, n] (over the tokens of each row) at token indices [batch, keys]; 0 for a token past its
+  end, and anything for a negative index (an empty slot, which the mask hides)."""
+  return jnp.take_along_axis(key_bias, jnp.maximum(tokens, 0), axis=1, mode="fill", fill_value=0)
+
+
+def cache_key_bias(cache: KVCache, key_bias: jax.Array) -> jax.Array:
+  """f32 [batch, slots]: the bias of each cached key (`cache_mask`'s keys)."""
+  return bias_of_tokens(key_bias, slot_tokens(cache))
+
+
+def decode_key_bias(cache: KVCache, key_bias: jax.Array, new: int) -> jax.Array:
+  """f32 [batch, slots + new]: the bias of the cached keys followed by the `new` keys not yet written
+  (`decode_mask`'s keys)."""
+  new_tokens = cache.length[:, None] + jnp.arange(new)[None, :]
+  return bias_of_tokens(key_bias, jnp.concatenate([slot_tokens(cache), new_tokens], axis=1))
+
+
 def writes_in_place(cache: KVCache, new: int, window: int, advance: jax.Array | None) -> bool:
   """Whether `new` tokens can be written before they attend: every row advances, and no new key overwrites a
   slot that one of them still needs (one token: the slot it replaces holds a key that has just left the
@@ -142,16 +171,18 @@ def write(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array, segm
 
 
 def decode_blocks(blocks: Sequence, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                  caches: Sequence[KVCache], advance: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
+                  caches: Sequence[KVCache], advance: jax.Array | None = None,
+                  key_bias: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
   """Runs a stack of `common.nn.Block`s on new tokens x [batch, new, d_model] with one cache per block:
-  a prompt (prefill) or one token at a time. Returns (x, the updated caches). Refuses to pass the end of a
-  cache that is not a ring buffer (all caches of a stack hold the same rows, so the shortest is checked)."""
+  a prompt (prefill) or one token at a time, with an optional per-key bias over each row's tokens. Returns
+  (x, the updated caches). Refuses to pass the end of a cache that is not a ring buffer (all caches of a stack
+  hold the same rows, so the shortest is checked)."""
   bounded = [cache for block, cache in zip(blocks, caches) if not is_ring(cache, block.attn.window)]
   if bounded:
     check_room(min(bounded, key=lambda c: c.slots), x.shape[1], advance)
   out = []
   for block, cache in zip(blocks, caches):
-    x, cache = block.decode(x, positions, segment_ids, cache, advance)
+    x, cache = block.decode(x, positions, segment_ids, cache, advance, key_bias)
     out.append(cache)
   return x, out
 

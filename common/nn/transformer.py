@@ -33,6 +33,7 @@ class BlockSpec:
   rope_scaling: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs of common.nn.rope's scaling
   qk_norm: bool = False
   qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+  causal: bool = True  # False: a bidirectional (encoder) layer, with no cached decoding
   dtype: Any = jnp.float32  # compute dtype (common.nn.dtypes)
 
   @property
@@ -54,7 +55,7 @@ class Block(nnx.Module):
     self.attn = Attention(s.d_model, s.n_heads, s.n_kv_heads, s.resolved_head_dim, rngs=rngs,
                           rope_theta=s.rope_theta, rope_scaling=dict(s.rope_scaling) or None, window=s.window,
                           qk_norm=s.qk_norm, norm_eps=s.norm_eps, dtype=dtype, out_scale=s.out_scale,
-                          qkv_bias=s.qkv_bias)
+                          qkv_bias=s.qkv_bias, causal=s.causal)
     self.ffn_norm = RMSNorm(s.d_model, eps=s.norm_eps, dtype=dtype)
     self.ffn = ffn if ffn is not None else SwiGLU(s.d_model, s.d_ff, rngs=rngs, dtype=dtype,
                                                   out_scale=s.out_scale)
@@ -65,13 +66,16 @@ class Block(nnx.Module):
       return self.ffn(h, mask=segment_ids > 0)
     return self.ffn(h)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               key_bias: jax.Array | None = None) -> jax.Array:
+    """key_bias: an optional per-key attention bias [batch, length] (`common.nn.attention`)."""
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids, key_bias)
     return x + self._ffn(self.ffn_norm(x), segment_ids)
 
   def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache,
-             advance: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """`__call__` on new tokens with the layer's key/value cache (`Attention.decode`): (x, updated cache)."""
-    attn_out, cache = self.attn.decode(self.attn_norm(x), positions, segment_ids, cache, advance)
+             advance: jax.Array | None = None, key_bias: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """`__call__` on new tokens with the layer's key/value cache (`Attention.decode`; key_bias over the row's
+    tokens): (x, updated cache)."""
+    attn_out, cache = self.attn.decode(self.attn_norm(x), positions, segment_ids, cache, advance, key_bias)
     x = x + attn_out
     return x + self._ffn(self.ffn_norm(x), segment_ids), cache

@@ -3,7 +3,8 @@
 `--config=ease/configs/tiny.py:variant=ease,level=sentence,pi=0.3,beta=1` (variants: abstractive, the whole
 document; lead, the first sentences at model.budget; ease, the learned extractor; level: sentence | token).
 Real data: `--config.data.source=jsonl --config.data.path=FILE --config.data.tokenizer=byte` with a longer
-`data.doc_len` (see ease/README.md)."""
+`data.doc_len`; a pretrained abstractor: `--config.model.init_from=NAME`, a checkpoint-library entry (its
+architecture and tokenizer with it; see ease/README.md)."""
 import ml_collections
 
 from common.config import ConfigError, config_args

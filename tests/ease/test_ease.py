@@ -1,5 +1,6 @@
 """EASE as specifications: mask statistics against the prior, evidence-only conditioning, the KL on hand-computed
-cases, ROUGE and the evidence metrics on hand-computed pairs, the data layout and the config errors."""
+cases, ROUGE and the evidence metrics on hand-computed pairs, the data layout, the config errors, and the
+abstractor started from a checkpoint-library entry."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,14 @@ import pytest
 from flax import nnx
 
 from common.config import ConfigError, load
+from common.configs.base import dense_model
+from common.models import checkpoint_library as hub
+from common.models.dense_lm import DenseLM
 from common.nn.relaxed_bernoulli import (bernoulli_kl, gumbel_sigmoid, hard_concrete,
                                          hard_concrete_keep_probability)
 from ease import data as ease_data
 from ease import evaluate, train
+from common.tokenizers import ByteTokenizer
 from ease.model import build_model
 from tests.mesh_invariance import assert_train_step_mesh_invariant
 
@@ -28,9 +33,9 @@ SMALL = [("model.d_model", "32"), ("model.n_heads", "2"), ("model.d_ff", "64"), 
          ("train.batch_size", "4")]
 
 
-def small_config(arg: str, **data):
+def small_config(arg: str, overrides=(), **data):
   """Tiny shapes: documents of 3-4 sentences (never cut at doc_len), 1-2 key facts."""
-  cfg = load(f"{CONFIG}:{arg}", SMALL)
+  cfg = load(f"{CONFIG}:{arg}", SMALL + list(overrides))
   cfg.data.update(data)
   return train.resolve(cfg)
 
@@ -105,8 +110,9 @@ def test_relaxed_mask_passes_gradient_to_the_extractor():
   assert float(jnp.abs(grads.extractor.score.kernel[...]).sum()) > 0
 
 
-def test_cached_decoding_matches_the_full_forward():
-  cfg = small_config("variant=lead")
+@pytest.mark.parametrize("arg", ["variant=lead", "variant=ease,level=token"])
+def test_cached_decoding_matches_the_full_forward(arg):
+  cfg = small_config(arg)
   model = build_model(cfg.model, seed=0)
   data = train.data_for(cfg)
   batch = {k: jnp.asarray(v) for k, v in next(data.eval_batches(1)).items()}
@@ -216,3 +222,40 @@ def test_train_step_is_mesh_invariant():
   cfg.train.batch_size = 8
   task = train.make_task(cfg)
   assert_train_step_mesh_invariant(task, cfg.train, task.data.train_batch(0))
+
+
+def _store_abstractor(tmp_path, monkeypatch) -> DenseLM:
+  """A tiny dense LM with a byte tokenizer, stored as checkpoint-library entry 'tiny-abstractor' in tmp_path."""
+  monkeypatch.setenv(hub.ENV_ROOT, str(tmp_path / "hub"))
+  lm_cfg = dense_model(vocab_size=384, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48)
+  lm = DenseLM(lm_cfg, rngs=nnx.Rngs(params=5))
+  hub.save("tiny-abstractor", lm_cfg, lm, tokenizer=ByteTokenizer())
+  return lm
+
+
+def test_abstractor_starts_from_a_checkpoint_library_entry(tmp_path, monkeypatch):
+  """model.init_from: the entry's architecture, parameters and tokenizer; with every key kept (a zero bias) the
+  abstractor's logits are the stored LM's."""
+  lm = _store_abstractor(tmp_path, monkeypatch)
+  cfg = small_config("variant=ease,level=sentence", [("model.init_from", "tiny-abstractor")])
+  assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_kv_heads, cfg.model.vocab_size) == (32, 1, 2, 384)
+  assert (cfg.model.variant, cfg.model.enc_layers, cfg.model.name) == ("ease", 1, "ease")
+  task = train.make_task(cfg)
+  data = task.data
+  assert isinstance(data.tokenizer, ByteTokenizer) and data.sep_id == data.bos_id == ByteTokenizer().eos_id
+  model = task.build_model()
+  batch = {k: jnp.asarray(v) for k, v in next(data.eval_batches(1)).items()}
+  want = np.asarray(lm(batch["inputs"]))
+  np.testing.assert_allclose(np.asarray(model(batch["inputs"], jnp.ones(batch["inputs"].shape))), want, atol=1e-5)
+  keep = model.keep(batch, model.unit_mask(batch, hard=True)[0])
+  assert float(jnp.max(jnp.abs(model(batch["inputs"], keep) - want))) > 1e-3  # the evidence bias does act
+
+
+def test_unknown_abstractor_entry_is_refused_before_the_workdir_is_made(tmp_path, monkeypatch):
+  _store_abstractor(tmp_path, monkeypatch)
+  with pytest.raises(ConfigError, match="model.init_from.*'no-such-entry'.*tiny-abstractor"):
+    small_config("variant=ease", [("model.init_from", "no-such-entry")])
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match="model.init_from"):
+    train.main([f"--config={CONFIG}", f"--workdir={workdir}", "--config.model.init_from=no-such-entry"])
+  assert not workdir.exists()
