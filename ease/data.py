@@ -5,7 +5,14 @@ Sources (`data.source`):
   in lund in 1984 .") with distractors (chatter about the same person, weather and city notes); the key facts
   lean towards the front, as news does, without being the lead. The reference summary rephrases each key fact
   in document order ("in 1984 , mira started the bakery ."): the place is dropped and the verb changes, so a
-  summary needs the evidence but is not a copy of it. The gold evidence is the key sentences.
+  summary needs the evidence but is not a copy of it. The gold evidence is the key sentences. This is
+  `data.style=cnndm` (the default): summaries restate a few whole sentences, as CNN/DailyMail's highlights do.
+  `data.style=xsum`: one event ("mira founded the bakery") and some of its details (the place, the year, a
+  partner) are data.min_key..max_key (at most 4) short key spans, each inside an otherwise distractor sentence
+  and tied to the event by its object ("the weather near the bakery was cold in 1984 ."); the summary is ONE
+  sentence combining them ("mira started the bakery with ivan in lund in 1984 ."), as XSum's are, so whole key
+  sentences cost several times the evidence budget of the key tokens. The gold evidence is again the sentences
+  holding a key span.
 - `jsonl` (`data.path`, optional `data.eval_path`; without it the file's last data.eval_docs examples are held
   out): one `{"document": str, "summary": str[, "gold_sentences": [int, ...]]}` per line (CNN/DailyMail or
   XSum exported to jsonl); documents are split into sentences at ., ! and ?.
@@ -29,6 +36,7 @@ from common.config import ConfigError, require
 from common.tokenizers import Tokenizer, load_tokenizer
 
 SOURCES = ("generated", "jsonl", "tfds")
+STYLES = ("cnndm", "xsum")  # generated documents: whole key sentences, or key spans (module docstring)
 TOKENIZERS = ("words", "byte", "spm")
 
 NAMES = ("mira", "tomas", "lena", "omar", "ines", "kofi", "yuki", "pavel", "sara", "diego", "amal", "felix",
@@ -95,6 +103,19 @@ def tokenizer_for(data_cfg, pretrained: Tokenizer | None = None) -> tuple[Tokeni
   return tok, tok.vocab_size, tok.vocab_size + 1
 
 
+def _distractor(rng: np.random.Generator, name: str) -> str:
+  """Chatter about the person, weather or market notes: no key fact."""
+  pick = lambda pool: pool[rng.integers(len(pool))]
+  kind = rng.integers(4)
+  if kind == 0:
+    return f"{name} likes {pick(FOODS)} and {pick(HOBBIES)} ."
+  if kind == 1:
+    return f"the weather in {pick(PLACES)} was {pick(WEATHER)} in {pick(YEARS)} ."
+  if kind == 2:
+    return f"the market in {pick(PLACES)} seemed {pick(CITY)} that day ."
+  return f"{name} talked about {pick(HOBBIES)} with a friend of {pick(NAMES)} for hours ."
+
+
 def generate_example(rng: np.random.Generator, min_sents: int = 6, max_sents: int = 10, min_key: int = 2,
                      max_key: int = 3) -> Example:
   """One generated document (see the module docstring)."""
@@ -114,23 +135,48 @@ def generate_example(rng: np.random.Generator, min_sents: int = 6, max_sents: in
       sentences.append(f"{name} {verb} the {obj} in {place} in {year} .")
       summary.append(f"in {year} , {name} {alt} the {obj} .")
       continue
-    kind = rng.integers(4)
-    if kind == 0:
-      sentences.append(f"{name} likes {pick(FOODS)} and {pick(HOBBIES)} .")
-    elif kind == 1:
-      sentences.append(f"the weather in {pick(PLACES)} was {pick(WEATHER)} in {pick(YEARS)} .")
-    elif kind == 2:
-      sentences.append(f"the market in {pick(PLACES)} seemed {pick(CITY)} that day .")
-    else:
-      sentences.append(f"{name} talked about {pick(HOBBIES)} with a friend of {pick(NAMES)} for hours .")
+    sentences.append(_distractor(rng, name))
   return Example(tuple(sentences), " ".join(summary), tuple(key_pos))
+
+
+def generate_xsum_example(rng: np.random.Generator, min_sents: int = 6, max_sents: int = 10, min_key: int = 2,
+                          max_key: int = 3) -> Example:
+  """One generated XSum-like document (module docstring): min_key..max_key key spans (the event, then some of
+  its place, year and partner), each inside its own sentence, and a one-sentence summary of them all."""
+  n = int(rng.integers(min_sents, max_sents + 1))
+  n_key = int(rng.integers(min_key, max_key + 1))
+  weights = 1.0 / (1.0 + 0.35 * np.arange(n))  # the lead bias of generate_example
+  key_pos = sorted(rng.choice(n, size=n_key, replace=False, p=weights / weights.sum()).tolist())
+  name = NAMES[rng.integers(len(NAMES))]
+  pick = lambda pool: pool[rng.integers(len(pool))]
+  verb, alt, objects = RELATIONS[str(rng.choice(list(RELATIONS)))]
+  obj, place, year = pick(objects), pick(PLACES), pick(YEARS)
+  partner = pick(tuple(x for x in NAMES if x != name))
+  details = [str(d) for d in rng.choice(("partner", "place", "year"), size=n_key - 1, replace=False)]
+  # Each key span sits in a distractor's frame; "the {obj}" ties it to the event.
+  span_sentences = dict(
+      event=f"{name} likes {pick(FOODS)} and {pick(HOBBIES)} , and {verb} the {obj} .",
+      partner=f"{name} talked about the {obj} with {partner} for hours .",
+      place=f"the market near the {obj} in {place} seemed {pick(CITY)} that day .",
+      year=f"the weather near the {obj} was {pick(WEATHER)} in {year} .")
+  spans = iter(rng.permutation(["event", *details]).tolist())
+  sentences = []
+  for i in range(n):
+    if i in key_pos:
+      sentences.append(span_sentences[next(spans)])
+      continue
+    sentences.append(_distractor(rng, name))
+  tail = {"partner": f" with {partner}", "place": f" in {place}", "year": f" in {year}"}
+  summary = f"{name} {alt} the {obj}" + "".join(tail[d] for d in ("partner", "place", "year") if d in details)
+  return Example(tuple(sentences), summary + " .", tuple(key_pos))
 
 
 def generated_examples(data_cfg, split: str) -> list[Example]:
   count = int(data_cfg.train_docs if split == "train" else data_cfg.eval_docs)
   rng = np.random.default_rng((int(data_cfg.seed), 0 if split == "train" else 1))
-  return [generate_example(rng, int(data_cfg.min_sents), int(data_cfg.max_sents), int(data_cfg.min_key),
-                           int(data_cfg.max_key)) for _ in range(count)]
+  make = generate_xsum_example if data_cfg.get("style", "cnndm") == "xsum" else generate_example
+  return [make(rng, int(data_cfg.min_sents), int(data_cfg.max_sents), int(data_cfg.min_key),
+               int(data_cfg.max_key)) for _ in range(count)]
 
 
 def split_sentences(text: str) -> tuple[str, ...]:
@@ -170,24 +216,32 @@ def read_jsonl(path: str, limit: int = 0) -> list[Example]:
 
 
 def read_tfds(data_cfg, split: str, limit: int = 0) -> list[Example]:
-  """Examples of a tfds dataset already prepared under data.tfds_data_dir (never downloaded)."""
-  from common.data import with_defaults  # pylint: disable=g-import-not-at-top
+  """Examples of a tfds dataset already prepared under data.tfds_data_dir (never downloaded), in its stored
+  order. Read with `as_dataset`, which takes every file format; `as_data_source` takes only array_record and
+  parquet, not tfds's default tfrecord (in which cnn_dailymail and xsum are usually prepared)."""
+  from common.data import DataError, with_defaults  # pylint: disable=g-import-not-at-top
+  from common.data._tf import import_tfds  # pylint: disable=g-import-not-at-top
   from common.data.tasks import check_tfds_prepared  # pylint: disable=g-import-not-at-top
-  builder = check_tfds_prepared(with_defaults(data_cfg))
+  data_dir = data_cfg.tfds_data_dir
+  require(not data_dir or os.path.isdir(os.path.expanduser(data_dir)), "data.tfds_data_dir",
+          f"'{data_dir}': no such directory (prepare {data_cfg.tfds_name} there first; nothing is downloaded)")
+  try:
+    builder = check_tfds_prepared(with_defaults(data_cfg))
+  except DataError as e:
+    raise ConfigError(f"config key 'data.tfds_name': {e}") from None
+  key = "data.tfds_train_split" if split == "train" else "data.tfds_eval_split"
   name = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_eval_split
-  if name not in builder.info.splits:
-    raise ConfigError(f"config key 'data.tfds_{split if split == 'train' else 'eval'}_split': '{name}' is not a "
-                      f"split of {data_cfg.tfds_name} (has {', '.join(builder.info.splits)})")
+  require(name in builder.info.splits, key,
+          f"'{name}' is not a split of {data_cfg.tfds_name} (has {', '.join(sorted(builder.info.splits))})")
+  features = sorted(builder.info.features)
+  for field in ("document_key", "summary_key"):
+    require(data_cfg[field] in features, f"data.{field}",
+            f"'{data_cfg[field]}' is not a feature of {data_cfg.tfds_name} (has {', '.join(features)})")
+  rows = builder.as_dataset(split=name, shuffle_files=False)
+  text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
   out = []
-  for row in builder.as_data_source(split=name):
-    for key in (data_cfg.document_key, data_cfg.summary_key):
-      if key not in row:
-        raise ConfigError(f"config key 'data.document_key'/'data.summary_key': '{key}' is not a feature of "
-                          f"{data_cfg.tfds_name} (has {', '.join(row)})")
-    text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
+  for row in import_tfds().as_numpy(rows.take(limit) if limit else rows):
     out.append(Example(split_sentences(text(row[data_cfg.document_key])), text(row[data_cfg.summary_key])))
-    if limit and len(out) >= limit:
-      break
   return out
 
 
@@ -209,6 +263,10 @@ def examples_for(data_cfg, split: str) -> list[Example]:
 def check_data(d) -> None:
   """The checks of `data.*`, each naming its key, before anything is generated or read."""
   require(d.source in SOURCES, "data.source", f"unknown source '{d.source}' (valid: {', '.join(SOURCES)})")
+  style = d.get("style", "cnndm")
+  require(style in STYLES, "data.style", f"unknown style '{style}' (valid: {', '.join(STYLES)})")
+  require(style != "xsum" or int(d.max_key) <= 4, "data.max_key",
+          f"at most 4 key spans (event, partner, place, year) with data.style=xsum, got {d.max_key}")
   require(d.tokenizer in TOKENIZERS, "data.tokenizer",
           f"unknown tokenizer '{d.tokenizer}' (valid: {', '.join(TOKENIZERS)})")
   require(d.source != "jsonl" or bool(d.path), "data.path", "a jsonl file is needed with data.source=jsonl")

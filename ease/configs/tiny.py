@@ -20,6 +20,7 @@ def data_config():
       doc_len=112, summary_len=32, max_units=12,  # tokens of the document region (bos included), of the summary
       train_docs=20000, eval_docs=256, seed=0,
       min_sents=6, max_sents=10, min_key=2, max_key=3,  # generated documents
+      style="cnndm",  # generated: cnndm (key sentences restated) | xsum (key spans in one sentence; ease/data.py)
   ))
 
 
