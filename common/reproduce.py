@@ -6,7 +6,8 @@ after training, and the table of its headline metric. The harness does the rest 
 
 - each (arm, seed) is a workdir of the shared trainer, OUT/runs/<arm>_s<seed>: a finished and scored run is
   read back from its record (rescored when the scoring flags changed), a partial one resumes from its newest
-  checkpoint (`common.train.loop.train`), a new one trains;
+  checkpoint (`common.train.loop.train`), a new one trains; a run made under another config (a changed flag,
+  --set or default) is refused, naming the key, not reused;
 - `--seeds N` (default 3, `--quick` 1) repeats every arm with train.seed 0..N-1, figures are the mean with a 95%
   t-interval (`common.scaling.intervals`);
 - OUT/results.md (tables with the paper's figure in a column beside ours), OUT/results.json (what
@@ -31,10 +32,11 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from common.config import load
+from common.config import ConfigError, load
 from common.scaling.intervals import t_interval
 from common.scaling.runs import finished
 from common.train.loop import train
+from common.train.resume import config_changes
 
 RECORD = "reproduce.json"  # a scored run's record, beside its metrics.jsonl
 
@@ -228,26 +230,40 @@ def workdir_of(out: str, arm: Arm, seed: int) -> str:
   return os.path.join(out, "runs", f"{arm.name}_s{seed}")
 
 
-def read_record(workdir: str, scoring: dict) -> dict | None:
-  """The record of a finished run scored with `scoring`, else None."""
+def read_record(workdir: str) -> dict | None:
+  """The record the harness wrote after scoring the run in `workdir`, if any (with the run's config under
+  'config', which `run_one` leaves out of what it returns)."""
   path = os.path.join(workdir, RECORD)
-  if not (os.path.exists(path) and finished(workdir)):
+  if not os.path.exists(path):
     return None
   with open(path) as f:
-    record = json.load(f)
-  return record if record.get("scoring") == scoring else None
+    return json.load(f)
+
+
+def check_same_run(workdir: str, record: dict, cfg: dict) -> None:
+  """Refuses a run whose record says it was made under another config than the study's for it now (a changed
+  flag, --set or default): it would be read back or rescored as if it were this one. More steps extend a run."""
+  changes = config_changes(record.get("config") or {}, cfg)
+  for key, (before, after) in changes.items():
+    if key != "train.steps" or int(after) < int(before):
+      raise ConfigError(f"'{workdir}' holds a run with {key}={before!r}, this study's config for it has "
+                        f"{after!r}: use another --out (or move that run away) to train it anew")
 
 
 def run_one(study: Study, arm: Arm, seed: int) -> dict:
-  """Skips (a scored run), resumes (a partial one) or trains one run through the shared trainer; its record."""
+  """Skips (a scored run), resumes (a partial one) or trains one run through the shared trainer; its record.
+  A run made under another config is refused (`check_same_run`)."""
   workdir, scoring = workdir_of(study.args.out, arm, seed), study.scoring()
-  record = read_record(workdir, scoring)
-  if record is not None:
-    return record
   cfg = study.config(arm, seed)
+  made_under = json.loads(cfg.to_json_best_effort())  # as the study makes it, before a task resolves it in place
+  record = read_record(workdir)
+  if record is not None:
+    check_same_run(workdir, record, made_under)
+    if record.get("scoring") == scoring and finished(workdir, int(cfg.train.steps)):
+      return {k: v for k, v in record.items() if k != "config"}
   task = study.make_task(cfg)
   start = time.time()
-  if not finished(workdir):
+  if not finished(workdir, int(cfg.train.steps)):
     study.log(f"{arm.label} seed {seed}: {cfg.train.steps} steps -> {workdir}")
     status = train(cfg, workdir, task)
     if status != 0:
@@ -257,7 +273,7 @@ def run_one(study: Study, arm: Arm, seed: int) -> dict:
                 **study.score(arm, cfg, task, workdir), scoring=scoring)
   record["wall_s"] = time.time() - start
   with open(os.path.join(workdir, RECORD), "w") as f:
-    json.dump(record, f, indent=1)
+    json.dump(dict(record, config=made_under), f, indent=1)
   return record
 
 

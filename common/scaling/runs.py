@@ -17,13 +17,15 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def finished(workdir: str) -> bool:
-  """Whether a trainer run in `workdir` reached its last step and evaluated there (ARCHITECTURE.md files)."""
+def finished(workdir: str, steps: int | None = None) -> bool:
+  """Whether a trainer run in `workdir` reached its last step (or `steps`, when a rerun asks for more) and
+  evaluated there (ARCHITECTURE.md files)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return False
-  with open(path) as f:
-    steps = int(json.load(f)["train"]["steps"])
+  if steps is None:
+    with open(path) as f:
+      steps = int(json.load(f)["train"]["steps"])
   return any(m.get("step") == steps and any(k.startswith("eval/") for k in m) for m in read_metrics(workdir))
 
 

@@ -136,6 +136,30 @@ def test_a_partial_run_resumes_and_a_finished_unscored_one_is_only_scored(tmp_pa
   assert len(calls) == 2 and s.scored == 3
 
 
+def test_a_run_made_under_another_config_is_refused_naming_the_key_and_more_steps_extend_it(tmp_path, calls):
+  reproduce.run_one(study(tmp_path), study(tmp_path).arms()[0], seed=0)
+  workdir = os.path.join(tmp_path, "runs", "a_s0")
+  before = {name: open(os.path.join(workdir, name)).read() for name in os.listdir(workdir)}
+  changed = study(tmp_path, "--set=model.d_model=48")
+  with pytest.raises(reproduce.ConfigError, match=r"a_s0' holds a run with model.d_model=.*48.*another --out"):
+    reproduce.run_one(changed, changed.arms()[0], seed=0)
+  assert {name: open(os.path.join(workdir, name)).read() for name in os.listdir(workdir)} == before
+  assert len(calls) == 1
+  longer = Longer(reproduce.parser(Longer, "toy").parse_args([f"--out={tmp_path}"]))
+  reproduce.run_one(longer, longer.arms()[0], seed=0)  # more steps extend the run (the trainer records it)
+  assert calls[-1] == ("a_s0", 5) and reproduce.run_one(longer, longer.arms()[0], seed=0)["seed"] == 0
+  assert len(calls) == 2  # read back, not trained again
+  with pytest.raises(reproduce.ConfigError, match="train.steps=6"):  # fewer steps than the run has: refused
+    reproduce.run_one(study(tmp_path), study(tmp_path).arms()[0], seed=0)
+
+
+class Longer(Toy):
+  def config(self, arm, seed):
+    cfg = super().config(arm, seed)
+    cfg.train.steps = 6
+    return cfg
+
+
 def test_emit_commands_prints_one_trainer_command_per_run_and_trains_nothing(tmp_path, calls, capsys):
   out = tmp_path / "out"
   argv = [f"--out={out}", "--emit_commands", "--seeds=2", "--set=model.d_model=48"]
